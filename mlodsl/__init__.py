@@ -1,0 +1,19 @@
+"""mlodsl: gradient-based multilevel optimization on PyTorch, written as decorated functions.
+
+    @ml.level(module, optimizer=..., data=..., depends_on=[...])
+    def name(own_module, batch, other_level, ...): return loss
+
+``ml.Program(top)`` traces the levels (torch.fx), analyzes their DAG (networkx), plans a schedule
+and generates one fused training step from torch.func transforms.
+"""
+from . import hypergrad, optim
+from .graph import ProgramError
+from .hyper import Hyper
+from .level import Level, level
+from .program import NonFiniteError, Program, load
+from .trace import TraceWarning
+
+__version__ = "0.1.0"
+
+__all__ = ["level", "Level", "Hyper", "Program", "load", "optim", "hypergrad", "ProgramError",
+           "NonFiniteError", "TraceWarning"]

@@ -1,0 +1,58 @@
+"""What a hypergradient method is handed: the trajectory a lower level's block took.
+
+A hypergradient method is any object with
+
+* ``keeps_path: bool`` -- whether the block must store every iterate (``Unroll`` does);
+* ``vjp(trajectory, cotangent) -> dict`` -- given the cotangent ``v = ∂f_U/∂θ_L`` of the upper
+  level's loss with respect to the lower level's final parameters, return the best-response
+  vector-Jacobian product ``vᵀ dθ_L/dθ_U`` with respect to the upper level's parameters
+  (a dict shaped like ``trajectory.upper``).
+
+The built-in methods use nothing more than the ``Trajectory`` below, so a user-defined method is a
+small class with the same two members. Every product must be written with differentiable torch
+operations (``torch.func.vjp``/``jvp``/``grad``), so that a level above can differentiate through it
+in turn.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """The block of lower level ``level``: ``steps`` updates from ``start`` to ``final``.
+
+    States are dicts ``{level: {"params": {...}, "opt": {...}}}`` over the block's levels (the
+    lower level and everything below it). ``upper`` is the parameter dict of the level being
+    differentiated (``θ_U``), and:
+
+    * ``advance(state, upper, k)``: the block's k-th update as a pure function of the state and θ_U;
+    * ``path``: the states ``[S_0, ..., S_K]`` when the method keeps them, else ``None``;
+    * ``loss(own, upper)``: the lower level's loss at its last update's batch, as a function of its
+      own parameters and θ_U, with every other level held where the block ended;
+    * ``update_map(own, upper)``: one optimizer update of the lower level from ``own`` with its final
+      optimizer state (the map whose fixed point the lower level converges to).
+    """
+
+    level: str
+    steps: int
+    start: dict
+    final: dict
+    path: list | None
+    upper_name: str
+    upper: dict
+    advance: Callable
+    loss: Callable
+    update_map: Callable
+
+    def run(self, upper: dict, state: dict | None = None, first: int = 0) -> dict:
+        """Re-run updates ``first..steps-1`` from ``state`` (default: the start) under ``upper``."""
+        s = self.start if state is None else state
+        for k in range(first, self.steps):
+            s = self.advance(s, upper, k)
+        return s
+
+    def own(self, state: dict) -> dict:
+        """The lower level's parameters in a block state."""
+        return state[self.level]["params"]

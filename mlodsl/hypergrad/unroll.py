@@ -1,0 +1,87 @@
+"""Exact hypergradients through the unrolled updates, in reverse or forward mode."""
+from __future__ import annotations
+
+import torch
+from torch.utils import _pytree as pytree
+
+from ..tree import split_differentiable, tree_add, tree_vdot, tree_zeros_like
+from .base import Trajectory
+
+
+class Unroll:
+    """Reverse mode through the block's updates:  vᵀ dθ_K/dθ_U = Σ_k  ∂S_{k+1}/∂θ_U ᵀ λ_{k+1},
+    with λ_K = (v on θ_L, 0 elsewhere) and λ_k = ∂S_{k+1}/∂S_k ᵀ λ_{k+1}.
+
+    The forward pass keeps the iterates S_0..S_K (parameters and optimizer states of the block's
+    levels); the reverse pass is a loop of ``torch.func.vjp`` of one update. ``last=T`` runs the
+    reverse loop over the last T updates only (truncated backpropagation). Memory O(K·d).
+    """
+
+    keeps_path = True
+
+    def __init__(self, last: int | None = None):
+        if last is not None and (not isinstance(last, int) or last < 1):
+            raise ValueError(f"Unroll(last=...) must be a positive int or None, got {last!r}")
+        self.last = last
+
+    def __repr__(self) -> str:
+        return "Unroll()" if self.last is None else f"Unroll(last={self.last})"
+
+    def vjp(self, traj: Trajectory, cotangent: dict) -> dict:
+        first = 0 if self.last is None else max(traj.steps - self.last, 0)
+        lam = tree_zeros_like(traj.final)
+        lam[traj.level] = {**lam[traj.level], "params": cotangent}
+        lam_floats, _ = split_differentiable(lam)
+        total = tree_zeros_like(traj.upper)
+        for k in reversed(range(first, traj.steps)):
+            floats, join = split_differentiable(traj.path[k])
+
+            def one_update(state_floats, upper, k=k, join=join):
+                return split_differentiable(traj.advance(join(state_floats), upper, k))[0]
+
+            _, pullback = torch.func.vjp(one_update, floats, traj.upper)
+            lam_floats, upper_ct = pullback(lam_floats)
+            total = tree_add(total, upper_ct)
+        return total
+
+
+class Forward:
+    """Forward mode: the same quantity as ``Unroll`` from Jacobian-vector products,
+    (vᵀ dθ_K/dθ_U)_j = vᵀ (dθ_K/dθ_U e_j), one ``torch.func.jvp`` through the block per
+    coordinate e_j of θ_U. Memory O(d), time O(p·K) for p upper parameters.
+    """
+
+    keeps_path = False
+
+    def __repr__(self) -> str:
+        return "Forward()"
+
+    def vjp(self, traj: Trajectory, cotangent: dict) -> dict:
+        leaves, spec = pytree.tree_flatten(traj.upper)
+
+        def final_own(*upper_leaves):
+            return traj.own(traj.run(pytree.tree_unflatten(list(upper_leaves), spec)))
+
+        out = []
+        for i, leaf in enumerate(leaves):
+            column = []
+            for j in range(leaf.numel()):
+                tangents = [torch.zeros_like(x) for x in leaves]
+                tangents[i].view(-1)[j] = 1
+                _, jv = torch.func.jvp(final_own, tuple(leaves), tuple(tangents))
+                column.append(tree_vdot(cotangent, jv))
+            out.append(torch.stack(column).reshape(leaf.shape) if column else torch.zeros_like(leaf))
+        return pytree.tree_unflatten(out, spec)
+
+
+class FirstOrder:
+    """Ignores the response of the lower level: vᵀ dθ_L/dθ_U ≈ 0, so the upper level's
+    gradient is its partial derivative alone. Free."""
+
+    keeps_path = False
+
+    def __repr__(self) -> str:
+        return "FirstOrder()"
+
+    def vjp(self, traj: Trajectory, cotangent: dict) -> dict:
+        return tree_zeros_like(traj.upper)

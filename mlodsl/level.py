@@ -1,0 +1,108 @@
+"""`@level`: a level of a multilevel program, written as a plain function.
+
+Binding rules of a level function ``fn(own, batch, other, ...)``:
+
+* the first parameter receives the level's own module, called with its current parameters;
+* a parameter named ``batch`` receives the level's current batch;
+* every other parameter names another level and receives that level's module.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import nn
+
+
+@dataclass(eq=False)
+class Level:
+    """A level: the function, the module it learns, how it learns it, and what it depends on."""
+
+    fn: Callable
+    module: nn.Module
+    optimizer: Any
+    data: Any = None
+    depends_on: tuple = ()
+    steps: int = 1
+    hypergrad: Any = None
+    start_from: Any = None
+    tasks: bool = False
+    name: str = ""
+    own_arg: str = ""                       # the name of fn's first parameter
+    level_args: tuple = ()                  # the other parameters (names of levels)
+    takes_batch: bool = False
+    _position: int = field(default=0, repr=False)
+
+    def __repr__(self) -> str:
+        deps = [d if isinstance(d, str) else d.name for d in self.depends_on]
+        return (f"Level({self.name!r}, module={type(self.module).__name__}, optimizer={self.optimizer!r}, "
+                f"steps={self.steps}, depends_on={deps}, hypergrad={self.hypergrad!r})")
+
+    @property
+    def depends_on_names(self) -> tuple:
+        return tuple(d if isinstance(d, str) else d.name for d in self.depends_on)
+
+
+def _check_optimizer(name, optimizer):
+    if optimizer is None or not (callable(getattr(optimizer, "init", None))
+                                 and callable(getattr(optimizer, "update", None))):
+        raise TypeError(f"level '{name}': optimizer must have init(params) and update(params, grads, state, reads), "
+                        f"e.g. ml.optim.sgd(lr=0.1); got {optimizer!r}")
+
+
+def _check_hypergrad(name, method):
+    if method is not None and not callable(getattr(method, "vjp", None)):
+        raise TypeError(f"level '{name}': hypergrad must be a method with vjp(trajectory, cotangent), "
+                        f"e.g. ml.hypergrad.Unroll(); got {method!r}")
+
+
+def level(module, *, optimizer, data=None, depends_on=(), steps=1, hypergrad=None,
+          start_from=None, tasks=False, name=None):
+    """Declare a level of a multilevel program (see the module docstring for the binding rules).
+
+    Args:
+        module: the parameters this level learns (an ``nn.Module``; ``ml.Hyper`` for loose tensors).
+        optimizer: a functional optimizer from ``ml.optim``.
+        data: a fixed batch (tuple or tensor), an iterable (cycled), or a callable returning a batch.
+        depends_on: lower levels (objects or names) whose solution this level's loss goes through.
+        steps: optimizer steps this level takes each time the level above it steps once.
+        hypergrad: how this level's response is differentiated for the levels above it
+            (default ``Unroll()``).
+        start_from: ``None`` (warm start), ``"init"`` or an upper level (MAML).
+        tasks: batch the level over a leading task dimension of its data.
+        name: the level's name (default: the function's name).
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"@level needs the nn.Module the level learns as its first argument "
+                        f"(ml.Hyper(name=tensor) for loose tensors); got {type(module).__name__}")
+    if isinstance(depends_on, (Level, str)):
+        depends_on = (depends_on,)
+
+    def decorate(fn: Callable) -> Level:
+        level_name = name or fn.__name__
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"level '{level_name}': steps must be a positive int, got {steps!r}")
+        _check_optimizer(level_name, optimizer)
+        _check_hypergrad(level_name, hypergrad)
+        for dep in depends_on:
+            if not isinstance(dep, (Level, str)):
+                raise TypeError(f"level '{level_name}': depends_on takes levels or level names, got {dep!r}")
+        params = list(inspect.signature(fn).parameters.values())
+        if not params:
+            raise TypeError(f"level '{level_name}': the function must take the level's own module first")
+        for p in params:
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                raise TypeError(f"level '{level_name}': *args/**kwargs cannot be bound; name each level")
+        own, rest = params[0].name, [p.name for p in params[1:]]
+        takes_batch = "batch" in rest
+        if data is None and takes_batch:
+            raise ValueError(f"level '{level_name}': the function takes `batch` but the level has no data=")
+        if start_from is not None and start_from != "init" and not isinstance(start_from, (Level, str)):
+            raise ValueError(f"level '{level_name}': start_from must be None, 'init' or an upper level")
+        return Level(fn=fn, module=module, optimizer=optimizer, data=data, depends_on=tuple(depends_on),
+                     steps=steps, hypergrad=hypergrad, start_from=start_from, tasks=tasks,
+                     name=level_name, own_arg=own, level_args=tuple(a for a in rest if a != "batch"),
+                     takes_batch=takes_batch)
+
+    return decorate

@@ -1,0 +1,178 @@
+"""Pure functional optimizers, in the manner of optax.
+
+An optimizer is a pair of pure functions over dicts of tensors::
+
+    state = opt.init(params)
+    new_params, new_state = opt.update(params, grads, state, reads)
+
+Nothing is mutated, so an update is differentiable when a hypergradient method unrolls it.
+``state`` is a plain dict of tensors; ``state["count"]`` is the number of updates taken so far.
+
+A hyperparameter (``lr``, ``momentum``, ``weight_decay``, ...) is a number or a callable:
+
+* ``lr=lambda step: 0.1 * 0.99 ** step`` -- a schedule: a function of the update count;
+* ``lr=lambda outer: outer.log_lr.exp()`` -- a function of the levels the optimizer's level
+  reads (by name), so an upper level learns it by differentiating through the updates.
+
+``reads`` maps level names to their current parameters; only callables use it.
+
+A user-defined optimizer is any object with the same ``init``/``update`` and a ``reads`` attribute
+(the level names its hyperparameters need); the built-ins use nothing more.
+"""
+from __future__ import annotations
+
+import inspect
+from types import SimpleNamespace
+from typing import Callable, NamedTuple
+
+import torch
+
+Params = dict  # name -> Tensor
+
+
+class Optimizer(NamedTuple):
+    name: str
+    init: Callable[[Params], dict]
+    update: Callable[..., tuple[Params, dict]]
+    hyperparams: dict
+    reads: tuple  # level names that callable hyperparameters take
+
+    def __repr__(self) -> str:
+        def show(v):
+            return getattr(v, "__name__", "fn") + "()" if callable(v) else repr(v)
+        return f"{self.name}({', '.join(f'{k}={show(v)}' for k, v in self.hyperparams.items())})"
+
+
+def params_view(params: dict) -> SimpleNamespace:
+    """Attribute access to a dict of parameters: ``view.log_lr``, ``view.layer.weight``."""
+    root: dict = {}
+    for name, value in params.items():
+        *path, leaf = name.split(".")
+        node = root
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+
+    def build(node):
+        return SimpleNamespace(**{k: build(v) if isinstance(v, dict) else v for k, v in node.items()})
+
+    return build(root)
+
+
+def _argnames(value) -> tuple:
+    return tuple(inspect.signature(value).parameters) if callable(value) else ()
+
+
+def level_reads(hyperparams: dict) -> tuple:
+    """Level names that callable hyperparameters take (every argument except ``step``)."""
+    names = []
+    for value in hyperparams.values():
+        names += [n for n in _argnames(value) if n != "step" and n not in names]
+    return tuple(names)
+
+
+def resolve(value, count, reads):
+    """The value of a hyperparameter at update ``count`` given the levels it reads."""
+    if not callable(value):
+        return value
+    kwargs = {}
+    for name in _argnames(value):
+        if name == "step":
+            kwargs[name] = count
+        elif reads is not None and name in reads:
+            kwargs[name] = params_view(reads[name])
+        else:
+            known = sorted(reads or {})
+            raise NameError(f"optimizer hyperparameter {value} takes '{name}', which is neither 'step' "
+                            f"nor a level this optimizer's level reads (known: {known})")
+    return value(**kwargs)
+
+
+def _count(state):
+    return state["count"] + 1
+
+
+def _make(name, init, update, hyperparams):
+    return Optimizer(name, init, update, hyperparams, level_reads(hyperparams))
+
+
+def sgd(lr, momentum=0.0, weight_decay=0.0, nesterov=False, dampening=0.0) -> Optimizer:
+    """SGD with optional momentum, Nesterov momentum and L2 weight decay (as torch.optim.SGD).
+
+    g ← ∇ + λθ;  b ← μ b + (1-τ) g (b = g at the first update);  θ ← θ - η (g + μ b if Nesterov else b)
+    """
+    if nesterov and (not callable(momentum) and momentum <= 0):
+        raise ValueError("sgd: nesterov=True needs momentum > 0")
+    hp = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
+    use_momentum = callable(momentum) or momentum != 0
+
+    def init(params):
+        state = {"count": torch.zeros((), dtype=torch.int64)}
+        if use_momentum:
+            state["momentum"] = {k: torch.zeros_like(p) for k, p in params.items()}
+        return state
+
+    def update(params, grads, state, reads=None):
+        count = _count(state)
+        eta, mu, wd = (resolve(hp[k], count, reads) for k in ("lr", "momentum", "weight_decay"))
+        new_params, new_state = {}, {"count": count}
+        if use_momentum:
+            new_state["momentum"] = {}
+        for k, p in params.items():
+            g = grads[k]
+            if not (isinstance(wd, float) and wd == 0.0):
+                g = g + wd * p
+            if use_momentum:
+                first = (state["count"] == 0).to(p.dtype)
+                b = first * g + (1 - first) * (mu * state["momentum"][k] + (1 - dampening) * g)
+                new_state["momentum"][k] = b
+                g = g + mu * b if nesterov else b
+            new_params[k] = p - eta * g
+        return new_params, new_state
+
+    return _make("sgd", init, update, hp)
+
+
+def _adam(name, lr, betas, eps, weight_decay, decoupled, eps_root):
+    hp = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+    def init(params):
+        return {"count": torch.zeros((), dtype=torch.int64),
+                "m": {k: torch.zeros_like(p) for k, p in params.items()},
+                "v": {k: torch.zeros_like(p) for k, p in params.items()}}
+
+    def update(params, grads, state, reads=None):
+        count = _count(state)
+        eta, (b1, b2), e, wd = (resolve(hp[k], count, reads) for k in ("lr", "betas", "eps", "weight_decay"))
+        new_params, m_new, v_new = {}, {}, {}
+        for k, p in params.items():
+            g = grads[k]
+            if not decoupled and not (isinstance(wd, float) and wd == 0.0):
+                g = g + wd * p
+            m = b1 * state["m"][k] + (1 - b1) * g
+            v = b2 * state["v"][k] + (1 - b2) * g * g
+            t = count.to(p.dtype)
+            m_hat = m / (1 - b1 ** t)
+            v_hat = v / (1 - b2 ** t)
+            # eps_root inside the sqrt keeps the update differentiable at v = 0 (d sqrt(0) = inf).
+            step = m_hat / (torch.sqrt(v_hat + eps_root) + e)
+            if decoupled:
+                p = p * (1 - eta * wd)
+            new_params[k] = p - eta * step
+            m_new[k], v_new[k] = m, v
+        return new_params, {"count": count, "m": m_new, "v": v_new}
+
+    return _make(name, init, update, hp)
+
+
+def adam(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, eps_root=1e-16) -> Optimizer:
+    """Adam (Kingma & Ba) with L2 weight decay added to the gradient, as torch.optim.Adam.
+
+    ``eps_root`` is added under the square root so that unrolled updates stay differentiable.
+    """
+    return _adam("adam", lr, betas, eps, weight_decay, decoupled=False, eps_root=eps_root)
+
+
+def adamw(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, eps_root=1e-16) -> Optimizer:
+    """AdamW (Loshchilov & Hutter): decoupled weight decay θ ← θ(1 - ηλ), as torch.optim.AdamW."""
+    return _adam("adamw", lr, betas, eps, weight_decay, decoupled=True, eps_root=eps_root)

@@ -1,0 +1,262 @@
+"""`Program`: builds a multilevel program through the pipeline and runs its generated step.
+
+    trace (trace.py) → analyze (graph.py) → plan (plan.py) → generate (codegen.py) → run (here)
+
+The step is a pure function ``(state, batches) -> (new state, log)``; the Program owns the state,
+draws the batches, commits a step only when every loss and gradient in it is finite, and writes
+the learned parameters back into the user's modules.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+
+from . import codegen
+from .data import BatchStream
+from .draw import LevelDiagram
+from .graph import ProgramError, build_graph, collect_levels
+from .hypergrad import Unroll
+from .level import Level
+from .plan import make_plan
+from .runtime import Runtime, split_output
+from .trace import TracedLevel, trace_level
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or gradient became NaN or Inf; the program's state is as it was before the step."""
+
+
+@dataclass
+class ProgramLevel:
+    """A level as built into a program: the user's ``Level`` with its traced graph."""
+
+    level: Level
+    traced: TracedLevel
+
+    @property
+    def graph(self) -> fx.GraphModule:
+        """The level's loss as a torch.fx GraphModule (``.code`` prints it)."""
+        return self.traced.graph
+
+    def __getattr__(self, name):
+        return getattr(self.level, name)
+
+    def __repr__(self) -> str:
+        return repr(self.level)
+
+
+def _methods(levels: dict, graph) -> dict:
+    """The hypergradient method of every lower level (``Unroll()`` where none is given).
+
+    The default is recorded on the graph's node, never written into the user's ``Level``.
+    """
+    methods = {}
+    for name, lvl in levels.items():
+        if any(k == "depends_on" for _, _, k in graph.in_edges(name, data="kind")):
+            methods[name] = lvl.hypergrad if lvl.hypergrad is not None else Unroll()
+            graph.nodes[name]["method"] = repr(methods[name])
+    return methods
+
+
+def _learnable(module) -> dict:
+    return {k: p.detach().clone() for k, p in module.named_parameters() if p.requires_grad}
+
+
+class Program:
+    """A multilevel program built from its top level(s); see DESIGN §1.
+
+    Args:
+        *tops: the top levels; every level reachable from them is included.
+        compile, precision, grad_accum: see the design (only the defaults are built so far).
+        seed: seeds torch's generator before the program is built.
+        nonfinite: ``"raise"`` (default) raises ``NonFiniteError`` naming the level and step;
+            ``"skip"`` drops such steps (counted in ``history`` as ``skipped``).
+    """
+
+    def __init__(self, *tops, compile=False, precision="fp32", grad_accum=1, seed=None, nonfinite="raise"):
+        if not tops:
+            raise ProgramError("Program needs at least one top level")
+        if compile:
+            raise NotImplementedError("Program(compile=True) is not built yet; run eagerly with compile=False")
+        if precision != "fp32" or grad_accum != 1:
+            raise NotImplementedError("mixed precision and gradient accumulation are not built yet; "
+                                      "use precision='fp32', grad_accum=1")
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        if seed is not None:
+            torch.manual_seed(seed)
+        self.nonfinite = nonfinite
+        levels = collect_levels(tops)
+        self.graph = build_graph(levels)
+        methods = _methods(levels, self.graph)
+        self.plan = make_plan(levels, self.graph, methods)
+        self.schedule = self.plan.schedule
+        self._streams = {n: BatchStream(n, lvl.data) for n, lvl in levels.items()}
+        self._pending = None
+        first = self._draw_batches()
+        self._pending = first
+        self.levels = {}
+        for name, lvl in levels.items():
+            modules = {lvl.own_arg: lvl.module, **{a: levels[a].module for a in lvl.level_args}}
+            owners = {lvl.own_arg: name, **{a: a for a in lvl.level_args}}
+            traced = trace_level(lvl, modules, owners, first[name][0])
+            self.levels[name] = ProgramLevel(lvl, traced)
+        self._state = {n: {"params": _learnable(lvl.module), "opt": None} for n, lvl in levels.items()}
+        for name, lvl in levels.items():
+            if not self._state[name]["params"]:
+                raise ProgramError(f"level '{name}': its module has no learnable parameters (requires_grad=True)")
+            self._state[name]["opt"] = lvl.optimizer.init(self._state[name]["params"])
+        self._check_losses(first)
+        title = f"Program({', '.join(t.name for t in tops)})"
+        self._runtime = Runtime({n: pl.traced for n, pl in self.levels.items()},
+                                {n: lvl.optimizer for n, lvl in levels.items()}, methods)
+        self.code = codegen.generate(self.plan, levels, methods, title)
+        (self._step_fn, self._hypergradient_fn), self.code_filename = codegen.build(self.code, self._runtime)
+        self.step_count = 0
+        self.history: list[dict] = []
+
+    # -- data ---------------------------------------------------------------------------------
+    def _draw_batches(self) -> dict:
+        return {n: [s.next() for _ in range(self.plan.updates_per_step[n])] for n, s in self._streams.items()}
+
+    def _next_batches(self) -> dict:
+        batches, self._pending = (self._pending, None) if self._pending is not None else (self._draw_batches(), None)
+        return batches
+
+    def _check_losses(self, batches):
+        """Evaluate every level's loss once at build time: errors surface here, named."""
+        params = {n: s["params"] for n, s in self._state.items()}
+        with torch.no_grad():
+            for name, pl in self.levels.items():
+                try:
+                    out = pl.traced(params, batches[name][0])
+                except Exception as err:
+                    raise ProgramError(f"level '{name}' failed when evaluated at its initial parameters: "
+                                       f"{type(err).__name__}: {err}") from err
+                split_output(name, out)
+
+    # -- running ------------------------------------------------------------------------------
+    def step(self) -> dict:
+        """One step of the top level(s), every lower step included; returns the losses."""
+        batches = self._next_batches()
+        new_state, log = self._step_fn(self._state, batches)
+        bad = [n for n, ok in log.pop("_finite").items() if not bool(ok)]
+        row = {"step": self.step_count + 1}
+        if bad:
+            if self.nonfinite == "raise":
+                raise NonFiniteError(f"non-finite loss or gradient at level '{bad[0]}' in step "
+                                     f"{self.step_count + 1}" + (f" (also {bad[1:]})" if bad[1:] else "")
+                                     + "; the program's parameters and optimizer states are unchanged")
+            row["skipped"] = 1
+            self.history.append(row)
+            return row
+        self._state = new_state
+        self.step_count += 1
+        self._write_back()
+        row.update({k: float(v) if isinstance(v, torch.Tensor) and v.numel() == 1 else v for k, v in log.items()})
+        self.history.append(row)
+        return row
+
+    def _write_back(self):
+        with torch.no_grad():
+            for name, pl in self.levels.items():
+                new = self._state[name]["params"]
+                for k, p in pl.level.module.named_parameters():
+                    if k in new:
+                        p.copy_(new[k])
+
+    def fit(self, iters: int, *, validate=None, every=None, callbacks=(), progress=True) -> list:
+        """Run ``iters`` steps with a tqdm bar of the losses.
+
+        ``validate(prog)`` returns a number or a dict of numbers, logged as ``val``/``val/<key>``
+        every ``every`` steps (default: after the last step). A callback ``cb(prog, row)`` runs after
+        every step; returning ``True`` stops the fit.
+        """
+        from tqdm.auto import tqdm
+
+        bar = tqdm(range(iters), disable=not progress, desc="fit")
+        for it in bar:
+            row = self.step()
+            if validate is not None and ((every and (it + 1) % every == 0) or it + 1 == iters):
+                val = validate(self)
+                row.update({"val": float(val)} if not isinstance(val, dict)
+                           else {f"val/{k}": float(v) for k, v in val.items()})
+            if progress:
+                bar.set_postfix({k: f"{v:.4g}" for k, v in row.items()
+                                 if k != "step" and isinstance(v, float)}, refresh=False)
+            if any(cb(self, row) is True for cb in callbacks):
+                break
+        return self.history
+
+    def hypergradient(self, name: str) -> dict:
+        """The total gradient of level ``name`` that the next ``step()`` would apply; changes nothing."""
+        if name not in self.levels:
+            raise KeyError(f"no level '{name}' (known levels: {sorted(self.levels)})")
+        if self._pending is None:
+            self._pending = self._draw_batches()
+        g = self._hypergradient_fn(name, self._state, self._pending)
+        return {k: v.detach() for k, v in g.items()}
+
+    def params(self, name: str) -> dict:
+        """A copy of level ``name``'s current parameters."""
+        if name not in self.levels:
+            raise KeyError(f"no level '{name}' (known levels: {sorted(self.levels)})")
+        return {k: v.detach().clone() for k, v in self._state[name]["params"].items()}
+
+    # -- inspection ---------------------------------------------------------------------------
+    def show(self) -> LevelDiagram:
+        """The level DAG: prints as text, draws as SVG (graphviz) or PNG (matplotlib) in Jupyter."""
+        return LevelDiagram(self.graph)
+
+    def __repr__(self) -> str:
+        return f"Program({', '.join(self.levels)}; step {self.step_count})\n{self.schedule}"
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"step": self.step_count,
+                "levels": {n: {"params": dict(s["params"]), "opt": s["opt"]} for n, s in self._state.items()},
+                "data": {n: s.position - (len(self._pending[n]) if self._pending is not None else 0)
+                         for n, s in self._streams.items()},
+                "rng": torch.get_rng_state()}
+
+    def load_state_dict(self, sd: dict):
+        if set(sd["levels"]) != set(self._state):
+            raise ValueError(f"checkpoint levels {sorted(sd['levels'])} differ from the program's "
+                             f"{sorted(self._state)}")
+        for n, s in sd["levels"].items():
+            mine = self._state[n]["params"]
+            for k, v in s["params"].items():
+                if k not in mine or mine[k].shape != v.shape:
+                    raise ValueError(f"level '{n}': checkpoint parameter '{k}' does not match the program")
+        self._state = {n: {"params": dict(s["params"]), "opt": s["opt"]} for n, s in sd["levels"].items()}
+        self.step_count = sd["step"]
+        self._streams = {n: BatchStream(n, pl.level.data) for n, pl in self.levels.items()}
+        for n, pos in sd.get("data", {}).items():
+            self._streams[n].skip_to(pos)
+        self._pending = None
+        if "rng" in sd:
+            torch.set_rng_state(sd["rng"])
+        self._write_back()
+
+    def save(self, path):
+        """Write a checkpoint atomically (a temporary file, then a rename)."""
+        path = os.fspath(path)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(self.state_dict(), tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def load(path, prog: Program) -> Program:
+    """Restore ``prog`` from a checkpoint written by ``prog.save(path)``."""
+    prog.load_state_dict(torch.load(os.fspath(path), weights_only=False))
+    return prog

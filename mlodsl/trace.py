@@ -1,0 +1,213 @@
+"""Trace a level function into a ``torch.fx.GraphModule`` whose inputs are tensors.
+
+The graph's placeholders are the batch (``batch`` for a tensor, ``batch_0, batch_1, ...`` for a
+tuple, ``batch_<key>`` for a dict) and then one placeholder per learnable parameter of every
+module the function touches, named ``<level>_<parameter path>`` (``inner_weight``,
+``outer_log_l2``). Modules are traced into (``nn.Linear`` becomes ``torch._C._nn.linear``), so the
+graph shows the arithmetic the loss does on each parameter.
+
+A function that symbolic tracing cannot follow (data-dependent Python control flow, modules that
+do not trace) falls back to an *opaque* graph: one node that calls the function with
+``torch.func.functional_call``; it runs the same math, and a warning names the level, the reason
+and what to change to get a readable graph.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+
+class TraceWarning(UserWarning):
+    """A level could not be traced symbolically and runs as an opaque call."""
+
+
+@dataclass
+class TracedLevel:
+    """A level's loss as a graph: ``graph(*batch_leaves, **params) -> loss or (loss, metrics)``."""
+
+    name: str
+    graph: fx.GraphModule
+    batch_kind: str                 # "none" | "tensor" | "tuple" | "dict"
+    batch_keys: tuple               # tuple length or dict keys
+    inputs: dict                    # placeholder -> (level name, parameter name)
+    opaque: bool = False
+    reason: str = ""
+
+    def batch_args(self, batch) -> tuple:
+        if self.batch_kind == "none":
+            return ()
+        if self.batch_kind == "tensor":
+            return (batch,)
+        if self.batch_kind == "tuple":
+            return tuple(batch)
+        return tuple(batch[k] for k in self.batch_keys)
+
+    def __call__(self, params: dict, batch):
+        """Evaluate the loss; ``params`` maps level names to dicts of parameter tensors."""
+        kwargs = {ph: params[lvl][p] for ph, (lvl, p) in self.inputs.items()}
+        return self.graph(*self.batch_args(batch), **kwargs)
+
+
+def _identifier(text: str) -> str:
+    out = re.sub(r"\W", "_", text)
+    return out if out.isidentifier() else "_" + out
+
+
+def _batch_structure(batch, takes_batch):
+    if not takes_batch:
+        return "none", (), []
+    if isinstance(batch, torch.Tensor):
+        return "tensor", (), ["batch"]
+    if isinstance(batch, (tuple, list)):
+        return "tuple", (len(batch),), [f"batch_{i}" for i in range(len(batch))]
+    if isinstance(batch, dict):
+        return "dict", tuple(batch), [f"batch_{_identifier(str(k))}" for k in batch]
+    raise TypeError(f"a batch must be a tensor, a tuple/list or a dict of tensors; got {type(batch).__name__}")
+
+
+class _IntoModulesTracer(fx.Tracer):
+    """Traces into every module, so parameters appear as get_attr nodes."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return False
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        # get_attr nodes become placeholders later; keep their names free for those placeholders.
+        if kind == "get_attr":
+            name = "_attr_" + _identifier(str(target))
+        return super().create_node(kind, target, args, kwargs, name, type_expr)
+
+
+def _rebuild_batch(kind, keys, args):
+    if kind == "none":
+        return None
+    if kind == "tensor":
+        return args[0]
+    if kind == "tuple":
+        return tuple(args)
+    return dict(zip(keys, args))
+
+
+def _call_args(level, modules: dict, batch):
+    """Positional/keyword arguments of the user's function from bound modules and a batch."""
+    args = [modules[level.own_arg]]
+    kwargs = {n: modules[n] for n in level.level_args}
+    if level.takes_batch:
+        kwargs["batch"] = batch
+    return args, kwargs
+
+
+def trace_level(level, modules: dict, owners: dict, example_batch) -> TracedLevel:
+    """Trace ``level.fn`` with ``modules`` bound to its arguments.
+
+    ``modules`` maps the function's argument names to modules; ``owners`` maps the same names to the
+    level each module belongs to (the own argument maps to the level itself).
+    """
+    kind, keys, batch_names = _batch_structure(example_batch, level.takes_batch)
+    owner_of_param = {}
+    for arg, module in modules.items():
+        for pname, p in module.named_parameters():
+            if p.requires_grad:
+                owner_of_param[f"{arg}.{pname}"] = (owners[arg], pname)
+    keys_out = keys if kind == "dict" else (keys[0] if keys else 0,)
+
+    # forward(self, batch_0, batch_1, ...) rebuilds the batch and calls the user's function.
+    sig = ", ".join(["self"] + batch_names)
+    namespace = {"_rebuild": _rebuild_batch, "_call": _call_args, "_level": level,
+                 "_kind": kind, "_keys": keys if kind == "dict" else keys_out}
+    src = (f"def forward({sig}):\n"
+           f"    batch = _rebuild(_kind, _keys, ({', '.join(batch_names)}{',' if batch_names else ''}))\n"
+           f"    args, kwargs = _call(_level, {{n: getattr(self, n) for n in {list(modules)!r}}}, batch)\n"
+           f"    return _level.fn(*args, **kwargs)\n")
+    exec(compile(src, f"<mlodsl trace {level.name}>", "exec"), namespace)
+    root = type(f"level_{_identifier(level.name)}", (nn.Module,), {"forward": namespace["forward"]})()
+    for arg, module in modules.items():
+        root.add_module(arg, module)
+
+    try:
+        graph = _IntoModulesTracer().trace(root)
+        inputs = _parameters_to_placeholders(graph, owner_of_param)
+        gm = fx.GraphModule(root, graph, class_name=f"level_{_identifier(level.name)}")
+        return TracedLevel(level.name, gm, kind, keys, inputs)
+    except Exception as err:  # noqa: BLE001 - every tracing failure falls back the same way
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        warnings.warn(
+            f"level '{level.name}' could not be traced by torch.fx ({reason}); it runs as an opaque "
+            f"functional_call, with the same numbers but no readable graph. To get a graph, avoid Python "
+            f"control flow that depends on tensor values (use torch.where) and modules that do not trace.",
+            TraceWarning, stacklevel=4)
+        return _opaque_level(level, modules, owners, kind, keys, batch_names, reason)
+
+
+def _parameters_to_placeholders(graph: fx.Graph, owner_of_param: dict) -> dict:
+    """Turn get_attr nodes of learnable parameters into placeholders named after their level.
+
+    Every learnable parameter of every bound module becomes an input, used or not, so a level's
+    graph has the same signature whatever its body touches.
+    """
+    first_op = next(n for n in graph.nodes if n.op != "placeholder")
+    inputs, placeholder_of = {}, {}
+    with graph.inserting_before(first_op):
+        for target, (lvl, pname) in owner_of_param.items():
+            ph = graph.placeholder(_identifier(f"{lvl}_{pname}"))
+            inputs[ph.name] = (lvl, pname)
+            placeholder_of[target] = ph
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and node.target in placeholder_of:
+            node.replace_all_uses_with(placeholder_of[node.target])
+            graph.erase_node(node)
+    graph.lint()
+    return inputs
+
+
+def _opaque_level(level, modules, owners, kind, keys, batch_names, reason) -> TracedLevel:
+    """A one-node graph that calls the function through ``torch.func.functional_call``."""
+    inputs = {}
+    for arg, module in modules.items():
+        for pname, p in module.named_parameters():
+            if p.requires_grad:
+                inputs[_identifier(f"{owners[arg]}_{pname}")] = (owners[arg], pname)
+    arg_of_owner = {owners[a]: a for a in modules}
+
+    def call_level(*batch_leaves, **params):
+        batch = _rebuild_batch(kind, keys if kind == "dict" else (len(batch_leaves),), batch_leaves)
+        bound = {}
+        for arg, module in modules.items():
+            own = {p: params[ph] for ph, (lvl, p) in inputs.items() if arg_of_owner[lvl] == arg}
+            bound[arg] = _FunctionalModule(module, own)
+        args, kwargs = _call_args(level, bound, batch)
+        return level.fn(*args, **kwargs)
+
+    call_level.__name__ = f"call_{_identifier(level.name)}"
+    graph = fx.Graph()
+    placeholders = [graph.placeholder(n) for n in batch_names + list(inputs)]
+    out = graph.call_function(call_level, tuple(placeholders[:len(batch_names)]),
+                              {n: ph for n, ph in zip(inputs, placeholders[len(batch_names):])})
+    graph.output(out)
+    gm = fx.GraphModule(nn.Module(), graph, class_name=f"level_{_identifier(level.name)}_opaque")
+    return TracedLevel(level.name, gm, kind, keys, inputs, opaque=True, reason=reason)
+
+
+class _FunctionalModule:
+    """A module seen with given parameters: calls go through ``torch.func.functional_call``."""
+
+    def __init__(self, module: nn.Module, params: dict):
+        self._module, self._params = module, params
+
+    def __call__(self, *args, **kwargs):
+        return torch.func.functional_call(self._module, self._params, args, kwargs)
+
+    def __getattr__(self, name):
+        prefix = name + "."
+        if name in self._params:
+            return self._params[name]
+        sub = {k[len(prefix):]: v for k, v in self._params.items() if k.startswith(prefix)}
+        attr = getattr(self._module, name)
+        if sub and isinstance(attr, nn.Module):
+            return _FunctionalModule(attr, sub)
+        return attr
