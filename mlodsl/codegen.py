@@ -43,20 +43,24 @@ def _block_fn(name, steps, subtree, method) -> list:
     ]
 
 
-def _gradient_fn(name, children, shared, lowers) -> list:
+def _gradient_fn(name, children, shared, lowers, taken, subtree) -> list:
+    """``taken``: the levels X's loss takes; ``subtree``: level -> the levels its block runs."""
     f = ident(name)
     sig = "sub, up, i, log, B" + (", shared" if shared else "")
+    # X's loss is differentiated in X and in every level its lower blocks run that it takes.
+    below = [n for c in lowers for n in subtree[c] if n in taken or n == c]
     lines = [f"    def gradient_{f}({sig}):",
              f'        """Total gradient of {name!r} at its update i (its lower levels run first)."""']
     for c in children:
         lines += [f"        s, block_{ident(c)}_ = block_{ident(c)}(sub, up, i, log, B)",
                   f"        sub = {{**sub, **s}}"]
     lines += [f"        loss, metrics, g = rt.partials({name!r}, {{**up, **rt.params_of(sub)}}, B[{name!r}][i], "
-              f"{(name,) + tuple(lowers)!r})",
+              f"{(name,) + tuple(dict.fromkeys(below))!r})",
               f"        g_{f} = g[{name!r}]"]
     for c in lowers:
         record = f"block_{ident(c)}_" if c in children else f"shared[{c!r}]"
-        lines.append(f"        g_{f} = rt.add(g_{f}, method[{c!r}].vjp({record}.toward({name!r}), g[{c!r}]))")
+        ct = ", ".join(f"{n!r}: g[{n!r}]" for n in subtree[c] if n in below)
+        lines.append(f"        g_{f} = rt.add(g_{f}, method[{c!r}].vjp({record}.toward({name!r}), {{{ct}}}))")
     lines += [f"        return g_{f}, sub, loss, metrics", ""]
     return lines
 
@@ -88,7 +92,8 @@ def generate(plan: Plan, levels: dict, methods: dict, title: str) -> str:
         has_shared = any(c in shared for c in lowers)
         if plan.parent[name] is not None or name in shared:
             out += _block_fn(name, levels[name].steps, list(plan.subtree[name]), repr(methods[name]))
-        out += _gradient_fn(name, children, has_shared, lowers)
+        taken = {name, *levels[name].level_args}
+        out += _gradient_fn(name, children, has_shared, lowers, taken, plan.subtree)
         out += _advance_fn(name, has_shared)
 
     out += ["    def step(state, B):",

@@ -6,7 +6,11 @@ A hypergradient method is any object with
 * ``vjp(trajectory, cotangent) -> dict`` -- given the cotangent ``v = ∂f_U/∂θ_L`` of the upper
   level's loss with respect to the lower level's final parameters, return the best-response
   vector-Jacobian product ``vᵀ dθ_L/dθ_U`` with respect to the upper level's parameters
-  (a dict shaped like ``trajectory.upper``).
+  (a dict shaped like ``trajectory.upper``). ``cotangent`` maps level names to parameter
+  cotangents: ``cotangent[trajectory.level]`` is v; when the upper's loss also takes a level
+  deeper in the block (a classifier two levels down), its cotangent is there too, and a method
+  that differentiates the whole block (``Unroll``, ``Forward``) carries it; a method that only
+  linearizes the lower level's own optimality (the implicit ones) uses v alone.
 
 The built-in methods use nothing more than the ``Trajectory`` below, so a user-defined method is a
 small class with the same two members. Every product must be written with differentiable torch

@@ -30,7 +30,8 @@ class Unroll:
     def vjp(self, traj: Trajectory, cotangent: dict) -> dict:
         first = 0 if self.last is None else max(traj.steps - self.last, 0)
         lam = tree_zeros_like(traj.final)
-        lam[traj.level] = {**lam[traj.level], "params": cotangent}
+        for name, ct in cotangent.items():
+            lam[name] = {**lam[name], "params": ct}
         lam_floats, _ = split_differentiable(lam)
         total = tree_zeros_like(traj.upper)
         for k in reversed(range(first, traj.steps)):
@@ -59,8 +60,9 @@ class Forward:
     def vjp(self, traj: Trajectory, cotangent: dict) -> dict:
         leaves, spec = pytree.tree_flatten(traj.upper)
 
-        def final_own(*upper_leaves):
-            return traj.own(traj.run(pytree.tree_unflatten(list(upper_leaves), spec)))
+        def final_params(*upper_leaves):
+            final = traj.run(pytree.tree_unflatten(list(upper_leaves), spec))
+            return {name: final[name]["params"] for name in cotangent}
 
         out = []
         for i, leaf in enumerate(leaves):
@@ -68,7 +70,7 @@ class Forward:
             for j in range(leaf.numel()):
                 tangents = [torch.zeros_like(x) for x in leaves]
                 tangents[i].view(-1)[j] = 1
-                _, jv = torch.func.jvp(final_own, tuple(leaves), tuple(tangents))
+                _, jv = torch.func.jvp(final_params, tuple(leaves), tuple(tangents))
                 column.append(tree_vdot(cotangent, jv))
             out.append(torch.stack(column).reshape(leaf.shape) if column else torch.zeros_like(leaf))
         return pytree.tree_unflatten(out, spec)

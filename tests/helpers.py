@@ -1,0 +1,64 @@
+"""Shared test problems: small float64 problems with hand-written autograd references."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mlodsl as ml
+
+DT = torch.float64
+
+
+def logreg_data(n=40, d=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=DT)
+    w = torch.randn(d, generator=g, dtype=DT)
+    y = (X @ w + 0.5 * torch.randn(n, generator=g, dtype=DT) > 0).to(DT)
+    h = n // 2
+    return (X[:h], y[:h]), (X[h:], y[h:])
+
+
+def inner_loss_fn(w, b, log_l2, batch):
+    x, y = batch
+    fit = F.binary_cross_entropy_with_logits(x @ w + b, y)
+    return fit + (log_l2.exp() * w ** 2).sum()
+
+
+def outer_loss_fn(w, b, batch):
+    x, y = batch
+    return F.binary_cross_entropy_with_logits(x @ w + b, y)
+
+
+def make_hpo(K=5, lr=0.5, method=None, d=5, inner_opt=None, outer_opt=None, seed=0):
+    """Per-feature L2 for logistic regression, float64. Returns (program, net, hyper, train, val)."""
+    train, val = logreg_data(d=d, seed=seed)
+    torch.manual_seed(seed)
+    net = nn.Linear(d, 1).to(DT)
+    hyper = ml.Hyper(log_l2=torch.full((d,), -2.0, dtype=DT))
+
+    @ml.level(net, optimizer=inner_opt or ml.optim.sgd(lr=lr), data=train, steps=K, hypergrad=method)
+    def inner(net, batch, outer):
+        x, y = batch
+        fit = F.binary_cross_entropy_with_logits(net(x).squeeze(-1), y)
+        return fit + (outer.log_l2.exp() * net.weight.squeeze(0) ** 2).sum()
+
+    @ml.level(hyper, optimizer=outer_opt or ml.optim.sgd(lr=0.1), data=val, depends_on=[inner])
+    def outer(hyper, batch, inner):
+        x, y = batch
+        return F.binary_cross_entropy_with_logits(inner(x).squeeze(-1), y)
+
+    return ml.Program(outer), net, hyper, train, val
+
+
+def reference_hpo(net, hyper, train, val, K, lr, last=None):
+    """Hand-written autograd: d outer(w_K) / d log_l2 through K SGD steps (the last `last` only)."""
+    log_l2 = hyper.log_l2.detach().clone().requires_grad_()
+    w = net.weight.detach().clone().squeeze(0).requires_grad_()
+    b = net.bias.detach().clone().squeeze(0).requires_grad_()
+    first = 0 if last is None else K - last
+    for k in range(K):
+        if k == first:  # truncation: the state before the last `last` steps is a constant
+            w, b = w.detach().requires_grad_(), b.detach().requires_grad_()
+        gw, gb = torch.autograd.grad(inner_loss_fn(w, b, log_l2, train), (w, b), create_graph=True)
+        w, b = w - lr * gw, b - lr * gb
+    (g,) = torch.autograd.grad(outer_loss_fn(w, b, val), log_l2)
+    return g, (w.detach(), b.detach())
