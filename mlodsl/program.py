@@ -134,11 +134,10 @@ class Program:
         with torch.no_grad():
             for name, pl in self.levels.items():
                 try:
-                    out = pl.traced(params, batches[name][0])
+                    split_output(name, pl.traced(params, batches[name][0]))
                 except Exception as err:
                     raise ProgramError(f"level '{name}' failed when evaluated at its initial parameters: "
                                        f"{type(err).__name__}: {err}") from err
-                split_output(name, out)
 
     # -- running ------------------------------------------------------------------------------
     def step(self) -> dict:
