@@ -1,0 +1,141 @@
+"""What a user inspects is what runs: traced graphs, generated code, schedule, checkpoints."""
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mlodsl as ml
+from helpers import DT, make_hpo
+
+
+def test_level_graph_has_named_placeholders_and_readable_code():
+    prog, *_ = make_hpo(K=2)
+    gm = prog.levels["inner"].graph
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    assert placeholders == ["batch_0", "batch_1", "inner_weight", "inner_bias", "outer_log_l2"]
+    assert "def forward(self, batch_0, batch_1, inner_weight, inner_bias, outer_log_l2)" in gm.code
+    assert "linear" in gm.code and "exp" in gm.code
+    assert not any(n.op == "get_attr" for n in gm.graph.nodes)  # parameters are inputs, not attributes
+
+
+def test_generated_code_is_the_code_that_runs():
+    prog, *_ = make_hpo(K=3)
+    lines = prog.code.splitlines()
+    executed = set()
+
+    def tracer(frame, event, arg):
+        if frame.f_code.co_filename == prog.code_filename:
+            executed.add(frame.f_lineno)
+            return tracer
+        return None
+
+    sys.settrace(tracer)
+    try:
+        prog.step()
+    finally:
+        sys.settrace(None)
+    ran = {lines[n - 1].strip() for n in executed}
+    assert any(line.startswith("s = advance_inner(") for line in ran)
+    assert any("method['inner'].vjp(" in line for line in ran)
+    assert any(line.startswith("return rt.apply_update('outer'") for line in ran)
+    # The loop over inner updates is a loop in the source, not 3 inlined copies.
+    assert prog.code.count("advance_inner(") == 3  # definition, forward loop, reverse-pass closure
+    assert "for k in range(3):" in prog.code
+
+
+def test_a_level_that_cannot_be_traced_falls_back_with_a_warning_and_same_numbers():
+    prog, net, hyper, train, val = make_hpo(K=3)
+    expected = prog.hypergradient("outer")["log_l2"]
+
+    _, net2, hyper2, _, _ = make_hpo(K=3)
+
+    @ml.level(net2, optimizer=ml.optim.sgd(lr=0.5), data=train, steps=3)
+    def inner(net, batch, outer):
+        x, y = batch
+        logits = net(x).squeeze(-1)
+        if logits.sum() > 1e9:  # data-dependent Python control flow: symbolic tracing cannot follow it
+            logits = logits * 0
+        fit = F.binary_cross_entropy_with_logits(logits, y)
+        return fit + (outer.log_l2.exp() * net.weight.squeeze(0) ** 2).sum()
+
+    @ml.level(hyper2, optimizer=ml.optim.sgd(lr=0.1), data=val, depends_on=[inner])
+    def outer(hyper, batch, inner):
+        x, y = batch
+        return F.binary_cross_entropy_with_logits(inner(x).squeeze(-1), y)
+
+    with pytest.warns(ml.TraceWarning, match="level 'inner' could not be traced.*torch.where"):
+        prog2 = ml.Program(outer)
+    assert prog2.levels["inner"].traced.opaque and not prog2.levels["outer"].traced.opaque
+    torch.testing.assert_close(prog2.hypergradient("outer")["log_l2"], expected, rtol=1e-12, atol=1e-14)
+
+
+def test_schedule_and_diagram_print():
+    prog, *_ = make_hpo(K=4)
+    text = str(prog.schedule)
+    assert text.splitlines()[0] == "repeat 1× outer:"
+    assert "  repeat 4× inner:" in text and "hypergradient of outer through inner by Unroll()" in text
+    assert "inner" in str(prog.show())
+    png = prog.show()._repr_png_()
+    assert png is None or png[:4] == b"\x89PNG"
+
+
+def test_fit_records_history_validation_and_callbacks():
+    prog, *_ = make_hpo(K=2)
+    seen = []
+    hist = prog.fit(5, validate=lambda p: {"acc": 0.5}, every=2, progress=False,
+                    callbacks=[lambda p, row: seen.append(row["step"]) or row["step"] == 4])
+    assert [r["step"] for r in hist] == [1, 2, 3, 4] and seen == [1, 2, 3, 4]
+    assert "val/acc" in hist[1] and "val/acc" not in hist[0]
+    assert {"inner", "outer"} <= hist[0].keys()
+
+
+def test_metrics_returned_by_a_level_reach_history():
+    h = ml.Hyper(w=torch.ones(2, dtype=DT))
+
+    @ml.level(h, optimizer=ml.optim.sgd(lr=0.1))
+    def only(m):
+        loss = (m.w ** 2).sum()
+        return loss, {"norm": m.w.norm()}
+
+    prog = ml.Program(only)
+    row = prog.step()
+    assert row["only"] == pytest.approx(2.0) and row["only/norm"] == pytest.approx(2 ** 0.5)
+
+
+RESUME = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    import mlodsl as ml
+    from helpers import make_hpo
+    prog, *_ = make_hpo(K=3, outer_opt=ml.optim.adam(lr=0.05))
+    mode, path = sys.argv[1], sys.argv[2]
+    if mode == "first":
+        for _ in range(3): prog.step()
+        prog.save(path)
+    else:
+        ml.load(path, prog)
+        assert prog.step_count == 3
+        for _ in range(2): prog.step()
+        torch.save({{n: prog.params(n) for n in ("inner", "outer")}}, path + ".out")
+""")
+
+
+def test_resume_in_a_new_process_is_bit_identical(tmp_path):
+    script = tmp_path / "resume.py"
+    script.write_text(RESUME.format(tests=str(Path(__file__).parent)))
+    ckpt = str(tmp_path / "ckpt.pt")
+    for mode in ("first", "second"):
+        subprocess.run([sys.executable, str(script), mode, ckpt], check=True)
+    prog, *_ = make_hpo(K=3, outer_opt=ml.optim.adam(lr=0.05))
+    for _ in range(5):
+        prog.step()
+    resumed = torch.load(ckpt + ".out")
+    for n in ("inner", "outer"):
+        for k, v in prog.params(n).items():
+            assert torch.equal(v, resumed[n][k]), (n, k)
+    assert not list(tmp_path.glob("*.tmp"))  # the atomic write left no temporary file
