@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from . import autodiff
 from .hypergrad.base import Trajectory
 from .tree import all_finite
 
@@ -102,7 +103,7 @@ class Runtime:
             loss, metrics = split_output(name, traced({**params, **diff_params}, batch))
             return loss, (loss, metrics)
 
-        grads, (loss, metrics) = torch.func.grad(loss_fn, has_aux=True)(diff)
+        grads, (loss, metrics) = autodiff.grad_with_aux(loss_fn, diff)
         for w in wrt:
             if w not in grads:
                 grads[w] = {k: torch.zeros_like(v) for k, v in params[w].items()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch.utils import _pytree as pytree
 
+from .. import autodiff
 from ..tree import split_differentiable, tree_add, tree_vdot, tree_zeros_like
 from .base import Trajectory
 
@@ -40,8 +41,7 @@ class Unroll:
             def one_update(state_floats, upper, k=k, join=join):
                 return split_differentiable(traj.advance(join(state_floats), upper, k))[0]
 
-            _, pullback = torch.func.vjp(one_update, floats, traj.upper)
-            lam_floats, upper_ct = pullback(lam_floats)
+            (lam_floats, upper_ct), _ = autodiff.vjp(one_update, (floats, traj.upper), lam_floats)
             total = tree_add(total, upper_ct)
         return total
 
