@@ -80,10 +80,10 @@ def build(train, val, *, inner_steps=100, method="unroll", inner_lr=0.1, outer_l
 
 
 @torch.no_grad()
-def evaluate(net, data):
-    """(loss, accuracy) of the logistic regression ``net`` on ``data``."""
+def evaluate_w(w, data):
+    """(loss, accuracy) of the logistic regression with weights ``w`` (no bias) on ``data``."""
     x, y = data
-    logits = net(x).squeeze(-1)
+    logits = x @ w.reshape(-1)
     return F.binary_cross_entropy_with_logits(logits, y).item(), ((logits > 0).float() == y).float().mean().item()
 
 
@@ -114,9 +114,9 @@ def main(argv=None):
     print(f"time per outer step: {1e3 * statistics.median(warm):.2f} ms "
           f"(median of {len(warm)} steps after warm-up; first step {1e3 * times[0]:.1f} ms)")
 
-    val_loss, val_acc = evaluate(net, val)
-    _, train_acc = evaluate(net, train)
-    _, test_acc = evaluate(net, test)
+    val_loss, val_acc = evaluate_w(net.weight, val)
+    _, train_acc = evaluate_w(net.weight, train)
+    _, test_acc = evaluate_w(net.weight, test)
     first, last = prog.history[0], prog.history[-1]
     print(f"outer (validation) loss: {first['outer']:.4f} at step 1 -> {last['outer']:.4f} at step {last['step']}")
     print(f"final validation loss {val_loss:.4f}, validation accuracy {val_acc:.4f}")
