@@ -6,7 +6,7 @@
 ``ml.Program(top)`` traces the levels (torch.fx), analyzes their DAG (networkx), plans a schedule
 and generates one fused training step from torch.func transforms.
 """
-from . import hypergrad, optim
+from . import constraints, hypergrad, optim
 from .graph import ProgramError
 from .hyper import Hyper
 from .level import Level, level
@@ -15,5 +15,5 @@ from .trace import TraceWarning
 
 __version__ = "0.1.0"
 
-__all__ = ["level", "Level", "Hyper", "Program", "load", "optim", "hypergrad", "ProgramError",
+__all__ = ["level", "Level", "Hyper", "Program", "load", "optim", "hypergrad", "constraints", "ProgramError",
            "NonFiniteError", "TraceWarning"]

@@ -28,6 +28,8 @@ class Level:
     hypergrad: Any = None
     start_from: Any = None
     tasks: bool = False
+    project: Any = None
+    read_mode: str = "train"
     name: str = ""
     own_arg: str = ""                       # the name of fn's first parameter
     level_args: tuple = ()                  # the other parameters (names of levels)
@@ -58,7 +60,7 @@ def _check_hypergrad(name, method):
 
 
 def level(module, *, optimizer, data=None, depends_on=(), steps=1, hypergrad=None,
-          start_from=None, tasks=False, name=None):
+          start_from=None, tasks=False, name=None, project=None, read_mode="train"):
     """Declare a level of a multilevel program (see the module docstring for the binding rules).
 
     Args:
@@ -72,6 +74,11 @@ def level(module, *, optimizer, data=None, depends_on=(), steps=1, hypergrad=Non
         start_from: ``None`` (warm start), ``"init"`` or an upper level (MAML).
         tasks: batch the level over a leading task dimension of its data.
         name: the level's name (default: the function's name).
+        project: a constraint applied after every update, ``params -> params`` (a dict of tensors;
+            see ``ml.constraints``), differentiable so that unrolled methods see it.
+        read_mode: ``"train"`` (default) or ``"eval"``: the mode (dropout, BatchNorm) this level's
+            module runs in when *another* level's function calls it. Its own function always runs
+            it in train mode.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"@level needs the nn.Module the level learns as its first argument "
@@ -100,8 +107,13 @@ def level(module, *, optimizer, data=None, depends_on=(), steps=1, hypergrad=Non
             raise ValueError(f"level '{level_name}': the function takes `batch` but the level has no data=")
         if start_from is not None and start_from != "init" and not isinstance(start_from, (Level, str)):
             raise ValueError(f"level '{level_name}': start_from must be None, 'init' or an upper level")
+        if read_mode not in ("train", "eval"):
+            raise ValueError(f"level '{level_name}': read_mode must be 'train' or 'eval', got {read_mode!r}")
+        if project is not None and not callable(project):
+            raise TypeError(f"level '{level_name}': project must be a function params -> params")
         return Level(fn=fn, module=module, optimizer=optimizer, data=data, depends_on=tuple(depends_on),
                      steps=steps, hypergrad=hypergrad, start_from=start_from, tasks=tasks,
+                     project=project, read_mode=read_mode,
                      name=level_name, own_arg=own, level_args=tuple(a for a in rest if a != "batch"),
                      takes_batch=takes_batch)
 

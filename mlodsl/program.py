@@ -24,6 +24,7 @@ from .hypergrad import Unroll
 from .level import Level
 from .plan import make_plan
 from .runtime import Runtime, split_output
+from .tree import tree_leaves, tree_map
 from .trace import TracedLevel, trace_level
 
 
@@ -63,6 +64,51 @@ def _methods(levels: dict, graph) -> dict:
     return methods
 
 
+def _tasked_levels(levels: dict, plan) -> set:
+    """Levels with ``tasks=True`` and their uppers (whose batches also lead with the task axis)."""
+    out = set()
+    for name, lvl in levels.items():
+        if not lvl.tasks:
+            continue
+        uppers = [u for u, lw in plan.lowers.items() if name in lw]
+        if len(uppers) != 1 or plan.lowers[uppers[0]] != (name,) or plan.lowers[name]:
+            raise ProgramError(f"level '{name}' has tasks=True: it must be the only lower level of exactly one "
+                               f"upper and have no lower levels of its own (uppers: {uppers})")
+        out |= {name, uppers[0]}
+    return out
+
+
+def _task_count(name, batch, first) -> int:
+    leaves = [x for x in tree_leaves(batch) if isinstance(x, torch.Tensor)]
+    if not leaves:
+        raise ProgramError(f"level '{name}' has tasks=True but its batch has no tensors")
+    return leaves[0].shape[0]
+
+
+def _starts(levels: dict, graph, state: dict) -> dict:
+    """``start_from`` of every level as None, "init" or an upper level's name, validated."""
+    from .graph import depends_on_dag
+    import networkx as nx
+    dag = depends_on_dag(graph)
+    starts = {}
+    for name, lvl in levels.items():
+        how = lvl.start_from
+        if how is None or how == "init":
+            starts[name] = how
+            continue
+        upper = how if isinstance(how, str) else how.name
+        if upper not in levels or name not in nx.descendants(dag, upper):
+            raise ProgramError(f"level '{name}': start_from='{upper}' must name a level above it "
+                               f"(levels above: {sorted(nx.ancestors(dag, name))})")
+        mine, theirs = state[name]["params"], state[upper]["params"]
+        bad = [k for k in mine if k not in theirs or theirs[k].shape != mine[k].shape]
+        if bad:
+            raise ProgramError(f"level '{name}': start_from='{upper}' copies the upper level's parameters by "
+                               f"name, but {bad} have no match of the same shape in '{upper}'")
+        starts[name] = upper
+    return starts
+
+
 def _learnable(module) -> dict:
     return {k: p.detach().clone() for k, p in module.named_parameters() if p.requires_grad}
 
@@ -97,6 +143,7 @@ class Program:
         self.plan = make_plan(levels, self.graph, methods)
         self.schedule = self.plan.schedule
         self._streams = {n: BatchStream(n, lvl.data) for n, lvl in levels.items()}
+        self._tasked_batches = _tasked_levels(levels, self.plan)  # levels whose batches carry tasks
         self._pending = None
         first = self._draw_batches()
         self._pending = first
@@ -104,17 +151,30 @@ class Program:
         for name, lvl in levels.items():
             modules = {lvl.own_arg: lvl.module, **{a: levels[a].module for a in lvl.level_args}}
             owners = {lvl.own_arg: name, **{a: a for a in lvl.level_args}}
-            traced = trace_level(lvl, modules, owners, first[name][0])
+            training = {a: levels[a].read_mode == "train" for a in lvl.level_args}
+            example = first[name][0]
+            if name in self._tasked_batches:
+                example = tree_map(lambda x: x[0], example)  # one task's batch
+            traced = trace_level(lvl, modules, owners, example, training)
             self.levels[name] = ProgramLevel(lvl, traced)
         self._state = {n: {"params": _learnable(lvl.module), "opt": None} for n, lvl in levels.items()}
         for name, lvl in levels.items():
             if not self._state[name]["params"]:
                 raise ProgramError(f"level '{name}': its module has no learnable parameters (requires_grad=True)")
             self._state[name]["opt"] = lvl.optimizer.init(self._state[name]["params"])
+        starts = _starts(levels, self.graph, self._state)
+        self.tasks = {}
+        for name in self._tasked_batches:
+            if levels[name].tasks:
+                self.tasks[name] = _task_count(name, first[name][0], first)
+                self._state[name] = tree_map(lambda x: x.expand(self.tasks[name], *x.shape).clone(),
+                                             self._state[name])
         self._check_losses(first)
         title = f"Program({', '.join(t.name for t in tops)})"
         self._runtime = Runtime({n: pl.traced for n, pl in self.levels.items()},
-                                {n: lvl.optimizer for n, lvl in levels.items()}, methods)
+                                {n: lvl.optimizer for n, lvl in levels.items()}, methods, starts,
+                                {n: dict(s["params"]) for n, s in self._state.items()},
+                                {n: lvl.project for n, lvl in levels.items() if lvl.project is not None})
         self.code = codegen.generate(self.plan, levels, methods, title)
         (self._step_fn, self._hypergradient_fn), self.code_filename = codegen.build(self.code, self._runtime)
         self.step_count = 0
@@ -130,11 +190,15 @@ class Program:
 
     def _check_losses(self, batches):
         """Evaluate every level's loss once at build time: errors surface here, named."""
-        params = {n: s["params"] for n, s in self._state.items()}
+        params = {n: (tree_map(lambda x: x[0], s["params"]) if n in self.tasks else s["params"])
+                  for n, s in self._state.items()}
         with torch.no_grad():
             for name, pl in self.levels.items():
+                batch = batches[name][0]
+                if name in self._tasked_batches:
+                    batch = tree_map(lambda x: x[0], batch)
                 try:
-                    split_output(name, pl.traced(params, batches[name][0]))
+                    split_output(name, pl.traced(params, batch))
                 except Exception as err:
                     raise ProgramError(f"level '{name}' failed when evaluated at its initial parameters: "
                                        f"{type(err).__name__}: {err}") from err
@@ -164,6 +228,8 @@ class Program:
     def _write_back(self):
         with torch.no_grad():
             for name, pl in self.levels.items():
+                if name in self.tasks:  # one module cannot hold every task's parameters
+                    continue
                 new = self._state[name]["params"]
                 for k, p in pl.level.module.named_parameters():
                     if k in new:
@@ -196,6 +262,8 @@ class Program:
         """The total gradient of level ``name`` that the next ``step()`` would apply; changes nothing."""
         if name not in self.levels:
             raise KeyError(f"no level '{name}' (known levels: {sorted(self.levels)})")
+        if name in self.tasks:
+            raise ValueError(f"level '{name}' is batched over tasks; ask for its upper level's hypergradient")
         if self._pending is None:
             self._pending = self._draw_batches()
         g = self._hypergradient_fn(name, self._state, self._pending)

@@ -48,6 +48,7 @@ class BlockRecord:
     advance: Callable              # (state, up, k) -> state
     last_batch: object
     runtime: "Runtime"
+    begin: Callable | None = None  # up -> start state, when the block restarts each time it runs
 
     def toward(self, upper_name: str) -> Trajectory:
         rt, level, up = self.runtime, self.level, self.up
@@ -65,8 +66,12 @@ class BlockRecord:
             reads = {**up, **final_params, level: own, upper_name: upper}
             return rt.optimizers[level].update(own, g, self.final[level]["opt"], reads)[0]
 
+        def begin(upper):
+            return self.start if self.begin is None else self.begin({**up, upper_name: upper})
+
+        from_upper = rt.starts.get(level) == upper_name
         return Trajectory(level, self.steps, self.start, self.final, self.path, upper_name,
-                          up[upper_name], advance, loss, update_map)
+                          up[upper_name], advance, loss, update_map, begin, from_upper)
 
 
 def params_of(state: dict) -> dict:
@@ -86,8 +91,12 @@ def outside(state: dict, up: dict, names) -> dict:
 class Runtime:
     """Binds the program's traced losses, optimizers and methods for the generated step."""
 
-    def __init__(self, traced: dict, optimizers: dict, methods: dict):
+    def __init__(self, traced: dict, optimizers: dict, methods: dict, starts: dict | None = None,
+                 init_params: dict | None = None, projections: dict | None = None):
         self.traced, self.optimizers, self.methods = traced, optimizers, methods
+        self.starts = starts or {}            # level -> None | "init" | upper level name
+        self.init_params = init_params or {}  # level -> its initial parameters
+        self.projections = projections or {}  # level -> params -> params, after each update
         self.restrict, self.outside, self.params_of = restrict, outside, params_of
 
     def partials(self, name: str, params: dict, batch, wrt: tuple):
@@ -113,10 +122,22 @@ class Runtime:
         """One optimizer update of level ``name`` inside a block state."""
         reads = {**up, **params_of(sub)}
         p, o = self.optimizers[name].update(sub[name]["params"], grad, sub[name]["opt"], reads)
+        if name in self.projections:
+            p = self.projections[name](p)
         return {**sub, name: {"params": p, "opt": o}}
 
-    def block(self, level, steps, start, final, path, up, advance, last_batch) -> BlockRecord:
-        return BlockRecord(level, steps, start, final, path, up, advance, last_batch, self)
+    def begin(self, name: str, s: dict, up: dict) -> dict:
+        """The state a block of ``name`` starts from: as it is (warm start), its initial values
+        (``start_from="init"``), or the upper level's parameters (``start_from=<upper>``, MAML)."""
+        how = self.starts.get(name)
+        if how is None:
+            return s
+        params = (self.init_params[name] if how == "init"
+                  else {k: up[how][k] for k in s[name]["params"]})
+        return {**s, name: {"params": params, "opt": self.optimizers[name].init(params)}}
+
+    def block(self, level, steps, start, final, path, up, advance, last_batch, begin=None) -> BlockRecord:
+        return BlockRecord(level, steps, start, final, path, up, advance, last_batch, self, begin)
 
     @staticmethod
     def new_log() -> dict:
@@ -133,6 +154,10 @@ class Runtime:
         log[name] = loss.detach()
         for k, v in metrics.items():
             log[f"{name}/{k}"] = v.detach() if isinstance(v, torch.Tensor) else v
+
+    @staticmethod
+    def mean_over_tasks(g: dict) -> dict:
+        return {k: v.mean(0) for k, v in g.items()}
 
     @staticmethod
     def add(a: dict, b: dict) -> dict:

@@ -102,12 +102,45 @@ def _call_args(level, modules: dict, batch):
     return args, kwargs
 
 
-def trace_level(level, modules: dict, owners: dict, example_batch) -> TracedLevel:
+class _modes:
+    """Temporarily put modules in train (True) or eval (False) mode."""
+
+    def __init__(self, modules: dict, training: dict):
+        self.modules, self.training = modules, training
+
+    def __enter__(self):
+        self.saved = {a: [m.training for m in mod.modules()] for a, mod in self.modules.items()}
+        for a, mod in self.modules.items():
+            mod.train(self.training.get(a, True))
+
+    def __exit__(self, *exc):
+        for a, mod in self.modules.items():
+            for m, flag in zip(mod.modules(), self.saved[a]):
+                m.training = flag
+
+
+def trace_level(level, modules: dict, owners: dict, example_batch, training: dict | None = None) -> TracedLevel:
     """Trace ``level.fn`` with ``modules`` bound to its arguments.
 
     ``modules`` maps the function's argument names to modules; ``owners`` maps the same names to the
-    level each module belongs to (the own argument maps to the level itself).
+    level each module belongs to (the own argument maps to the level itself); ``training`` maps
+    them to the mode each module runs in (train by default): fx records ``training`` flags as
+    constants, so the mode is fixed when the level is traced.
     """
+    with _modes(modules, training or {}):
+        traced = _trace(level, modules, owners, example_batch)
+    if traced.opaque:
+        graph_call = traced.graph.forward
+
+        def call_in_mode(*args, **kwargs):
+            with _modes(modules, training or {}):
+                return graph_call(*args, **kwargs)
+
+        traced.graph.forward = call_in_mode
+    return traced
+
+
+def _trace(level, modules: dict, owners: dict, example_batch) -> TracedLevel:
     kind, keys, batch_names = _batch_structure(example_batch, level.takes_batch)
     owner_of_param = {}
     for arg, module in modules.items():

@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
 
 @dataclass(frozen=True)
 class Trajectory:
@@ -36,7 +38,10 @@ class Trajectory:
     * ``loss(own, upper)``: the lower level's loss at its last update's batch, as a function of its
       own parameters and θ_U, with every other level held where the block ended;
     * ``update_map(own, upper)``: one optimizer update of the lower level from ``own`` with its final
-      optimizer state (the map whose fixed point the lower level converges to).
+      optimizer state (the map whose fixed point the lower level converges to);
+    * ``begin(upper)``: the block's start as a function of θ_U (it depends on θ_U when the lower
+      level starts from the upper's parameters, MAML's ``start_from=<upper>``);
+      ``start_vjp(v)`` is vᵀ ∂θ_L^0/∂θ_U for a cotangent v on the lower level's start parameters.
     """
 
     level: str
@@ -49,13 +54,23 @@ class Trajectory:
     advance: Callable
     loss: Callable
     update_map: Callable
+    begin: Callable
+    starts_from_upper: bool = False
 
     def run(self, upper: dict, state: dict | None = None, first: int = 0) -> dict:
-        """Re-run updates ``first..steps-1`` from ``state`` (default: the start) under ``upper``."""
-        s = self.start if state is None else state
+        """Re-run updates ``first..steps-1`` from ``state`` (default: ``begin(upper)``) under ``upper``."""
+        s = self.begin(upper) if state is None else state
         for k in range(first, self.steps):
             s = self.advance(s, upper, k)
         return s
+
+    def start_vjp(self, cotangent: dict) -> dict:
+        """vᵀ ∂θ_L^0/∂θ_U: how the start depends on the upper level (zero for warm starts)."""
+        if not self.starts_from_upper:
+            return {k: torch.zeros_like(v) for k, v in self.upper.items()}
+        from .. import autodiff
+        (ct,), _ = autodiff.vjp(lambda up: self.begin(up)[self.level]["params"], (self.upper,), cotangent)
+        return ct
 
     def own(self, state: dict) -> dict:
         """The lower level's parameters in a block state."""

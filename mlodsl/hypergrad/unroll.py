@@ -43,6 +43,9 @@ class Unroll:
 
             (lam_floats, upper_ct), _ = autodiff.vjp(one_update, (floats, traj.upper), lam_floats)
             total = tree_add(total, upper_ct)
+        if first == 0 and traj.starts_from_upper:  # MAML: the start itself is θ_U's
+            lam_start = split_differentiable(traj.path[0])[1](lam_floats)
+            total = tree_add(total, traj.start_vjp(lam_start[traj.level]["params"]))
         return total
 
 
@@ -77,8 +80,10 @@ class Forward:
 
 
 class FirstOrder:
-    """Ignores the response of the lower level: vᵀ dθ_L/dθ_U ≈ 0, so the upper level's
-    gradient is its partial derivative alone. Free."""
+    """Ignores the second-order terms: dθ_L/dθ_U ≈ ∂θ_L^0/∂θ_U, the dependence of the start alone.
+
+    With a warm start that is 0 and the upper level's gradient is its partial derivative; with
+    ``start_from=<upper>`` it is the identity, which is first-order MAML. Free."""
 
     keeps_path = False
 
@@ -86,4 +91,6 @@ class FirstOrder:
         return "FirstOrder()"
 
     def vjp(self, traj: Trajectory, cotangent: dict) -> dict:
-        return tree_zeros_like(traj.upper)
+        if traj.level not in cotangent:
+            return tree_zeros_like(traj.upper)
+        return traj.start_vjp(cotangent[traj.level])

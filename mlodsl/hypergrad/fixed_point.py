@@ -1,0 +1,56 @@
+"""``FixedPoint``: implicit differentiation through the fixed point of the lower level's update map."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .base import Trajectory
+from .linear import neumann_solver
+
+
+def fixed_point_vjp(traj: Trajectory, v: dict, solve: Callable) -> dict:
+    """vᵀ dθ_L*/dθ_U at a fixed point θ_L* = Φ(θ_L*, θ_U) of the update map Φ (``traj.update_map``).
+
+    Differentiating the fixed point:  dθ*/dθ_U = (I - A)⁻¹ ∂Φ/∂θ_U  with  A = ∂Φ/∂θ_L, so
+
+        vᵀ dθ*/dθ_U = (∂Φ/∂θ_U)ᵀ w,   (I - Aᵀ) w = v.
+
+    The solver gets ``matvec(w) = w - Aᵀw`` (one VJP of Φ in θ_L, "Aᵀw = (wᵀA)ᵀ"); the default,
+    Richardson with step 1, is the iteration w ← v + Aᵀ w. For SGD, Φ = θ - η∇L, A = I - ηH and
+    this is exactly the implicit hypergradient with H⁻¹ by a Neumann series of step η. For Adam or
+    momentum, Φ uses the optimizer state where the block ended (so the moments are held fixed).
+    """
+    own = traj.own(traj.final)
+    _, pull_own = torch.func.vjp(lambda o: traj.update_map(o, traj.upper), own)
+    _, pull_upper = torch.func.vjp(lambda u: traj.update_map(own, u), traj.upper)
+
+    def matvec(w):
+        aw = pull_own(w)[0]
+        return {k: w[k] - aw[k] for k in w}
+
+    return pull_upper(solve(matvec, v))[0]
+
+
+class FixedPoint:
+    """vᵀ dθ_L*/dθ_U through the fixed point of the lower level's optimizer update (see
+    ``fixed_point_vjp``). ``iters`` iterations of w ← v + (∂Φ/∂θ_L)ᵀ w from w = v; they converge
+    when the update is a contraction (SGD: learning rate below 2/λ_max(H)); the error of w after
+    ``iters`` iterations is Aᵀ^{iters+1} (I - Aᵀ)⁻¹ v. ``solve`` replaces the iteration with any
+    solver ``solve(matvec, v)`` of (I - Aᵀ) w = v (note that I - Aᵀ is not symmetric for Adam).
+    Cost: ``iters`` VJPs of the update map (each one Hessian-vector product), one VJP in θ_U.
+    """
+
+    keeps_path = False
+
+    def __init__(self, iters: int, solve: Callable | None = None):
+        if not isinstance(iters, int) or iters < 0:
+            raise ValueError(f"FixedPoint(iters=...) must be an int >= 0, got {iters!r}")
+        self.iters = iters
+        self.solve = solve if solve is not None else neumann_solver(iters, 1.0)
+
+    def __repr__(self) -> str:
+        return f"FixedPoint(iters={self.iters})"
+
+    def vjp(self, traj: Trajectory, cotangent: dict) -> dict:
+        return fixed_point_vjp(traj, cotangent[traj.level], self.solve)

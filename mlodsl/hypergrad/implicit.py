@@ -1,0 +1,50 @@
+"""Implicit differentiation of a lower level's stationarity, with the linear solver as a parameter.
+
+At a solution of the lower level, ∇_{θ_L} L(θ_L*(θ_U), θ_U) = 0. Differentiating this identity
+(the implicit function theorem, as in jaxopt's ``root_vjp``):
+
+    H dθ_L*/dθ_U = -∂²L/∂θ_L∂θ_U,    H = ∂²L/∂θ_L²,
+
+so the best-response VJP with the upper level's cotangent v = ∂f_U/∂θ_L is
+
+    vᵀ dθ_L*/dθ_U = -(∂²L/∂θ_U∂θ_L) x,    where  H x = v    (H symmetric).
+
+Only the linear solve differs between methods: ``solve(matvec, v) -> x`` with ``matvec(w) = H w``.
+Both products are taken at the block's final point θ_L^K, which stands in for θ_L*; the levels
+below the lower level are held where the block ended, and a cotangent on them (an upper loss that
+also takes a deeper level) is not used (Betty's choice; DESIGN §2). The block's start, even when it
+depends on θ_U (``start_from=<upper>``), does not enter: at a true solution it does not matter.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from .base import Trajectory
+from .products import cross_vjp, hessian_matvec, negate
+
+
+def implicit_vjp(traj: Trajectory, v: dict, solve: Callable, damping: float = 0.0) -> dict:
+    """-(∂²L/∂θ_U∂θ_L) x with (H + damping·I) x = v solved by ``solve(matvec, v)``."""
+    x = solve(hessian_matvec(traj, damping), v)
+    return negate(cross_vjp(traj, x))
+
+
+class Implicit:
+    """The implicit hypergradient with any linear solver ``solve(matvec, b) -> x`` (see ``linear``).
+
+    ``Implicit(my_solver)`` is a complete method; ``CG`` and ``Neumann`` are this class with the
+    solvers of ``mlodsl.hypergrad.linear``.
+    """
+
+    keeps_path = False
+
+    def __init__(self, solve: Callable, damping: float = 0.0):
+        if damping < 0:
+            raise ValueError(f"damping must be >= 0, got {damping!r}")
+        self.solve, self.damping = solve, damping
+
+    def __repr__(self) -> str:
+        return f"Implicit({getattr(self.solve, '__name__', self.solve)!r}, damping={self.damping})"
+
+    def vjp(self, traj: Trajectory, cotangent: dict) -> dict:
+        return implicit_vjp(traj, cotangent[traj.level], self.solve, self.damping)

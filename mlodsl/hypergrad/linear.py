@@ -1,0 +1,88 @@
+"""Linear solvers over dicts of tensors, for the implicit hypergradient methods.
+
+A solver is a pure function ``solve(matvec, b) -> x`` with ``matvec(x) ≈ A x`` given as a function
+(Hessian-vector products: the matrix is never formed). The implicit methods take the solver as a
+parameter, so a user swaps the solver without touching the method. Every operation is a plain
+differentiable torch operation, so a level above can differentiate through a solve.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch.utils import _pytree as pytree
+
+from ..tree import tree_add, tree_vdot
+
+
+def tree_scale(a, x):
+    """Leafwise a · x (a is a number or a 0-d tensor)."""
+    return pytree.tree_map(lambda t: a * t, x)
+
+
+def tree_axpy(a, x, y):
+    """Leafwise a · x + y."""
+    return pytree.tree_map(lambda s, t: a * s + t, x, y)
+
+
+def tree_sub(x, y):
+    return pytree.tree_map(lambda s, t: s - t, x, y)
+
+
+def tree_norm(x) -> torch.Tensor:
+    return torch.sqrt(tree_vdot(x, x))
+
+
+def _ratio(num, den):
+    """num / den, and 0 where den == 0 (then num == 0 too: the residual is exactly zero)."""
+    return num / torch.where(den == 0, torch.ones_like(den), den)
+
+
+def conjugate_gradient(matvec, b, *, iters: int, tol: float | None = None):
+    """Conjugate gradient for A x = b, A symmetric positive definite, from x₀ = 0.
+
+    r₀ = p₀ = b;  αₖ = rₖᵀrₖ / pₖᵀA pₖ;  x ← x + αₖ pₖ;  r ← r - αₖ A pₖ;
+    βₖ = rₖ₊₁ᵀrₖ₊₁ / rₖᵀrₖ;  p ← r + βₖ p.
+
+    In exact arithmetic the solution is exact after d iterations on a d-dimensional system.
+    One ``matvec`` per iteration. With ``tol``, stops when ‖r‖ ≤ tol (a host synchronisation per
+    iteration, and a graph break under torch.compile); without it, runs ``iters`` iterations with no
+    data-dependent branch (a zero residual gives zero steps, not 0/0).
+    """
+    x = pytree.tree_map(torch.zeros_like, b)
+    r, p = b, b
+    rr = tree_vdot(r, r)
+    for _ in range(iters):
+        if tol is not None and float(rr) <= tol * tol:
+            break
+        Ap = matvec(p)
+        alpha = _ratio(rr, tree_vdot(p, Ap))
+        x = tree_axpy(alpha, p, x)
+        r = tree_axpy(-alpha, Ap, r)
+        rr_new = tree_vdot(r, r)
+        p = tree_axpy(_ratio(rr_new, rr), p, r)
+        rr = rr_new
+    return x
+
+
+def neumann_series(matvec, b, *, iters: int, alpha: float):
+    """A⁻¹ b ≈ α Σ_{j=0}^{iters} (I - αA)^j b: the truncated Neumann series of (αA)⁻¹.
+
+    Converges when the spectral radius of I - αA is below 1 (for SPD A: 0 < α < 2/λ_max);
+    the error after ``iters`` terms is (I - αA)^{iters+1} A⁻¹ b. One ``matvec`` per term after the first.
+    """
+    term, total = b, b
+    for _ in range(iters):
+        term = tree_sub(term, tree_scale(alpha, matvec(term)))  # (I - αA) term
+        total = tree_add(total, term)
+    return tree_scale(alpha, total)
+
+
+def cg_solver(iters: int, tol: float | None = None):
+    """``solve(matvec, b)`` by ``conjugate_gradient`` with these settings."""
+    return partial(conjugate_gradient, iters=iters, tol=tol)
+
+
+def neumann_solver(iters: int, alpha: float):
+    """``solve(matvec, b)`` by ``neumann_series`` with these settings."""
+    return partial(neumann_series, iters=iters, alpha=alpha)
