@@ -1,0 +1,192 @@
+"""Implicit and approximate hypergradients against closed forms and hand-written autograd (float64)."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import mlodsl as ml
+from helpers import DT
+
+N, D = 30, 6
+LR = 1e-3  # one SGD step at the closed-form optimum leaves it there (its gradient is ~1e-16)
+
+
+def ridge_data(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(2 * N, D, generator=g, dtype=DT)
+    y = X @ torch.randn(D, generator=g, dtype=DT) + 0.3 * torch.randn(2 * N, generator=g, dtype=DT)
+    return (X[:N], y[:N]), (X[N:], y[N:])
+
+
+def ridge_solution(X, y, lam):
+    """argmin_w ½‖Xw - y‖²/n + ½ Σ λ w²  =  (XᵀX/n + diag λ)⁻¹ Xᵀy/n."""
+    n = X.shape[0]
+    return torch.linalg.solve(X.T @ X / n + torch.diag(lam), X.T @ y / n)
+
+
+def ridge_closed_form(train, val, log_l2):
+    """d/d log_l2 of the validation MSE at w*(λ), λ = exp(log_l2), by the closed form
+
+        H dw*/dλ_i = -e_i w*_i  ⇒  ∂f/∂log_l2_i = -λ_i w*_i (H⁻¹ ∇_w f)_i.
+    """
+    (X, y), (Xv, yv) = train, val
+    lam = log_l2.exp()
+    w = ridge_solution(X, y, lam)
+    H = X.T @ X / N + torch.diag(lam)
+    v = 2 * Xv.T @ (Xv @ w - yv) / Xv.shape[0]  # ∇_w of the validation MSE
+    return -lam * w * torch.linalg.solve(H, v), dict(w=w, H=H, v=v, lam=lam)
+
+
+def ridge(method, log_l2=None, opt=None, steps=1, seed=0, offset=0.0):
+    """The ridge bilevel problem with the lower level started at its closed-form optimum (+ offset)."""
+    train, val = ridge_data(seed)
+    log_l2 = torch.linspace(-2.0, 0.0, D, dtype=DT) if log_l2 is None else log_l2
+    net = nn.Linear(D, 1, bias=False).to(DT)
+    with torch.no_grad():
+        net.weight.copy_(ridge_solution(*train, log_l2.exp()).unsqueeze(0) + offset)
+    hyper = ml.Hyper(log_l2=log_l2.clone())
+
+    @ml.level(net, optimizer=opt or ml.optim.sgd(lr=LR), data=train, steps=steps, hypergrad=method)
+    def inner(net, batch, outer):
+        x, y = batch
+        return 0.5 * ((net(x).squeeze(-1) - y) ** 2).mean() + 0.5 * (outer.log_l2.exp() * net.weight.squeeze(0) ** 2).sum()
+
+    @ml.level(hyper, optimizer=ml.optim.sgd(lr=0.1), data=val, depends_on=[inner])
+    def outer(hyper, batch, inner):
+        x, y = batch
+        return ((inner(x).squeeze(-1) - y) ** 2).mean()
+
+    return ml.Program(outer), train, val, log_l2
+
+
+def hypergradient(method, **kw):
+    prog, train, val, log_l2 = ridge(method, **kw)
+    expected, parts = ridge_closed_form(train, val, log_l2)
+    return prog.hypergradient("outer")["log_l2"], expected, parts
+
+
+def test_cg_in_d_iterations_equals_the_closed_form():
+    got, expected, _ = hypergradient(ml.hypergrad.CG(iters=D))
+    assert got.dtype == DT
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_cg_stops_early_at_its_tolerance_and_damping_solves_the_shifted_system():
+    loose, expected, p = hypergradient(ml.hypergrad.CG(iters=100, tol=1e-3))
+    assert 1e-10 < (loose - expected).abs().max() < 1e-2
+    damped, _, p = hypergradient(ml.hypergrad.CG(iters=D, damping=0.5))
+    shifted = -p["lam"] * p["w"] * torch.linalg.solve(p["H"] + 0.5 * torch.eye(D, dtype=DT), p["v"])
+    torch.testing.assert_close(damped, shifted, rtol=1e-8, atol=1e-10)
+
+
+def _step_size(p):
+    return 1.0 / torch.linalg.eigvalsh(p["H"]).max().item()  # below 2/L
+
+
+def test_neumann_converges_to_the_closed_form():
+    _, expected, p = hypergradient(ml.hypergrad.FirstOrder())
+    alpha = _step_size(p)
+    few, _, _ = hypergradient(ml.hypergrad.Neumann(iters=5, alpha=alpha))
+    many, _, _ = hypergradient(ml.hypergrad.Neumann(iters=600, alpha=alpha))
+    torch.testing.assert_close(many, expected, rtol=1e-6, atol=1e-8)
+    assert (few - expected).abs().max() > 1e-4  # truncation is visible, then goes away
+    # The truncated series is exactly α Σ_{j≤K} (I - αH)^j v:
+    M = torch.eye(D, dtype=DT) - alpha * p["H"]
+    x = alpha * sum(torch.linalg.matrix_power(M, j) @ p["v"] for j in range(6))
+    torch.testing.assert_close(few, -p["lam"] * p["w"] * x, rtol=1e-9, atol=1e-12)
+
+
+def test_fixed_point_of_sgd_converges_to_the_closed_form():
+    _, expected, p = hypergradient(ml.hypergrad.FirstOrder())
+    lr = _step_size(p)
+    got, _, _ = hypergradient(ml.hypergrad.FixedPoint(iters=600), opt=ml.optim.sgd(lr=lr))
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-8)
+
+
+def test_finite_difference_is_the_implicit_hypergradient_with_identity_hessian():
+    """On ridge (quadratic in w) the central difference is exact, so the only error is H⁻¹ ≈ I:
+    FiniteDiff = -λ ⊙ w ⊙ v, against the closed form -λ ⊙ w ⊙ H⁻¹v."""
+    got, expected, p = hypergradient(ml.hypergrad.FiniteDiff(eps=0.01))
+    torch.testing.assert_close(got, -p["lam"] * p["w"] * p["v"], rtol=1e-7, atol=1e-9)
+    assert not torch.allclose(got, expected, rtol=0.1)
+
+
+def test_finite_difference_is_exact_when_the_lower_hessian_is_the_identity():
+    """Lower loss ½‖w - tanh(P a)‖² (H = I, nonlinear in the upper a): w*(a) = tanh(P a)."""
+    g = torch.Generator().manual_seed(1)
+    P = torch.randn(D, 3, generator=g, dtype=DT) / 2
+    a0 = torch.tensor([0.3, -0.5, 0.8], dtype=DT)
+    target = torch.randn(D, generator=g, dtype=DT)
+    W = ml.Hyper(w=torch.tanh(P @ a0))
+    A = ml.Hyper(a=a0.clone())
+
+    @ml.level(W, optimizer=ml.optim.sgd(lr=0.5), hypergrad=ml.hypergrad.FiniteDiff(eps=0.01))
+    def inner(m, outer):
+        return 0.5 * ((m.w - torch.tanh(P @ outer.a)) ** 2).sum()
+
+    @ml.level(A, optimizer=ml.optim.sgd(lr=0.1), depends_on=[inner])
+    def outer(m, inner):
+        return ((inner.w - target) ** 3).sum()
+
+    a = a0.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(((torch.tanh(P @ a) - target) ** 3).sum(), a)
+    torch.testing.assert_close(ml.Program(outer).hypergradient("outer")["a"], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_sama_equals_finite_difference_under_sgd():
+    fd, _, _ = hypergradient(ml.hypergrad.FiniteDiff(eps=0.01))
+    sama, _, _ = hypergradient(ml.hypergrad.SAMA(eps=0.01))
+    torch.testing.assert_close(sama, fd, rtol=1e-12, atol=1e-14)
+
+
+def test_sama_under_adam_preconditions_the_direction_by_adams_jacobian():
+    """-λ ⊙ w ⊙ (D v), D = ∂u/∂g of the next Adam direction u = m̂/(√v̂ + ε), by hand."""
+    b1, b2, e = 0.9, 0.999, 1e-8
+    # Away from the optimum: at it, g ≈ 0 and Adam's direction ≈ sign(g) has D ~ 1/ε (ill-posed).
+    prog, train, val, log_l2 = ridge(ml.hypergrad.SAMA(eps=0.01), opt=ml.optim.adam(lr=1e-3), steps=3, offset=0.1)
+    got = prog.hypergradient("outer")["log_l2"]
+    # Re-run the 3 Adam steps by hand to get (w, m, v) where the block ends.
+    (X, y), (Xv, yv) = train, val
+    lam = log_l2.exp()
+    w = prog.params("inner")["weight"].squeeze(0).clone()
+    m, s = torch.zeros(D, dtype=DT), torch.zeros(D, dtype=DT)
+    grad = lambda w: X.T @ (X @ w - y) / N + lam * w
+    for t in range(1, 4):
+        gr = grad(w)
+        m, s = b1 * m + (1 - b1) * gr, b2 * s + (1 - b2) * gr * gr
+        w = w - 1e-3 * (m / (1 - b1 ** t)) / (torch.sqrt(s / (1 - b2 ** t) + 1e-16) + e)
+    gr, t = grad(w), 4
+    c1, c2 = 1 - b1 ** t, 1 - b2 ** t
+    mn, sn = b1 * m + (1 - b1) * gr, b2 * s + (1 - b2) * gr * gr
+    root = torch.sqrt(sn / c2 + 1e-16)
+    D_ = (1 - b1) / c1 / (root + e) - (mn / c1) * ((1 - b2) * gr / c2 / root) / (root + e) ** 2
+    v = 2 * Xv.T @ (Xv @ w - yv) / Xv.shape[0]
+    torch.testing.assert_close(got, -lam * w * (D_ * v), rtol=1e-7, atol=1e-9)
+
+
+def test_zero_order_matches_the_unrolled_hypergradient_within_its_statistical_error():
+    """ES estimates the total derivative of the block's updates; compare with autograd through
+    the same 2 SGD steps. Its per-coordinate standard error for n antithetic samples of a
+    (nearly) linear g with gradient a is √((‖a‖² + a_j²)/n)."""
+    lr, samples, seeds = 0.3, 50, 8
+    # Off the optimum, so that the two steps depend on log_l2 noticeably.
+    prog, train, val, log_l2 = ridge(ml.hypergrad.ZeroOrder(samples=samples, sigma=1e-3), opt=ml.optim.sgd(lr=lr),
+                                     steps=2, log_l2=torch.linspace(-1.0, 0.0, D, dtype=DT), offset=0.1)
+    (X, y), (Xv, yv) = train, val
+    ll = log_l2.clone().requires_grad_()
+    wk = prog.params("inner")["weight"].squeeze(0).clone()
+    for _ in range(2):
+        wk = wk - lr * (X.T @ (X @ wk - y) / N + ll.exp() * wk)
+    (expected,) = torch.autograd.grad(((Xv @ wk - yv) ** 2).mean(), ll)
+    estimates = []
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        estimates.append(prog.hypergradient("outer")["log_l2"])
+    mean = torch.stack(estimates).mean(0)
+    stderr = torch.sqrt((expected.norm() ** 2 + expected ** 2) / (samples * seeds))
+    assert ((mean - expected).abs() <= 4 * stderr).all(), (mean, expected, stderr)
+    assert torch.stack(estimates).std(0).max() > 0  # it is random
+    torch.manual_seed(3)
+    again = prog.hypergradient("outer")["log_l2"]
+    torch.testing.assert_close(again, estimates[3], rtol=0, atol=0)  # and repeatable from the seed
