@@ -7,6 +7,7 @@
 and generates one fused training step from torch.func transforms.
 """
 from . import constraints, hypergrad, optim
+from .check import check_hypergradient
 from .graph import ProgramError
 from .hyper import Hyper
 from .level import Level, level
@@ -16,4 +17,4 @@ from .trace import TraceWarning
 __version__ = "0.1.0"
 
 __all__ = ["level", "Level", "Hyper", "Program", "load", "optim", "hypergrad", "constraints", "ProgramError",
-           "NonFiniteError", "TraceWarning"]
+           "NonFiniteError", "TraceWarning", "check_hypergradient"]

@@ -138,7 +138,7 @@ def generate(plan: Plan, levels: dict, methods: dict, title: str) -> str:
     out += ["        return state, log", ""]
 
     out += ["    def hypergradient(name, state, B):",
-            '        """The total gradient of level `name` at its next update; changes nothing."""']
+            '        """(total gradient, loss) of level `name` at its next update; changes nothing."""']
     out += ["        shared = {}"] if shared else []
     for n in shared:
         out += [f"        if name != {n!r} and name not in {list(plan.subtree[n])!r}:",
@@ -149,7 +149,7 @@ def generate(plan: Plan, levels: dict, methods: dict, title: str) -> str:
         sub = list(plan.subtree[name])
         out += [f"        if name == {name!r}:",
                 f"            return gradient_{ident(name)}(rt.restrict(state, {sub!r}), rt.outside(state, {{}}, {sub!r}), "
-                f"0, None, B{', shared' if has_shared else ''})[0]"]
+                f"0, None, B{', shared' if has_shared else ''})[::2]"]
     out += ["        raise KeyError(name)", "", "    return step, hypergradient", ""]
     return "\n".join(out)
 

@@ -266,8 +266,20 @@ class Program:
             raise ValueError(f"level '{name}' is batched over tasks; ask for its upper level's hypergradient")
         if self._pending is None:
             self._pending = self._draw_batches()
-        g = self._hypergradient_fn(name, self._state, self._pending)
+        g, _ = self._hypergradient_fn(name, self._state, self._pending)
         return {k: v.detach() for k, v in g.items()}
+
+    def loss_after_lowers(self, name: str, params: dict | None = None) -> torch.Tensor:
+        """Level ``name``'s loss at its next update, its lower levels re-solved as the next step would
+        (same batches), optionally at other parameters of ``name``; changes nothing."""
+        if self._pending is None:
+            self._pending = self._draw_batches()
+        state = self._state
+        if params is not None:
+            state = {**state, name: {**state[name], "params": params}}
+        with torch.no_grad():
+            _, loss = self._hypergradient_fn(name, state, self._pending)
+        return loss.detach()
 
     def params(self, name: str) -> dict:
         """A copy of level ``name``'s current parameters."""

@@ -152,6 +152,7 @@ class Runtime:
         prev = log["_finite"].get(name)
         log["_finite"][name] = ok if prev is None else prev & ok
         log[name] = loss.detach()
+        log[f"{name}/grad_norm"] = torch.sqrt(sum((g.detach() ** 2).sum() for g in grad.values()))
         for k, v in metrics.items():
             log[f"{name}/{k}"] = v.detach() if isinstance(v, torch.Tensor) else v
 

@@ -91,7 +91,7 @@ def test_fit_records_history_validation_and_callbacks():
                     callbacks=[lambda p, row: seen.append(row["step"]) or row["step"] == 4])
     assert [r["step"] for r in hist] == [1, 2, 3, 4] and seen == [1, 2, 3, 4]
     assert "val/acc" in hist[1] and "val/acc" not in hist[0]
-    assert {"inner", "outer"} <= hist[0].keys()
+    assert {"inner", "outer", "inner/grad_norm", "outer/grad_norm"} <= hist[0].keys()
 
 
 def test_metrics_returned_by_a_level_reach_history():

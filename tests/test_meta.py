@@ -167,3 +167,22 @@ def test_constraints():
     assert abs(float(ball.norm()) - 1) < 1e-12
     s = ml.constraints.simplex()({"v": v})["v"]
     assert abs(float(s.sum()) - 1) < 1e-12 and (s >= 0).all()
+
+
+class ScaledUnroll(ml.hypergrad.Unroll):
+    """A deliberately wrong method (a user-defined one, on the documented interface)."""
+
+    def vjp(self, traj, cotangent):
+        return {k: 1.5 * v for k, v in super().vjp(traj, cotangent).items()}
+
+
+def test_check_hypergradient_agrees_for_an_exact_method_and_flags_a_wrong_one():
+    from helpers import make_hpo
+    prog, *_ = make_hpo(K=4)
+    report = ml.check_hypergradient(prog, "outer")
+    assert report.ok and report.rel_error < 1e-7, str(report)
+    before = prog.params("outer")
+    bad, *_ = make_hpo(K=4, method=ScaledUnroll())
+    report = ml.check_hypergradient(bad, "outer")
+    assert not report.ok and report.rel_error > 0.1 and "DISAGREES" in str(report)
+    torch.testing.assert_close(prog.params("outer"), before)  # the check changed nothing
