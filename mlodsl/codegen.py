@@ -24,21 +24,23 @@ def ident(name: str) -> str:
 
 
 def _block_fn(name, steps, subtree, method, restarts) -> list:
+    """``method``: the lower level's hypergradient method (it says which iterates to keep)."""
     f = ident(name)
+    stride = method.path_stride(steps) if hasattr(method, "path_stride") else 1
     lines = [
         f"    def block_{f}(state, up, i, log, B):",
-        f'        """{steps} update(s) of {name!r} from `state`; its iterates are kept for {method}."""',
+        f'        """{steps} update(s) of {name!r} from `state`, keeping the iterates {method!r} needs."""',
         f"        s = rt.restrict(state, {subtree!r})",
         f"        up_{f} = rt.outside(state, up, {subtree!r})"]
     if restarts:
         lines += [f"        s0 = s",
                   f"        s = rt.begin({name!r}, s0, up_{f})"]
     lines += [
-        f"        start, path = s, ([s] if method[{name!r}].keeps_path else None)",
+        f"        start, path = s, ({{0: s}} if method[{name!r}].keeps_path else None)",
         f"        for k in range({steps}):",
         f"            s = advance_{f}(s, up_{f}, i * {steps} + k, log, B)",
-        f"            if path is not None:",
-        f"                path.append(s)",
+        f"            if path is not None and ((k + 1) % {stride} == 0 or k == {steps - 1}):",
+        f"                path[k + 1] = s",
         f"        record = rt.block({name!r}, {steps}, start, s, path, up_{f},",
         f"                          lambda s_, up_, k: advance_{f}(s_, up_, i * {steps} + k, None, B),",
         f"                          B[{name!r}][i * {steps} + {steps - 1}]" + (
@@ -113,7 +115,7 @@ def generate(plan: Plan, levels: dict, methods: dict, title: str) -> str:
         children = [c for c in lowers if plan.parent[c] == name]
         has_shared = any(c in shared for c in lowers)
         if plan.parent[name] is not None or name in shared:
-            out += _block_fn(name, levels[name].steps, list(plan.subtree[name]), repr(methods[name]),
+            out += _block_fn(name, levels[name].steps, list(plan.subtree[name]), methods[name],
                             levels[name].start_from is not None)
         taken = {name, *levels[name].level_args}
         tasked = [c for c in lowers if levels[c].tasks]

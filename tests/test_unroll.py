@@ -116,3 +116,22 @@ def test_learning_rate_schedule_is_a_function_of_the_step():
     for _ in range(3):
         params, state = opt.update(params, {"p": torch.ones(1, dtype=DT)}, state)
     torch.testing.assert_close(params["p"], torch.tensor([-(1 + 1 / 2 + 1 / 3)], dtype=DT))
+
+
+@pytest.mark.parametrize("checkpoint", [1, 3, "sqrt", 10])
+def test_checkpointed_unroll_equals_plain_unroll(checkpoint):
+    K, lr = 10, 0.5
+    prog, net, hyper, train, val = make_hpo(K=K, lr=lr, method=ml.hypergrad.Unroll(checkpoint=checkpoint))
+    expected, _ = reference_hpo(net, hyper, train, val, K, lr)
+    torch.testing.assert_close(prog.hypergradient("outer")["log_l2"], expected, rtol=1e-10, atol=1e-13)
+    plain, *_ = make_hpo(K=K, lr=lr)
+    torch.testing.assert_close(prog.hypergradient("outer")["log_l2"], plain.hypergradient("outer")["log_l2"],
+                               rtol=1e-10, atol=1e-13)
+
+
+def test_checkpointed_unroll_keeps_fewer_iterates_and_truncates():
+    K, lr = 16, 0.5
+    prog, net, hyper, train, val = make_hpo(K=K, lr=lr, method=ml.hypergrad.Unroll(last=5, checkpoint="sqrt"))
+    assert "if path is not None and ((k + 1) % 4 == 0 or k == 15):" in prog.code  # 5 of 17 iterates kept
+    expected, _ = reference_hpo(net, hyper, train, val, K, lr, last=5)
+    torch.testing.assert_close(prog.hypergradient("outer")["log_l2"], expected, rtol=1e-10, atol=1e-13)

@@ -1,6 +1,8 @@
 """Exact hypergradients through the unrolled updates, in reverse or forward mode."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.utils import _pytree as pytree
 
@@ -14,35 +16,59 @@ class Unroll:
     with λ_K = (v on θ_L, 0 elsewhere) and λ_k = ∂S_{k+1}/∂S_k ᵀ λ_{k+1}.
 
     The forward pass keeps the iterates S_0..S_K (parameters and optimizer states of the block's
-    levels); the reverse pass is a loop of ``torch.func.vjp`` of one update. ``last=T`` runs the
-    reverse loop over the last T updates only (truncated backpropagation). Memory O(K·d).
+    levels); the reverse pass is a loop of VJPs of one update. ``last=T`` runs the reverse loop
+    over the last T updates only (truncated backpropagation). Memory O(K·d).
+
+    ``checkpoint=n`` keeps every n-th iterate only and recomputes each segment of n updates
+    forward before reversing it: memory O((K/n + n)·d) for one more forward pass; ``"sqrt"``
+    picks n = ⌈√K⌉, memory O(√K·d). Same numbers as keeping every iterate.
     """
 
     keeps_path = True
 
-    def __init__(self, last: int | None = None):
+    def __init__(self, last: int | None = None, checkpoint: int | str | None = None):
         if last is not None and (not isinstance(last, int) or last < 1):
             raise ValueError(f"Unroll(last=...) must be a positive int or None, got {last!r}")
-        self.last = last
+        if checkpoint is not None and checkpoint != "sqrt" and (not isinstance(checkpoint, int) or checkpoint < 1):
+            raise ValueError(f"Unroll(checkpoint=...) must be None, a positive int or 'sqrt', got {checkpoint!r}")
+        self.last, self.checkpoint = last, checkpoint
 
     def __repr__(self) -> str:
-        return "Unroll()" if self.last is None else f"Unroll(last={self.last})"
+        args = [f"last={self.last}"] * (self.last is not None) + [f"checkpoint={self.checkpoint!r}"] * (
+            self.checkpoint is not None)
+        return f"Unroll({', '.join(args)})"
+
+    def path_stride(self, steps: int) -> int:
+        """Keep the iterate after every ``path_stride`` updates (and the first and last)."""
+        if self.checkpoint is None:
+            return 1
+        if self.checkpoint == "sqrt":
+            return max(1, math.ceil(math.sqrt(steps)))
+        return self.checkpoint
 
     def vjp(self, traj: Trajectory, cotangent: dict) -> dict:
         first = 0 if self.last is None else max(traj.steps - self.last, 0)
+        stride = self.path_stride(traj.steps)
         lam = tree_zeros_like(traj.final)
         for name, ct in cotangent.items():
             lam[name] = {**lam[name], "params": ct}
         lam_floats, _ = split_differentiable(lam)
         total = tree_zeros_like(traj.upper)
-        for k in reversed(range(first, traj.steps)):
-            floats, join = split_differentiable(traj.path[k])
+        end = traj.steps
+        while end > first:
+            seg = ((end - 1) // stride) * stride       # the kept iterate this segment starts from
+            states = {seg: traj.path[seg]}
+            for j in range(seg, end - 1):               # recompute the segment (nothing when stride = 1)
+                states[j + 1] = traj.advance(states[j], traj.upper, j)
+            for k in reversed(range(max(seg, first), end)):
+                floats, join = split_differentiable(states[k])
 
-            def one_update(state_floats, upper, k=k, join=join):
-                return split_differentiable(traj.advance(join(state_floats), upper, k))[0]
+                def one_update(state_floats, upper, k=k, join=join):
+                    return split_differentiable(traj.advance(join(state_floats), upper, k))[0]
 
-            (lam_floats, upper_ct), _ = autodiff.vjp(one_update, (floats, traj.upper), lam_floats)
-            total = tree_add(total, upper_ct)
+                (lam_floats, upper_ct), _ = autodiff.vjp(one_update, (floats, traj.upper), lam_floats)
+                total = tree_add(total, upper_ct)
+            end = seg
         if first == 0 and traj.starts_from_upper:  # MAML: the start itself is θ_U's
             lam_start = split_differentiable(traj.path[0])[1](lam_floats)
             total = tree_add(total, traj.start_vjp(lam_start[traj.level]["params"]))
