@@ -58,14 +58,18 @@ def methods() -> dict:
     return table
 
 
-def build(train, val, *, inner_steps=100, method="unroll", inner_lr=0.1, outer_lr=0.1, seed=0):
-    """The two-level program. Returns ``(prog, net, hyper)``."""
+def build(train, val, *, inner_steps=100, method="unroll", inner_lr=0.1, outer_lr=0.1, restart=False, seed=0):
+    """The two-level program. Returns ``(prog, net, hyper)``.
+
+    ``restart=True`` starts every inner solve from w = 0 (Betty's ``on_inner_loop_start``); the
+    default warm-starts it from the previous outer step's solution.
+    """
     net = nn.Linear(DATA_DIM, 1, bias=False)
     nn.init.zeros_(net.weight)                                   # Betty's ChildNet starts at 0
     hyper = ml.Hyper(log_l2=torch.zeros(DATA_DIM))               # exp(0) = 1: Betty's ParentNet
 
     @ml.level(net, optimizer=ml.optim.sgd(lr=inner_lr), data=train, steps=inner_steps,
-              hypergrad=methods()[method]())
+              hypergrad=methods()[method](), start_from="init" if restart else None)
     def inner(net, batch, outer):
         x, y = batch
         fit = F.binary_cross_entropy_with_logits(net(x).squeeze(-1), y)
@@ -93,6 +97,8 @@ def main(argv=None):
     ap.add_argument("--inner-steps", type=int, default=100, help="inner SGD steps per outer step (default 100)")
     ap.add_argument("--method", choices=sorted(methods()), default="unroll", help="hypergradient method")
     ap.add_argument("--outer-lr", type=float, default=0.1, help="Adam learning rate of log_l2 (default 0.1)")
+    ap.add_argument("--restart", action="store_true",
+                    help="start every inner solve from w = 0, as Betty's hello world does (default: warm start)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the data and of torch (default 0)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -101,9 +107,10 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     train, val, test, w_gt = make_data(args.seed)
     prog, net, hyper = build(train, val, inner_steps=args.inner_steps, method=args.method,
-                             outer_lr=args.outer_lr, seed=args.seed)
+                             outer_lr=args.outer_lr, restart=args.restart, seed=args.seed)
     print(f"mlodsl {ml.__version__}, torch {torch.__version__}, {args.threads} thread(s); "
-          f"method {args.method}, {args.inner_steps} inner steps per outer step")
+          f"method {args.method}, {args.inner_steps} inner steps per outer step"
+          + (", each inner solve from w = 0" if args.restart else ", warm-started inner solves"))
     print(prog.schedule)
 
     stamps = [time.perf_counter()]
