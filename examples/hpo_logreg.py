@@ -53,8 +53,12 @@ def methods() -> dict:
     table = {"unroll": lambda: ml.hypergrad.Unroll(),
              "forward": lambda: ml.hypergrad.Forward(),
              "firstorder": lambda: ml.hypergrad.FirstOrder()}
-    if hasattr(ml.hypergrad, "CG"):
+    if hasattr(ml.hypergrad, "CG"):                              # Betty's choice: CG, 3 iterations
         table["cg"] = lambda: ml.hypergrad.CG(iters=3)
+    if hasattr(ml.hypergrad, "Neumann"):
+        table["neumann"] = lambda: ml.hypergrad.Neumann(iters=3, alpha=0.1)
+    if hasattr(ml.hypergrad, "FiniteDiff"):                      # Betty's "darts"
+        table["darts"] = lambda: ml.hypergrad.FiniteDiff(eps=0.01)
     return table
 
 

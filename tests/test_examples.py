@@ -13,14 +13,33 @@ def run_example(name, *args, timeout=120):
     return proc.stdout
 
 
-def test_hpo_logreg_runs_and_reports():
-    out = run_example("hpo_logreg.py", "--iters", "3", "--inner-steps", "5", "--no-progress")
+def test_hpo_logreg_reports_its_figures_and_reproduces_them():
+    args = ("--iters", "3", "--inner-steps", "5", "--no-progress", "--seed", "1")
+    first, second = run_example("hpo_logreg.py", *args), run_example("hpo_logreg.py", *args)
     for figure in ("time per outer step:", "final validation loss", "validation accuracy",
                    "test accuracy", "learned L2 penalties"):
-        assert figure in out, out
+        assert figure in first, first
+    untimed = lambda out: [line for line in out.splitlines() if not line.startswith("time per outer step")]
+    assert untimed(first) == untimed(second)
 
 
-def test_hpo_logreg_is_reproducible():
-    args = ("--iters", "2", "--inner-steps", "3", "--no-progress", "--seed", "1")
-    strip = lambda out: [l for l in out.splitlines() if not l.startswith("time per outer step")]
-    assert strip(run_example("hpo_logreg.py", *args)) == strip(run_example("hpo_logreg.py", *args))
+def test_readme_test_command_is_what_ci_runs():
+    readme, ci = (ROOT / "README.md").read_text(), (ROOT / ".ci" / "run").read_text()
+    commands = [line for line in readme.splitlines() if line.startswith("python3 -m venv")]
+    assert len(commands) == 2, commands
+    assert commands[1] in ci.splitlines() and commands[1].endswith("-m pytest -q")
+
+
+def test_readme_quickstart_runs():
+    import re
+
+    import torch
+
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 20, generator=g)
+    y = (x[:, 0] > 0).float()
+    scope = {"train": (x[:20], y[:20]), "val": (x[20:], y[20:])}
+    exec(blocks[0].replace("prog.fit(iters=500)", "prog.fit(iters=2, progress=False)"), scope)
+    exec(blocks[1].replace("print(", "str("), scope)
+    assert [row["step"] for row in scope["prog"].history] == [1, 2]
