@@ -306,3 +306,87 @@ def test_implicit_at_the_bottom_is_differentiated_by_the_unrolled_middle(method_
         u = u - LR_B * (lu - u.exp() * w * torch.linalg.solve(Hc, lw))
     (expected,) = torch.autograd.grad(loss_a(a, u), a)
     torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-9)
+
+
+def test_two_lower_levels_with_matrix_parameters_each_with_its_own_method():
+    """An upper p (a 2×3 matrix) under two lowers: a Linear(3, 2) (weight and bias) with per-weight
+    L2 exp(p), solved by CG, and a 2×2 matrix pulled toward tanh of p's first columns, by FixedPoint.
+    Reference: the dense implicit formula -Bᵀ H⁻¹ v at each lower's final point, by hand."""
+    g = torch.Generator().manual_seed(7)
+    X, Y = torch.randn(10, 3, generator=g, dtype=DT), torch.randn(10, 2, generator=g, dtype=DT)
+    Xv, Yv = torch.randn(10, 3, generator=g, dtype=DT), torch.randn(10, 2, generator=g, dtype=DT)
+    lin = nn.Linear(3, 2).to(DT)
+    M = ml.Hyper(m=torch.full((2, 2), 0.1, dtype=DT))
+    P = ml.Hyper(p=torch.full((2, 3), -1.0, dtype=DT))
+    W0, b0, m0, p0 = lin.weight.detach().clone(), lin.bias.detach().clone(), M.m.detach().clone(), P.p.detach().clone()
+
+    def loss1(W, b, p):
+        return 0.5 * ((X @ W.T + b - Y) ** 2).mean() + 0.5 * (p.exp() * W ** 2).sum()
+
+    def loss2(m, p):
+        return 0.5 * ((m - torch.tanh(p[:, :2])) ** 2).sum() + 0.25 * (m ** 4).sum()
+
+    def upper(W, b, m):
+        return ((Xv @ W.T + b + Xv[:, :2] @ m - Yv) ** 2).mean()
+
+    @ml.level(lin, optimizer=ml.optim.sgd(lr=0.1), steps=2, hypergrad=ml.hypergrad.CG(iters=8))
+    def first(net, top):
+        return loss1(net.weight, net.bias, top.p)
+
+    @ml.level(M, optimizer=ml.optim.sgd(lr=0.3), steps=2, hypergrad=ml.hypergrad.FixedPoint(iters=300))
+    def second(mod, top):
+        return loss2(mod.m, top.p)
+
+    @ml.level(P, optimizer=ml.optim.sgd(lr=0.1), depends_on=[first, second])
+    def top(mod, first, second):
+        return upper(first.weight, first.bias, second.m)
+
+    got = ml.Program(top).hypergradient("top")["p"]
+
+    W, b, m = W0, b0, m0
+    for _ in range(2):
+        gW, gb = torch.func.grad(loss1, argnums=(0, 1))(W, b, p0)
+        W, b = W - 0.1 * gW, b - 0.1 * gb
+        m = m - 0.3 * torch.func.grad(loss2)(m, p0)
+    vW, vb, vm = torch.func.grad(upper, argnums=(0, 1, 2))(W, b, m)
+
+    def flat1(z, p):  # loss1 over the flat vector (W, b)
+        return loss1(z[:6].reshape(2, 3), z[6:], p)
+
+    z = torch.cat([W.reshape(-1), b])
+    H1 = torch.func.hessian(flat1)(z, p0)
+    B1 = torch.func.jacrev(torch.func.grad(flat1), argnums=1)(z, p0).reshape(8, 6)  # ∂(∇_z)/∂p
+    H2 = torch.func.hessian(lambda x: loss2(x.reshape(2, 2), p0))(m.reshape(-1))
+    B2 = torch.func.jacrev(lambda p: torch.func.grad(loss2)(m, p).reshape(-1))(p0).reshape(4, 6)
+    expected = -(B1.T @ torch.linalg.solve(H1, torch.cat([vW.reshape(-1), vb])) +
+                 B2.T @ torch.linalg.solve(H2, vm.reshape(-1))).reshape(2, 3)
+    torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.xfail(reason="core: BatchNorm buffers are not explicit state yet; eager steps update the user's "
+                          "running stats in place and torch.func.grad of the lower loss raises 'mutate a "
+                          "captured Tensor' (see docs/hypergradients.md, Limitations)", strict=False)
+@pytest.mark.filterwarnings("ignore::mlodsl.TraceWarning")
+@pytest.mark.parametrize("method", [ml.hypergrad.CG(iters=5), ml.hypergrad.FiniteDiff()], ids=repr)
+def test_buffers_are_the_same_before_and_after_a_hypergradient(method):
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(16, 3, generator=g, dtype=DT), torch.randn(16, generator=g, dtype=DT)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).to(DT)
+    hyper = ml.Hyper(l=torch.zeros((), dtype=DT))
+
+    @ml.level(net, optimizer=ml.optim.sgd(lr=0.1), data=(X, y), steps=2, hypergrad=method)
+    def inner(net, batch, outer):
+        x, t = batch
+        return ((net(x).squeeze(-1) - t) ** 2).mean() + outer.l.exp() * (net[0].weight ** 2).sum()
+
+    @ml.level(hyper, optimizer=ml.optim.sgd(lr=0.1), data=(X, y), depends_on=[inner])
+    def outer(h, batch, inner):
+        x, t = batch
+        return ((inner(x).squeeze(-1) - t) ** 2).mean()
+
+    prog = ml.Program(outer)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    prog.hypergradient("outer")
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
