@@ -288,6 +288,22 @@ class Program:
         return {k: v.detach().clone() for k, v in self._state[name]["params"].items()}
 
     # -- inspection ---------------------------------------------------------------------------
+    def explain(self):
+        """Memory per level (parameters, optimizer state, kept iterates, method workspace), in bytes;
+        prints as a table in MiB. See ``mlodsl.explain``."""
+        from .explain import explain, saved_activation_bytes
+        if self._pending is None:
+            self._pending = self._draw_batches()
+        params = {n: s["params"] for n, s in self._state.items()}
+        activations = {}
+        for name, pl in self.levels.items():
+            if name in self._tasked_batches:
+                continue  # per-task activations under vmap are not measured
+            batch = self._pending[name][0]
+            activations[name] = saved_activation_bytes(
+                lambda own: split_output(name, pl.traced({**params, name: own}, batch))[0], params[name])
+        return explain(self._state, self.plan, self._runtime.methods, activations)
+
     def show(self) -> LevelDiagram:
         """The level DAG: prints as text, draws as SVG (graphviz) or PNG (matplotlib) in Jupyter."""
         return LevelDiagram(self.graph)

@@ -46,6 +46,10 @@ class Unroll:
             return max(1, math.ceil(math.sqrt(steps)))
         return self.checkpoint
 
+    def workspace(self, state_bytes: int, param_bytes: int) -> int:
+        """The cotangent λ on the block state, the state being differentiated and its image."""
+        return 3 * state_bytes
+
     def vjp(self, traj: Trajectory, cotangent: dict) -> dict:
         first = 0 if self.last is None else max(traj.steps - self.last, 0)
         stride = self.path_stride(traj.steps)

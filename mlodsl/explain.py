@@ -1,0 +1,100 @@
+"""Memory accounting: what a program keeps, per level, in bytes.
+
+For each level: its parameters and optimizer state; for a lower level, the iterates its
+hypergradient method keeps (``Unroll`` keeps every ``path_stride``-th state of its block, the
+level and everything below it, plus one recomputed segment when checkpointing) and the method's
+workspace (``method.workspace(state_bytes, param_bytes)`` where a method defines it: the
+cotangents and the one update being differentiated); and the activations of the level's loss:
+the bytes autograd saves for one evaluation of the loss and its gradient with ``create_graph``
+(what a VJP through one update holds), measured on the next step's batch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .tree import tree_leaves
+
+
+def nbytes(tree) -> int:
+    return sum(x.numel() * x.element_size() for x in tree_leaves(tree) if isinstance(x, torch.Tensor))
+
+
+@dataclass
+class LevelMemory:
+    level: str
+    params: int
+    optimizer: int
+    iterates: int
+    workspace: int
+    activations: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.params + self.optimizer + self.iterates + self.workspace + self.activations
+
+
+class MemoryReport(list):
+    """One ``LevelMemory`` per level; prints as a table (MiB)."""
+
+    @property
+    def total(self) -> int:
+        return sum(r.total for r in self)
+
+    def __str__(self) -> str:
+        mib = 2 ** 20
+        rows = [f"{'level':<16}{'params':>10}{'optimizer':>11}{'iterates':>10}{'workspace':>11}"
+                f"{'activations':>13}{'total':>10}  (MiB)"]
+        for r in self:
+            rows.append(f"{r.level:<16}{r.params / mib:>10.2f}{r.optimizer / mib:>11.2f}{r.iterates / mib:>10.2f}"
+                        f"{r.workspace / mib:>11.2f}{r.activations / mib:>13.2f}{r.total / mib:>10.2f}")
+        rows.append(f"{'all levels':<16}{'':>55}{self.total / mib:>10.2f}")
+        return "\n".join(rows)
+
+    __repr__ = __str__
+
+
+def kept_iterates(method, steps: int) -> int:
+    """How many block states a method holds at its peak (0 when it keeps none)."""
+    if not getattr(method, "keeps_path", False):
+        return 0
+    stride = method.path_stride(steps) if hasattr(method, "path_stride") else 1
+    kept = math.ceil(steps / stride) + 1
+    return kept + (stride - 1 if stride > 1 else 0)  # plus one recomputed segment in the reverse pass
+
+
+def saved_activation_bytes(loss_fn, params: dict) -> int:
+    """Bytes autograd saves while evaluating ``loss_fn(params)`` and its gradient (create_graph)."""
+    seen: dict = {}
+
+    def pack(t):
+        if t.numel():
+            seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+        return t
+
+    leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn(leaves)
+        if loss.requires_grad:
+            torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True)
+    own = {v.untyped_storage().data_ptr() for v in leaves.values()}
+    return sum(b for (ptr, _), b in seen.items() if ptr not in own)
+
+
+def explain(state: dict, plan, methods: dict, activations: dict | None = None) -> MemoryReport:
+    """Per-level memory from the program's state and plan (``activations``: level -> bytes)."""
+    report = MemoryReport()
+    for name in plan.subtree:
+        params, opt = nbytes(state[name]["params"]), nbytes(state[name]["opt"])
+        iterates = workspace = 0
+        method = methods.get(name)
+        if method is not None:
+            block = sum(nbytes(state[n]) for n in plan.subtree[name])
+            steps = plan.updates_per_step[name] // max(1, plan.updates_per_step.get(plan.parent[name] or "", 1))
+            iterates = kept_iterates(method, steps) * block
+            if hasattr(method, "workspace"):
+                workspace = method.workspace(block, params)
+        report.append(LevelMemory(name, params, opt, iterates, workspace, (activations or {}).get(name, 0)))
+    return report
