@@ -9,6 +9,11 @@ draws Betty makes), so the mlodsl example and this script see the same numbers. 
     pip install --no-deps --ignore-requires-python betty-ml==0.2.1   # never a dependency of mlodsl
     python benchmarks/betty_hello.py --iters 30                        # CG, DARTS, Neumann
     python examples/hpo_logreg.py --iters 30 --no-progress             # mlodsl, same data
+    python benchmarks/betty_hello.py --compare --iters 40              # both in one process
+
+``--compare`` times Betty and the mlodsl programs of ``examples/hpo_logreg.py`` (each inner solve
+from 0, as Betty's) in one process, one outer step of each in turn, so that a machine whose load
+changes during the run slows every contender alike; it prints medians and ratios to Betty CG.
 
 Betty 0.2.1 runs unpatched on torch 2.13 for this problem (no monkeypatches needed).
 """
@@ -24,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
-from hpo_logreg import DATA_DIM, evaluate_w, make_data  # noqa: E402
+from hpo_logreg import DATA_DIM, build, evaluate_w, make_data, methods  # noqa: E402
 
 from betty.configs import Config, EngineConfig  # noqa: E402
 from betty.engine import Engine  # noqa: E402
@@ -120,6 +125,36 @@ def run(method: str, iters: int, inner_steps: int, seed: int):
           f"median {lam.median():.3g} max {lam.max():.3g}")
 
 
+def compare(iters: int, inner_steps: int, seed: int, betty_methods, mlodsl_methods):
+    """Interleaved timing: each round takes one outer step of every contender, in turn."""
+    train, val, _, _ = make_data(seed)
+    steps = {}
+    for method in betty_methods:
+        torch.manual_seed(seed)
+        engine, _, _ = make_engine(train, val, method, inner_steps)
+        engine.train()
+
+        def betty_step(engine=engine):
+            for _ in range(inner_steps):
+                engine.global_step += 1
+                engine.train_step()
+        steps[f"betty {method}"] = betty_step
+    for method in mlodsl_methods:
+        prog, _, _ = build(train, val, inner_steps=inner_steps, method=method, restart=True, seed=seed)
+        steps[f"mlodsl {method}"] = prog.step
+    times = {name: [] for name in steps}
+    for _ in range(iters):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    ref = None
+    for name, ts in times.items():
+        med = statistics.median(ts[min(5, len(ts) // 2):])
+        ref = ref or med
+        print(f"{name:18s} {1e3 * med:8.2f} ms per outer step   {med / ref:5.2f}x {next(iter(times))}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--iters", type=int, default=30, help="outer steps per method (default 30)")
@@ -127,10 +162,16 @@ def main():
     ap.add_argument("--methods", default="cg,darts,neumann", help="Betty hypergradient types (comma separated)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--compare", action="store_true", help="time Betty and mlodsl in turn, in one process")
+    ap.add_argument("--mlodsl-methods", default="unroll,cg,firstorder", help="mlodsl methods for --compare")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import betty
     print(f"betty {getattr(betty, '__version__', '0.2.1')}, torch {torch.__version__}, {args.threads} thread(s)")
+    if args.compare:
+        mine = [m for m in args.mlodsl_methods.split(",") if m in methods()]
+        compare(args.iters, args.inner_steps, args.seed, args.methods.split(","), mine)
+        return
     for method in args.methods.split(","):
         run(method, args.iters, args.inner_steps, args.seed)
 
