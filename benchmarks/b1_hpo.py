@@ -1,0 +1,146 @@
+"""B1: Betty's HPO hello world. Per-feature L2 penalties of a logistic regression (d=20, 500 train
++ 500 validation points of Betty's data), 100 inner SGD steps (lr 0.1) per outer step.
+
+Contenders (one outer step = 100 inner steps + one hypergradient + one upper update):
+* ``mlodsl-unroll`` / ``mlodsl-cg``: ``examples/hpo_logreg.build`` with Unroll() / CG(iters=3);
+  log-penalties learned by Adam (lr 0.1); warm-started inner level.
+* ``betty-cg``: ``benchmarks/betty_hello.make_engine`` (Betty 0.2.1's own hello world, CG(3),
+  cg_alpha 0.1): 100 calls of ``engine.train_step()``.
+* ``floor-unroll`` / ``floor-cg``: the same math as the mlodsl rows written by hand with
+  ``torch.autograd`` (the tape; faster than ``torch.func`` eagerly, DESIGN §5): a create_graph loop
+  and one backward; 100 plain SGD steps then CG(3) on Hessian-vector products at the last iterate.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from .common import Contender
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "examples"))
+import hpo_logreg  # noqa: E402
+
+INNER_LR, OUTER_LR = 0.1, 0.1
+
+
+def configs(quick: bool) -> list:
+    return [{"label": "d=20, 100 inner steps", "inner_steps": 100}]
+
+
+def data(config):
+    train, val, _, _ = hpo_logreg.make_data(0)
+    return train, val
+
+
+def _mlodsl(method):
+    def make(data, config):
+        import mlodsl as ml
+        train, val = data
+        prog, net, hyper = hpo_logreg.build(train, val, inner_steps=config["inner_steps"], method=method,
+                                            outer_lr=OUTER_LR)
+        if method == "cg" and not hasattr(ml.hypergrad, "CG"):
+            return None
+        return Contender(prog.step, lambda: prog.params("outer"))
+    return make
+
+
+def _betty(method):
+    def make(data, config):
+        try:
+            from .betty_hello import make_engine
+        except Exception as err:  # betty not installed, or the helper's script missing
+            raise RuntimeError(f"Betty unavailable: {err}") from err
+        train, val = data
+        torch.manual_seed(0)
+        engine, parent, child = make_engine(train, val, method, config["inner_steps"])
+        engine.train()
+
+        def step():
+            for _ in range(config["inner_steps"]):
+                engine.global_step += 1
+                engine.train_step()
+        return Contender(step, lambda: {"log_l2": parent.module.w.detach().log()})
+    return make
+
+
+def _inner_loss(w, log_l2, batch):
+    x, y = batch
+    return (F.binary_cross_entropy_with_logits(F.linear(x, w).squeeze(-1), y)
+            + 0.5 * (log_l2.exp() * w.squeeze(0) ** 2).sum())
+
+
+def _outer_loss(w, batch):
+    x, y = batch
+    return F.binary_cross_entropy_with_logits(F.linear(x, w).squeeze(-1), y)
+
+
+class _Floor:
+    def __init__(self, data, config, method):
+        self.train, self.val = data
+        self.K, self.method = config["inner_steps"], method
+        self.w = torch.zeros(1, hpo_logreg.DATA_DIM)
+        self.log_l2 = torch.zeros(hpo_logreg.DATA_DIM, requires_grad=True)
+        self.opt = torch.optim.Adam([self.log_l2], lr=OUTER_LR)
+
+    def step(self):
+        lam = self.log_l2
+        if self.method == "unroll":
+            w = self.w.requires_grad_()
+            for _ in range(self.K):
+                (g,) = torch.autograd.grad(_inner_loss(w, lam, self.train), w, create_graph=True)
+                w = w - INNER_LR * g
+            (hg,) = torch.autograd.grad(_outer_loss(w, self.val), lam)
+            self.w = w.detach()
+        else:
+            w, lam_c = self.w, lam.detach()
+            for _ in range(self.K):
+                w = w.requires_grad_()
+                (g,) = torch.autograd.grad(_inner_loss(w, lam_c, self.train), w)
+                w = (w - INNER_LR * g).detach()
+            self.w = w
+            w = w.requires_grad_()
+            (v,) = torch.autograd.grad(_outer_loss(w, self.val), w)
+            (g,) = torch.autograd.grad(_inner_loss(w, lam, self.train), w, create_graph=True)
+            x, r, p = torch.zeros_like(v), v, v          # CG(3) for H x = v, from x = 0
+            rr = (r * r).sum()
+            for _ in range(3):
+                (hp,) = torch.autograd.grad(g, w, p, retain_graph=True)
+                alpha = rr / (p * hp).sum()
+                x, r = x + alpha * p, r - alpha * hp
+                rr_new = (r * r).sum()
+                p, rr = r + (rr_new / rr) * p, rr_new
+            (cross,) = torch.autograd.grad(g, lam, x)
+            hg = -cross
+            self.w = self.w.detach()
+        self.opt.zero_grad(set_to_none=False)
+        lam.grad = hg
+        self.opt.step()
+
+    def upper(self):
+        return {"log_l2": self.log_l2.detach().clone()}
+
+
+def _floor(method):
+    def make(data, config):
+        f = _Floor(data, config, method)
+        return Contender(f.step, f.upper)
+    return make
+
+
+CONTENDERS = {
+    "mlodsl-unroll": _mlodsl("unroll"),
+    "floor-unroll": _floor("unroll"),
+    "mlodsl-cg": _mlodsl("cg"),
+    "floor-cg": _floor("cg"),
+    "betty-cg": _betty("cg"),
+}
+
+# (contender, reference, bound): time(contender) <= bound * time(reference)
+TARGETS = [("mlodsl-unroll", "betty-cg", 1.0), ("mlodsl-cg", "betty-cg", 1.0),
+           ("mlodsl-unroll", "floor-unroll", 1.1), ("mlodsl-cg", "floor-cg", 1.1)]
+# pairs whose upper parameters must agree after the same steps (same math)
+SAME_MATH = [("mlodsl-unroll", "floor-unroll"), ("mlodsl-cg", "floor-cg")]
