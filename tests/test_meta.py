@@ -186,3 +186,13 @@ def test_check_hypergradient_agrees_for_an_exact_method_and_flags_a_wrong_one():
     report = ml.check_hypergradient(bad, "outer")
     assert not report.ok and report.rel_error > 0.1 and "DISAGREES" in str(report)
     torch.testing.assert_close(prog.params("outer"), before)  # the check changed nothing
+
+
+def test_check_hypergradient_agrees_for_cg_on_ridge():
+    """CG at the ridge optimum vs finite differences of the validation loss with the lower level
+    re-solved (enough SGD steps from the old optimum to converge to the new one)."""
+    from test_implicit import D, _step_size, hypergradient, ridge
+    _, _, parts = hypergradient(ml.hypergrad.FirstOrder())
+    prog, *_ = ridge(ml.hypergrad.CG(iters=D), steps=300, opt=ml.optim.sgd(lr=_step_size(parts)))
+    report = ml.check_hypergradient(prog, "outer", eps=1e-5)
+    assert report.ok, str(report)
