@@ -139,7 +139,7 @@ def _prime():
 
 def worker(module, contender: str, config: dict, steps: int) -> dict:
     """Body of ``--worker``: build the data, reset the peak, build and run one contender."""
-    for peer in ("betty", "higher", "torchopt"):  # the same imports for every contender
+    for peer in ("mlodsl", "betty", "higher", "torchopt", "betty.engine", "networkx", "tqdm.auto"):  # same imports for all
         try:
             __import__(peer)
         except Exception:

@@ -26,7 +26,7 @@ BENCHES = {"b1": "benchmarks.b1_hpo", "b2": "benchmarks.b2_mwn", "b3": "benchmar
            "b4": "benchmarks.b4_scaling"}
 # warm-up steps, timed rounds, time budget (s) of the timed rounds per configuration
 SETTINGS = {False: {"warmup": 2, "rounds": 12, "budget": 40.0, "mem_steps": 3},
-            True: {"warmup": 1, "rounds": 4, "budget": 8.0, "mem_steps": 2}}
+            True: {"warmup": 1, "rounds": 3, "budget": 5.0, "mem_steps": 1}}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -193,6 +193,10 @@ def main(argv=None):
             lines = table(bench, title, res)
             print("\n".join(lines) + f"({time.time() - t0:.0f} s)\n", flush=True)
             results.setdefault(bench, []).append(res)
+            out_lines += lines
+        if hasattr(mod, "summary"):
+            lines = mod.summary(results[bench])
+            print("\n".join(lines), flush=True)
             out_lines += lines
     total = time.time() - t_start
     print(f"total {total:.0f} s")
