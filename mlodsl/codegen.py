@@ -12,8 +12,11 @@ inlined per step. ``make_step(rt)`` binds the runtime (traced losses, optimizers
 """
 from __future__ import annotations
 
+import hashlib
 import linecache
+import os
 import re
+import tempfile
 
 from .plan import Plan
 
@@ -156,14 +159,19 @@ def generate(plan: Plan, levels: dict, methods: dict, title: str) -> str:
     return "\n".join(out)
 
 
-_counter = [0]
-
-
 def build(source: str, runtime):
-    """Execute the generated source (registered with linecache, so tracebacks show it)."""
-    _counter[0] += 1
-    filename = f"<mlodsl-step-{_counter[0]}>"
+    """Execute the generated source from a file of its own (named by its hash, in the temporary
+    directory), so that tracebacks and debuggers show the real lines of the step."""
+    digest = hashlib.sha1(source.encode()).hexdigest()[:16]
+    folder = os.path.join(tempfile.gettempdir(), "mlodsl-steps")
+    os.makedirs(folder, exist_ok=True)
+    filename = os.path.join(folder, f"step_{digest}.py")
+    if not os.path.exists(filename):
+        tmp = f"{filename}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(source)
+        os.replace(tmp, filename)
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-    namespace: dict = {}
+    namespace: dict = {"__file__": filename}
     exec(compile(source, filename, "exec"), namespace)
     return namespace["make_step"](runtime), filename

@@ -37,6 +37,7 @@ class TracedLevel:
     inputs: dict                    # placeholder -> (level name, parameter name)
     opaque: bool = False
     reason: str = ""
+    direct: object = None           # the user's function called directly (same signature as graph)
 
     def batch_args(self, batch) -> tuple:
         if self.batch_kind == "none":
@@ -50,7 +51,27 @@ class TracedLevel:
     def __call__(self, params: dict, batch):
         """Evaluate the loss; ``params`` maps level names to dicts of parameter tensors."""
         kwargs = {ph: params[lvl][p] for ph, (lvl, p) in self.inputs.items()}
-        return self.graph(*self.batch_args(batch), **kwargs)
+        args = self.batch_args(batch)
+        try:
+            return self.graph(*args, **kwargs)
+        except Exception:
+            if self.opaque or self.direct is None:
+                raise
+            user_error = _raised(self.direct, args, kwargs)
+            if user_error is None:
+                raise
+        # The graph's traceback shows generated code; the user's function, re-run directly on the
+        # same inputs, raises the same error at the user's own line.
+        user_error.add_note(f"(raised in level '{self.name}'; shown by calling its function directly)")
+        raise user_error.with_traceback(user_error.__traceback__) from None
+
+
+def _raised(fn, args, kwargs):
+    try:
+        fn(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - returned to be re-raised with the user's traceback
+        return err
+    return None
 
 
 def _identifier(text: str) -> str:
@@ -166,7 +187,8 @@ def _trace(level, modules: dict, owners: dict, example_batch) -> TracedLevel:
         graph = _IntoModulesTracer().trace(root)
         inputs = _parameters_to_placeholders(graph, owner_of_param)
         gm = fx.GraphModule(root, graph, class_name=f"level_{_identifier(level.name)}")
-        return TracedLevel(level.name, gm, kind, keys, inputs)
+        direct, _ = _direct_call(level, modules, owners, kind, keys)
+        return TracedLevel(level.name, gm, kind, keys, inputs, direct=direct)
     except Exception as err:  # noqa: BLE001 - every tracing failure falls back the same way
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         warnings.warn(
@@ -198,8 +220,8 @@ def _parameters_to_placeholders(graph: fx.Graph, owner_of_param: dict) -> dict:
     return inputs
 
 
-def _opaque_level(level, modules, owners, kind, keys, batch_names, reason) -> TracedLevel:
-    """A one-node graph that calls the function through ``torch.func.functional_call``."""
+def _direct_call(level, modules, owners, kind, keys):
+    """The user's function as ``call(*batch_leaves, **params)``, through ``functional_call``."""
     inputs = {}
     for arg, module in modules.items():
         for pname, p in module.named_parameters():
@@ -217,6 +239,12 @@ def _opaque_level(level, modules, owners, kind, keys, batch_names, reason) -> Tr
         return level.fn(*args, **kwargs)
 
     call_level.__name__ = f"call_{_identifier(level.name)}"
+    return call_level, inputs
+
+
+def _opaque_level(level, modules, owners, kind, keys, batch_names, reason) -> TracedLevel:
+    """A one-node graph that calls the function through ``torch.func.functional_call``."""
+    call_level, inputs = _direct_call(level, modules, owners, kind, keys)
     graph = fx.Graph()
     placeholders = [graph.placeholder(n) for n in batch_names + list(inputs)]
     out = graph.call_function(call_level, tuple(placeholders[:len(batch_names)]),

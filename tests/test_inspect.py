@@ -139,3 +139,29 @@ def test_resume_in_a_new_process_is_bit_identical(tmp_path):
         for k, v in prog.params(n).items():
             assert torch.equal(v, resumed[n][k]), (n, k)
     assert not list(tmp_path.glob("*.tmp"))  # the atomic write left no temporary file
+
+
+def test_errors_point_at_the_users_line_and_the_generated_step(tmp_path):
+    """An exception inside a level function shows the user's line; the step's frames show its source."""
+    import traceback
+    h = ml.Hyper(w=torch.ones(3, dtype=DT))
+    calls = [0]
+
+    def data():
+        calls[0] += 1
+        return torch.ones(3 if calls[0] < 3 else 4, dtype=DT)
+
+    @ml.level(h, optimizer=ml.optim.sgd(lr=0.1), data=data)
+    def only(m, batch):
+        return (m.w * batch).sum()  # the failing line
+
+    prog = ml.Program(only)
+    prog.step()
+    prog.step()
+    with pytest.raises(RuntimeError) as info:
+        prog.step()
+    text = "".join(traceback.format_exception(info.value))
+    assert "return (m.w * batch).sum()  # the failing line" in text
+    assert "level 'only'" in text
+    assert "sub = advance_only(" in text  # a frame of the generated step, with its source line
+    assert prog.code_filename in text
