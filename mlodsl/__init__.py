@@ -6,7 +6,7 @@
 ``ml.Program(top)`` traces the levels (torch.fx), analyzes their DAG (networkx), plans a schedule
 and generates one fused training step from torch.func transforms.
 """
-from . import constraints, hypergrad, optim
+from . import callbacks, constraints, distributed, hypergrad, optim, precision
 from .check import check_hypergradient
 from .graph import ProgramError
 from .hyper import Hyper
@@ -16,5 +16,5 @@ from .trace import TraceWarning
 
 __version__ = "0.1.0"
 
-__all__ = ["level", "Level", "Hyper", "Program", "load", "optim", "hypergrad", "constraints", "ProgramError",
+__all__ = ["level", "Level", "Hyper", "Program", "load", "optim", "hypergrad", "constraints", "callbacks", "ProgramError",
            "NonFiniteError", "TraceWarning", "check_hypergradient"]

@@ -30,6 +30,8 @@ class Level:
     tasks: bool = False
     project: Any = None
     read_mode: str = "train"
+    precision: str | None = None            # None: the Program's
+    clip_grad_norm: float | None = None
     name: str = ""
     own_arg: str = ""                       # the name of fn's first parameter
     level_args: tuple = ()                  # the other parameters (names of levels)
@@ -60,7 +62,8 @@ def _check_hypergrad(name, method):
 
 
 def level(module, *, optimizer, data=None, depends_on=(), steps=1, hypergrad=None,
-          start_from=None, tasks=False, name=None, project=None, read_mode="train"):
+          start_from=None, tasks=False, name=None, project=None, read_mode="train", precision=None,
+          clip_grad_norm=None):
     """Declare a level of a multilevel program (see the module docstring for the binding rules).
 
     Args:
@@ -79,6 +82,9 @@ def level(module, *, optimizer, data=None, depends_on=(), steps=1, hypergrad=Non
         read_mode: ``"train"`` (default) or ``"eval"``: the mode (dropout, BatchNorm) this level's
             module runs in when *another* level's function calls it. Its own function always runs
             it in train mode.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` for this level's loss (default: the
+            Program's); fp16 levels get their own dynamic loss scale (``mlodsl.precision``).
+        clip_grad_norm: clip this level's total gradient to this norm before each update.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"@level needs the nn.Module the level learns as its first argument "
@@ -109,11 +115,16 @@ def level(module, *, optimizer, data=None, depends_on=(), steps=1, hypergrad=Non
             raise ValueError(f"level '{level_name}': start_from must be None, 'init' or an upper level")
         if read_mode not in ("train", "eval"):
             raise ValueError(f"level '{level_name}': read_mode must be 'train' or 'eval', got {read_mode!r}")
+        if precision is not None:
+            from .precision import check
+            check(precision, f"level '{level_name}'")
+        if clip_grad_norm is not None and not clip_grad_norm > 0:
+            raise ValueError(f"level '{level_name}': clip_grad_norm must be a positive number, got {clip_grad_norm!r}")
         if project is not None and not callable(project):
             raise TypeError(f"level '{level_name}': project must be a function params -> params")
         return Level(fn=fn, module=module, optimizer=optimizer, data=data, depends_on=tuple(depends_on),
                      steps=steps, hypergrad=hypergrad, start_from=start_from, tasks=tasks,
-                     project=project, read_mode=read_mode,
+                     project=project, read_mode=read_mode, precision=precision, clip_grad_norm=clip_grad_norm,
                      name=level_name, own_arg=own, level_args=tuple(a for a in rest if a != "batch"),
                      takes_batch=takes_batch)
 

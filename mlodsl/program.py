@@ -16,14 +16,15 @@ from typing import Any
 import torch
 from torch import fx
 
-from . import codegen
+from . import codegen, distributed
 from .data import BatchStream
 from .draw import LevelDiagram
 from .graph import ProgramError, build_graph, collect_levels
 from .hypergrad import Unroll
 from .level import Level
 from .plan import make_plan
-from .runtime import Runtime, split_output
+from .precision import Autocast, LossScaler, check as check_precision
+from .runtime import MicroBatches, Runtime, split_output
 from .tree import tree_leaves, tree_map
 from .trace import TracedLevel, trace_level
 
@@ -109,6 +110,15 @@ def _starts(levels: dict, graph, state: dict) -> dict:
     return starts
 
 
+def _one(batch):
+    """The first micro-batch of an update's batch (the batch itself without accumulation)."""
+    return batch[0] if isinstance(batch, MicroBatches) else batch
+
+
+def _drawn(batches: list) -> int:
+    return sum(len(b) if isinstance(b, MicroBatches) else 1 for b in batches)
+
+
 def _learnable(module) -> dict:
     return {k: p.detach().clone() for k, p in module.named_parameters() if p.requires_grad}
 
@@ -118,7 +128,13 @@ class Program:
 
     Args:
         *tops: the top levels; every level reachable from them is included.
-        compile, precision, grad_accum: see the design (only the defaults are built so far).
+        compile: not built yet (must be False).
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: autocast around every level's loss (a level's
+            own ``precision=`` overrides it); fp16 levels get a dynamic loss scale each, and a step in
+            which one overflows is skipped with every state unchanged and that scale backed off.
+        grad_accum: every update of a level that draws its data (an iterable or a callable) draws
+            ``grad_accum`` micro-batches and averages their gradients (one backward each): the update
+            of one ``grad_accum``-times batch for mean losses. Fixed batches are drawn once.
         seed: seeds torch's generator before the program is built.
         nonfinite: ``"raise"`` (default) raises ``NonFiniteError`` naming the level and step;
             ``"skip"`` drops such steps (counted in ``history`` as ``skipped``).
@@ -129,9 +145,10 @@ class Program:
             raise ProgramError("Program needs at least one top level")
         if compile:
             raise NotImplementedError("Program(compile=True) is not built yet; run eagerly with compile=False")
-        if precision != "fp32" or grad_accum != 1:
-            raise NotImplementedError("mixed precision and gradient accumulation are not built yet; "
-                                      "use precision='fp32', grad_accum=1")
+        check_precision(precision, "Program")
+        if not isinstance(grad_accum, int) or isinstance(grad_accum, bool) or grad_accum < 1:
+            raise ValueError(f"grad_accum must be a positive int, got {grad_accum!r}")
+        self.grad_accum = grad_accum
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         if seed is not None:
@@ -144,6 +161,9 @@ class Program:
         self.schedule = self.plan.schedule
         self._streams = {n: BatchStream(n, lvl.data) for n, lvl in levels.items()}
         self._tasked_batches = _tasked_levels(levels, self.plan)  # levels whose batches carry tasks
+        if grad_accum > 1 and self._tasked_batches:
+            raise ProgramError(f"grad_accum={grad_accum} is not built for levels batched over tasks "
+                               f"({sorted(self._tasked_batches)}); use grad_accum=1")
         self._pending = None
         first = self._draw_batches()
         self._pending = first
@@ -152,7 +172,7 @@ class Program:
             modules = {lvl.own_arg: lvl.module, **{a: levels[a].module for a in lvl.level_args}}
             owners = {lvl.own_arg: name, **{a: a for a in lvl.level_args}}
             training = {a: levels[a].read_mode == "train" for a in lvl.level_args}
-            example = first[name][0]
+            example = _one(first[name][0])
             if name in self._tasked_batches:
                 example = tree_map(lambda x: x[0], example)  # one task's batch
             traced = trace_level(lvl, modules, owners, example, training)
@@ -170,11 +190,24 @@ class Program:
                 self._state[name] = tree_map(lambda x: x.expand(self.tasks[name], *x.shape).clone(),
                                              self._state[name])
         self._check_losses(first)
+        # Systems (mlodsl.precision, mlodsl.distributed): handed to the step, never branched on in it.
+        devices = {n: next(iter(s["params"].values())).device.type for n, s in self._state.items()}
+        self.precision = {n: lvl.precision or precision for n, lvl in levels.items()}
+        self.scalers = {n: LossScaler() for n, p in self.precision.items() if p == "fp16"}
+        self.distributed = distributed.setup(next(iter(devices.values())))
+        if self.distributed is not None:  # every rank starts from rank 0's state, as DDP does
+            self.distributed.broadcast_([x for x in tree_leaves(self._state) if isinstance(x, torch.Tensor)])
+            self._write_back()
         title = f"Program({', '.join(t.name for t in tops)})"
+        dp = self.distributed
         self._runtime = Runtime({n: pl.traced for n, pl in self.levels.items()},
                                 {n: lvl.optimizer for n, lvl in levels.items()}, methods, starts,
                                 {n: dict(s["params"]) for n, s in self._state.items()},
-                                {n: lvl.project for n, lvl in levels.items() if lvl.project is not None})
+                                {n: lvl.project for n, lvl in levels.items() if lvl.project is not None},
+                                autocast={n: Autocast(p, devices[n]) for n, p in self.precision.items() if p != "fp32"},
+                                loss_scales=self.scalers,
+                                reduce=dp and dp.reduce, replicate=dp and dp.replicate,
+                                clip={n: lvl.clip_grad_norm for n, lvl in levels.items() if lvl.clip_grad_norm})
         self.code = codegen.generate(self.plan, levels, methods, title)
         (self._step_fn, self._hypergradient_fn), self.code_filename = codegen.build(self.code, self._runtime)
         self.step_count = 0
@@ -182,7 +215,13 @@ class Program:
 
     # -- data ---------------------------------------------------------------------------------
     def _draw_batches(self) -> dict:
-        return {n: [s.next() for _ in range(self.plan.updates_per_step[n])] for n, s in self._streams.items()}
+        return {n: [self._draw(s) for _ in range(self.plan.updates_per_step[n])] for n, s in self._streams.items()}
+
+    def _draw(self, stream: BatchStream):
+        """One update's batch: ``grad_accum`` micro-batches from a stream that changes."""
+        if self.grad_accum == 1 or stream.kind in ("none", "fixed"):
+            return stream.next()
+        return MicroBatches(stream.next() for _ in range(self.grad_accum))
 
     def _next_batches(self) -> dict:
         batches, self._pending = (self._pending, None) if self._pending is not None else (self._draw_batches(), None)
@@ -194,7 +233,7 @@ class Program:
                   for n, s in self._state.items()}
         with torch.no_grad():
             for name, pl in self.levels.items():
-                batch = batches[name][0]
+                batch = _one(batches[name][0])
                 if name in self._tasked_batches:
                     batch = tree_map(lambda x: x[0], batch)
                 try:
@@ -208,8 +247,19 @@ class Program:
         """One step of the top level(s), every lower step included; returns the losses."""
         batches = self._next_batches()
         new_state, log = self._step_fn(self._state, batches)
-        bad = [n for n, ok in log.pop("_finite").items() if not bool(ok)]
+        finite = {n: bool(ok) for n, ok in log.pop("_finite").items()}
+        if self.distributed is not None:  # the ranks' mean losses; a step is bad if it is bad anywhere
+            log, finite = self.distributed.mean_log(log, finite)
+        bad = [n for n, ok in finite.items() if not ok]
         row = {"step": self.step_count + 1}
+        if bad and any(n in self.scalers for n in bad):  # fp16 overflow: skip, back the scales off
+            for n in bad:
+                if n in self.scalers:
+                    self.scalers[n].update(overflowed=True)
+            self._log_scales(row)
+            row["skipped"] = 1
+            self.history.append(row)
+            return row
         if bad:
             if self.nonfinite == "raise":
                 raise NonFiniteError(f"non-finite loss or gradient at level '{bad[0]}' in step "
@@ -220,10 +270,17 @@ class Program:
             return row
         self._state = new_state
         self.step_count += 1
+        for sc in self.scalers.values():
+            sc.update(overflowed=False)
+        self._log_scales(row)
         self._write_back()
         row.update({k: float(v) if isinstance(v, torch.Tensor) and v.numel() == 1 else v for k, v in log.items()})
         self.history.append(row)
         return row
+
+    def _log_scales(self, row):
+        for n, sc in self.scalers.items():
+            row[f"{n}/loss_scale"] = sc.scale
 
     def _write_back(self):
         with torch.no_grad():
@@ -244,7 +301,8 @@ class Program:
         """
         from tqdm.auto import tqdm
 
-        bar = tqdm(range(iters), disable=not progress, desc="fit")
+        main = self.distributed is None or self.distributed.is_main
+        bar = tqdm(range(iters), disable=not (progress and main), desc="fit")
         for it in bar:
             row = self.step()
             if validate is not None and ((every and (it + 1) % every == 0) or it + 1 == iters):
@@ -254,7 +312,10 @@ class Program:
             if progress:
                 bar.set_postfix({k: f"{v:.4g}" for k, v in row.items()
                                  if k != "step" and isinstance(v, float)}, refresh=False)
-            if any(cb(self, row) is True for cb in callbacks):
+            stop = main and any(cb(self, row) is True for cb in callbacks)  # callbacks run on rank 0
+            if self.distributed is not None:
+                stop = self.distributed.any(stop)
+            if stop:
                 break
         return self.history
 
@@ -267,6 +328,8 @@ class Program:
         if self._pending is None:
             self._pending = self._draw_batches()
         g, _ = self._hypergradient_fn(name, self._state, self._pending)
+        if self.distributed is not None:
+            g = self.distributed.reduce(g)
         return {k: v.detach() for k, v in g.items()}
 
     def loss_after_lowers(self, name: str, params: dict | None = None) -> torch.Tensor:
@@ -279,6 +342,8 @@ class Program:
             state = {**state, name: {**state[name], "params": params}}
         with torch.no_grad():
             _, loss = self._hypergradient_fn(name, state, self._pending)
+        if self.distributed is not None:
+            loss = self.distributed.mean_log({"loss": loss}, {})[0]["loss"]
         return loss.detach()
 
     def params(self, name: str) -> dict:
@@ -299,7 +364,7 @@ class Program:
         for name, pl in self.levels.items():
             if name in self._tasked_batches:
                 continue  # per-task activations under vmap are not measured
-            batch = self._pending[name][0]
+            batch = _one(self._pending[name][0])
             activations[name] = saved_activation_bytes(
                 lambda own: split_output(name, pl.traced({**params, name: own}, batch))[0], params[name])
         return explain(self._state, self.plan, self._runtime.methods, activations)
@@ -315,8 +380,9 @@ class Program:
     def state_dict(self) -> dict:
         return {"step": self.step_count,
                 "levels": {n: {"params": dict(s["params"]), "opt": s["opt"]} for n, s in self._state.items()},
-                "data": {n: s.position - (len(self._pending[n]) if self._pending is not None else 0)
+                "data": {n: s.position - (_drawn(self._pending[n]) if self._pending is not None else 0)
                          for n, s in self._streams.items()},
+                "loss_scales": {n: sc.state_dict() for n, sc in self.scalers.items()},
                 "rng": torch.get_rng_state()}
 
     def load_state_dict(self, sd: dict):
@@ -336,10 +402,17 @@ class Program:
         self._pending = None
         if "rng" in sd:
             torch.set_rng_state(sd["rng"])
+        for n, sc in sd.get("loss_scales", {}).items():
+            if n in self.scalers:
+                self.scalers[n].load_state_dict(sc)
         self._write_back()
 
     def save(self, path):
-        """Write a checkpoint atomically (a temporary file, then a rename)."""
+        """Write a checkpoint atomically (a temporary file, then a rename); under data parallel,
+        rank 0 writes it and every rank waits until it is written."""
+        if self.distributed is not None and not self.distributed.is_main:
+            self.distributed.barrier()
+            return
         path = os.fspath(path)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
         os.close(fd)
@@ -349,6 +422,8 @@ class Program:
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+            if self.distributed is not None:
+                self.distributed.barrier()
 
 
 def load(path, prog: Program) -> Program:

@@ -58,8 +58,11 @@ class BlockRecord:
             return self.advance(state, {**up, upper_name: upper}, k)
 
         def loss(own, upper):
+            if rt.replicate is not None:  # data parallel: every product of this loss is the ranks' mean
+                both = rt.replicate({level: own, upper_name: upper})
+                own, upper = both[level], both[upper_name]
             params = {**up, **final_params, level: own, upper_name: upper}
-            return split_output(level, rt.traced[level](params, self.last_batch))[0]
+            return rt.evaluate(level, params, self.last_batch)[0]
 
         def update_map(own, upper):
             g = torch.func.grad(loss)(own, upper)
@@ -72,6 +75,23 @@ class BlockRecord:
         from_upper = rt.starts.get(level) == upper_name
         return Trajectory(level, self.steps, self.start, self.final, self.path, upper_name,
                           up[upper_name], advance, loss, update_map, begin, from_upper)
+
+
+def _mean_outputs(outs: list):
+    """The mean of ``(loss, metrics)`` pairs (metrics that are not tensors: the last one's)."""
+    n = len(outs)
+    loss = sum(o[0] for o in outs) / n
+    metrics = {k: (sum(o[1][k] for o in outs) / n if isinstance(v, torch.Tensor) else v)
+               for k, v in outs[-1][1].items()}
+    return loss, metrics
+
+
+def clip_norm(grad: dict, max_norm: float) -> dict:
+    """``grad`` scaled to norm at most ``max_norm`` (``torch.nn.utils.clip_grad_norm_``'s rule),
+    differentiably, so an unrolled upper level sees the clipping."""
+    norm = torch.sqrt(sum((g ** 2).sum() for g in grad.values()))
+    factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    return {k: g * factor for k, g in grad.items()}
 
 
 def params_of(state: dict) -> dict:
@@ -88,31 +108,72 @@ def outside(state: dict, up: dict, names) -> dict:
     return {**up, **{n: s["params"] for n, s in state.items() if n not in names}}
 
 
+class MicroBatches(list):
+    """The ``grad_accum`` micro-batches of one update: the level's loss is their mean."""
+
+
 class Runtime:
-    """Binds the program's traced losses, optimizers and methods for the generated step."""
+    """Binds the program's traced losses, optimizers and methods for the generated step.
+
+    Systems concerns are handed in, never branched on by the methods: ``autocast[level]()`` is the
+    context a level's loss runs in (``mlodsl.precision``), ``loss_scales[level].scale`` the fp16
+    loss scale of its gradients (read at every use: the Program backs it off between steps), ``reduce``/``replicate`` the data-parallel averages
+    (``mlodsl.distributed``), ``clip[level]`` the maximum norm of its total gradient.
+    """
 
     def __init__(self, traced: dict, optimizers: dict, methods: dict, starts: dict | None = None,
-                 init_params: dict | None = None, projections: dict | None = None):
+                 init_params: dict | None = None, projections: dict | None = None, *,
+                 autocast: dict | None = None, loss_scales: dict | None = None, reduce: Callable | None = None,
+                 replicate: Callable | None = None, clip: dict | None = None):
         self.traced, self.optimizers, self.methods = traced, optimizers, methods
         self.starts = starts or {}            # level -> None | "init" | upper level name
         self.init_params = init_params or {}  # level -> its initial parameters
         self.projections = projections or {}  # level -> params -> params, after each update
+        self.autocast = autocast or {}        # level -> () -> context manager
+        self.loss_scales = loss_scales or {}  # level -> LossScaler (fp16)
+        self.reduce, self.replicate = reduce, replicate  # data parallel (None: one process)
+        self.clip = clip or {}                # level -> max norm of its total gradient
         self.restrict, self.outside, self.params_of = restrict, outside, params_of
+
+    def evaluate(self, name: str, params: dict, batch):
+        """``(loss, metrics)`` of level ``name`` under its precision; the mean over micro-batches."""
+        if isinstance(batch, MicroBatches):
+            return _mean_outputs([self.evaluate(name, params, b) for b in batch])
+        ctx = self.autocast.get(name)
+        if ctx is None:
+            return split_output(name, self.traced[name](params, batch))
+        with ctx():
+            loss, metrics = split_output(name, self.traced[name](params, batch))
+        return (loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss), metrics
 
     def partials(self, name: str, params: dict, batch, wrt: tuple):
         """Loss of level ``name`` and its partial gradients w.r.t. the levels in ``wrt``.
 
         Levels in ``wrt`` that the loss does not take get zero gradients.
         """
-        traced = self.traced[name]
-        taken = {lvl for lvl, _ in traced.inputs.values()}
+        taken = {lvl for lvl, _ in self.traced[name].inputs.values()}
         diff = {w: params[w] for w in wrt if w in taken}
+        scale = self.loss_scales[name].scale if name in self.loss_scales else None  # fp16: scale·loss
 
-        def loss_fn(diff_params):
-            loss, metrics = split_output(name, traced({**params, **diff_params}, batch))
-            return loss, (loss, metrics)
+        def partials_at(mb):
+            def loss_fn(diff_params):
+                loss, metrics = self.evaluate(name, {**params, **diff_params}, mb)
+                return (loss if scale is None else loss * scale), (loss, metrics)
 
-        grads, (loss, metrics) = autodiff.grad_with_aux(loss_fn, diff)
+            grads, (loss, metrics) = autodiff.grad_with_aux(loss_fn, diff)
+            if scale is not None:
+                grads = {w: {k: v / scale for k, v in g.items()} for w, g in grads.items()}
+            return loss, metrics, grads
+
+        if isinstance(batch, MicroBatches):  # grad_accum: one backward per micro-batch, averaged
+            outs = [partials_at(mb) for mb in batch]
+            (loss, metrics), n = _mean_outputs([o[:2] for o in outs]), len(outs)
+            grads = {w: {k: sum(o[2][w][k] for o in outs) / n for k in diff[w]} for w in diff}
+        else:
+            loss, metrics, grads = partials_at(batch)
+        lowers = [w for w in grads if w != name]
+        if self.reduce is not None and lowers:  # data parallel: the cotangents a method is handed
+            grads = {**grads, **self.reduce({w: grads[w] for w in lowers})}  # are the ranks' mean
         for w in wrt:
             if w not in grads:
                 grads[w] = {k: torch.zeros_like(v) for k, v in params[w].items()}
@@ -120,6 +181,10 @@ class Runtime:
 
     def apply_update(self, name: str, sub: dict, up: dict, grad: dict) -> dict:
         """One optimizer update of level ``name`` inside a block state."""
+        if self.reduce is not None:  # data parallel: the ranks' mean, before clipping and the update
+            grad = self.reduce(grad)
+        if name in self.clip:
+            grad = clip_norm(grad, self.clip[name])
         reads = {**up, **params_of(sub)}
         p, o = self.optimizers[name].update(sub[name]["params"], grad, sub[name]["opt"], reads)
         if name in self.projections:
