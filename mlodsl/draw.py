@@ -67,20 +67,17 @@ class LevelDiagram:
 
     def _repr_png_(self):
         try:
-            import matplotlib
-            matplotlib.use("Agg", force=False)
-            import matplotlib.pyplot as plt
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
         except ImportError:
             return None
         fig = self.figure()
         buf = io.BytesIO()
-        fig.savefig(buf, format="png", bbox_inches="tight")
-        plt.close(fig)
+        FigureCanvasAgg(fig).print_png(buf)  # no pyplot: the notebook's backend stays as it was
         return buf.getvalue()
 
     def figure(self):
-        """A matplotlib figure of the DAG, upper levels on top."""
-        import matplotlib.pyplot as plt
+        """A matplotlib figure of the DAG, upper levels on top (made without pyplot)."""
+        from matplotlib.figure import Figure
         g = self.graph
         deps = nx.DiGraph((u, v) for u, v, k in g.edges(data="kind") if k == "depends_on")
         deps.add_nodes_from(g)
@@ -92,7 +89,8 @@ class LevelDiagram:
         for n, d in depth.items():
             rows.setdefault(d, []).append(n)
         pos = {n: (i - (len(ns) - 1) / 2, -d) for d, ns in rows.items() for i, n in enumerate(ns)}
-        fig, ax = plt.subplots(figsize=(2.5 + 2 * max(len(r) for r in rows.values()), 1.5 + 1.3 * len(rows)))
+        fig = Figure(figsize=(2.5 + 2 * max(len(r) for r in rows.values()), 1.5 + 1.3 * len(rows)))
+        ax = fig.subplots()
         for u, v, k in g.edges(data="kind"):
             (x0, y0), (x1, y1) = pos[u], pos[v]
             ax.annotate("", xy=(x1, y1), xytext=(x0, y0),
