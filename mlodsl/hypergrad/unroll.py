@@ -82,7 +82,8 @@ class Unroll:
 class Forward:
     """Forward mode: the same quantity as ``Unroll`` from Jacobian-vector products,
     (vᵀ dθ_K/dθ_U)_j = vᵀ (dθ_K/dθ_U e_j), one ``torch.func.jvp`` through the block per
-    coordinate e_j of θ_U. Memory O(d), time O(p·K) for p upper parameters.
+    coordinate e_j of θ_U, ``chunk`` coordinates at a time under ``torch.func.vmap``.
+    Memory O(chunk·d), time O(p·K) for p upper parameters.
     """
 
     keeps_path = False
@@ -90,23 +91,30 @@ class Forward:
     def __repr__(self) -> str:
         return "Forward()"
 
+    def __init__(self, chunk: int = 32):
+        if not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"Forward(chunk=...) must be a positive int, got {chunk!r}")
+        self.chunk = chunk  # directions pushed through the block at once (vmapped)
+
     def vjp(self, traj: Trajectory, cotangent: dict) -> dict:
         leaves, spec = pytree.tree_flatten(traj.upper)
+        sizes = [x.numel() for x in leaves]
+        total = sum(sizes)
 
         def final_params(*upper_leaves):
             final = traj.run(pytree.tree_unflatten(list(upper_leaves), spec))
             return {name: final[name]["params"] for name in cotangent}
 
-        out = []
-        for i, leaf in enumerate(leaves):
-            column = []
-            for j in range(leaf.numel()):
-                tangents = [torch.zeros_like(x) for x in leaves]
-                tangents[i].view(-1)[j] = 1
-                _, jv = torch.func.jvp(final_params, tuple(leaves), tuple(tangents))
-                column.append(tree_vdot(cotangent, jv))
-            out.append(torch.stack(column).reshape(leaf.shape) if column else torch.zeros_like(leaf))
-        return pytree.tree_unflatten(out, spec)
+        def directional(direction):  # vᵀ (dθ_K/dθ_U · e) for one flat direction e
+            parts = torch.split(direction, sizes)
+            tangents = tuple(t.reshape(x.shape) for t, x in zip(parts, leaves))
+            _, jv = torch.func.jvp(final_params, tuple(leaves), tangents)
+            return tree_vdot(cotangent, jv)
+
+        basis = torch.eye(total, dtype=leaves[0].dtype, device=leaves[0].device)
+        batched = torch.func.vmap(directional, randomness="same")
+        flat = torch.cat([batched(basis[a:a + self.chunk]) for a in range(0, total, self.chunk)])
+        return pytree.tree_unflatten([c.reshape(x.shape) for c, x in zip(torch.split(flat, sizes), leaves)], spec)
 
 
 class FirstOrder:
