@@ -50,7 +50,7 @@ class TensorBoardLogger:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as err:
             raise ImportError("TensorBoardLogger needs the tensorboard package: pip install tensorboard "
-                              f"(or pip install 'mlodsl[dev]'); importing it failed with: {err}") from err
+                              f"(or pip install 'mlodsl[tensorboard]'); importing it failed with: {err}") from err
         self.writer = SummaryWriter(os.fspath(logdir))
 
     def __call__(self, prog, row) -> bool:
