@@ -120,7 +120,8 @@ def _drawn(batches: list) -> int:
 
 
 def _learnable(module) -> dict:
-    return {k: p.detach().clone() for k, p in module.named_parameters() if p.requires_grad}
+    """The module's learnable tensors, sharing their storage (steps never write into them)."""
+    return {k: p.detach() for k, p in module.named_parameters() if p.requires_grad}
 
 
 class Program:
@@ -289,8 +290,8 @@ class Program:
                     continue
                 new = self._state[name]["params"]
                 for k, p in pl.level.module.named_parameters():
-                    if k in new:
-                        p.copy_(new[k])
+                    if k in new:  # point the module at the step's output: no copy, no second footprint
+                        p.data = new[k]
 
     def fit(self, iters: int, *, validate=None, every=None, callbacks=(), progress=True) -> list:
         """Run ``iters`` steps with a tqdm bar of the losses.

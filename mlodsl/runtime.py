@@ -67,7 +67,8 @@ class BlockRecord:
         def update_map(own, upper):
             g = torch.func.grad(loss)(own, upper)
             reads = {**up, **final_params, level: own, upper_name: upper}
-            return rt.optimizers[level].update(own, g, self.final[level]["opt"], reads)[0]
+            new = rt.optimizers[level].update(own, g, self.final[level]["opt"], reads)[0]
+            return rt.projections[level](new) if level in rt.projections else new
 
         def begin(upper):
             return self.start if self.begin is None else self.begin({**up, upper_name: upper})
