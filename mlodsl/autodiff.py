@@ -17,6 +17,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 _FORCE_FUNC = [False]
+_DIFFERENTIATING = [0]  # > 0 while a function is evaluated for an enclosing product on the tape
 
 
 def use_torch_func(flag: bool) -> None:
@@ -29,13 +30,28 @@ def _tape() -> bool:
 
 
 def _inputs(leaves):
-    """Alias inputs that carry a graph; make fresh leaves of those that do not."""
-    nested = any(x.requires_grad for x in leaves)
+    """Alias inputs that carry a graph; make fresh leaves of those that do not.
+
+    ``nested``: this product will itself be differentiated (an input carries a graph, or it is
+    evaluated inside the function of an enclosing product), so it must be built with create_graph.
+    """
+    nested = _DIFFERENTIATING[0] > 0 or any(x.requires_grad for x in leaves)
     return [x.view_as(x) if x.requires_grad else x.detach().requires_grad_() for x in leaves], nested
 
 
-def _grads(outputs, inputs, grad_outputs, create_graph):
-    grads = torch.autograd.grad(outputs, inputs, grad_outputs, create_graph=create_graph, allow_unused=True)
+class _evaluating:
+    """Marks the evaluation of a function that an enclosing tape product differentiates."""
+
+    def __enter__(self):
+        _DIFFERENTIATING[0] += 1
+
+    def __exit__(self, *exc):
+        _DIFFERENTIATING[0] -= 1
+
+
+def _grads(outputs, inputs, grad_outputs, create_graph, retain_graph=None):
+    grads = torch.autograd.grad(outputs, inputs, grad_outputs, create_graph=create_graph,
+                                retain_graph=retain_graph, allow_unused=True)
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
 
 
@@ -46,7 +62,8 @@ def grad_with_aux(fn, primals):
     leaves, spec = pytree.tree_flatten(primals)
     with torch.enable_grad():
         inputs, nested = _inputs(leaves)
-        out, aux = fn(pytree.tree_unflatten(inputs, spec))
+        with _evaluating():
+            out, aux = fn(pytree.tree_unflatten(inputs, spec))
         grads = _grads([out], inputs, None, nested)
     if not nested:
         aux = pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, aux)
@@ -61,7 +78,8 @@ def vjp(fn, primals: tuple, cotangent):
     flat, spec = pytree.tree_flatten(list(primals))
     with torch.enable_grad():
         inputs, nested = _inputs(flat)
-        out = fn(*pytree.tree_unflatten(inputs, spec))
+        with _evaluating():
+            out = fn(*pytree.tree_unflatten(inputs, spec))
         outs, cts = pytree.tree_leaves(out), pytree.tree_leaves(cotangent)
         pairs = [(o, c) for o, c in zip(outs, cts) if o.requires_grad]
         if pairs:
@@ -71,3 +89,41 @@ def vjp(fn, primals: tuple, cotangent):
     if not nested:
         out = pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)
     return tuple(pytree.tree_unflatten(grads, spec)), out
+
+
+def grad(fn, argnums: int = 0):
+    """``∇`` of a scalar ``fn`` in its argument ``argnums`` (a pytree), like ``torch.func.grad``."""
+    def gradient(*args):
+        if not _tape():
+            return torch.func.grad(fn, argnums)(*args)
+
+        def with_aux(x):
+            return fn(*args[:argnums], x, *args[argnums + 1:]), None
+
+        return grad_with_aux(with_aux, args[argnums])[0]
+
+    return gradient
+
+
+def vjp_fn(fn, *primals):
+    """``(fn(*primals), pullback)`` where ``pullback(cotangent)`` may be called many times
+    (conjugate gradient reuses one linearization), like ``torch.func.vjp``."""
+    if not _tape():
+        return torch.func.vjp(fn, *primals)
+    flat, spec = pytree.tree_flatten(list(primals))
+    with torch.enable_grad():
+        inputs, nested = _inputs(flat)
+        with _evaluating():
+            out = fn(*pytree.tree_unflatten(inputs, spec))
+    outs = pytree.tree_leaves(out)
+
+    def pullback(cotangent):
+        pairs = [(o, c) for o, c in zip(outs, pytree.tree_leaves(cotangent)) if o.requires_grad]
+        with torch.enable_grad():
+            grads = (_grads([o for o, _ in pairs], inputs, [c for _, c in pairs], nested, retain_graph=True)
+                     if pairs else [torch.zeros_like(x) for x in inputs])
+        return tuple(pytree.tree_unflatten(grads, spec))
+
+    if not nested:
+        out = pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)
+    return out, pullback

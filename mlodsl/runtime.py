@@ -65,7 +65,7 @@ class BlockRecord:
             return rt.evaluate(level, params, self.last_batch)[0]
 
         def update_map(own, upper):
-            g = torch.func.grad(loss)(own, upper)
+            g = autodiff.grad(loss)(own, upper)
             reads = {**up, **final_params, level: own, upper_name: upper}
             new = rt.optimizers[level].update(own, g, self.final[level]["opt"], reads)[0]
             return rt.projections[level](new) if level in rt.projections else new
@@ -214,11 +214,13 @@ class Runtime:
         """Write a level's loss and metrics to the log (outside of transforms only)."""
         if log is None:
             return
-        ok = torch.isfinite(loss) & all_finite(grad)
+        # One reduction serves both: a NaN or Inf anywhere in the gradient makes its norm non-finite.
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach()) for g in grad.values()]))
+        ok = torch.isfinite(loss.detach() + norm)
         prev = log["_finite"].get(name)
         log["_finite"][name] = ok if prev is None else prev & ok
         log[name] = loss.detach()
-        log[f"{name}/grad_norm"] = torch.sqrt(sum((g.detach() ** 2).sum() for g in grad.values()))
+        log[f"{name}/grad_norm"] = norm
         for k, v in metrics.items():
             log[f"{name}/{k}"] = v.detach() if isinstance(v, torch.Tensor) else v
 

@@ -5,6 +5,7 @@ from typing import Callable
 
 import torch
 
+from .. import autodiff
 from .base import Trajectory
 from .linear import neumann_solver
 
@@ -22,8 +23,8 @@ def fixed_point_vjp(traj: Trajectory, v: dict, solve: Callable) -> dict:
     momentum, Φ uses the optimizer state where the block ended (so the moments are held fixed).
     """
     own = traj.own(traj.final)
-    _, pull_own = torch.func.vjp(lambda o: traj.update_map(o, traj.upper), own)
-    _, pull_upper = torch.func.vjp(lambda u: traj.update_map(own, u), traj.upper)
+    _, pull_own = autodiff.vjp_fn(lambda o: traj.update_map(o, traj.upper), own)
+    _, pull_upper = autodiff.vjp_fn(lambda u: traj.update_map(own, u), traj.upper)
 
     def matvec(w):
         aw = pull_own(w)[0]
