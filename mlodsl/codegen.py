@@ -47,7 +47,7 @@ def _block_fn(name, steps, subtree, method, restarts) -> list:
         f"        record = rt.block({name!r}, {steps}, start, s, path, up_{f},",
         f"                          lambda s_, up_, k: advance_{f}(s_, up_, i * {steps} + k, None, B),",
         f"                          B[{name!r}][i * {steps} + {steps - 1}]" + (
-            f",\n                          lambda up_: rt.begin({name!r}, s0, up_))" if restarts else ")"),
+            f",\n                          lambda up_: rt.begin({name!r}, s0, up_)" if restarts else "") + ", log=log)",
         f"        return s, record",
         "",
     ]

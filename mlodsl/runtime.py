@@ -49,6 +49,7 @@ class BlockRecord:
     last_batch: object
     runtime: "Runtime"
     begin: Callable | None = None  # up -> start state, when the block restarts each time it runs
+    log: dict | None = None        # where methods' diagnostics go (None inside transforms)
 
     def toward(self, upper_name: str) -> Trajectory:
         rt, level, up = self.runtime, self.level, self.up
@@ -74,8 +75,13 @@ class BlockRecord:
             return self.start if self.begin is None else self.begin({**up, upper_name: upper})
 
         from_upper = rt.starts.get(level) == upper_name
+
+        def report(key, value):
+            if self.log is not None:
+                self.log[f"{level}/{key}"] = value.detach() if isinstance(value, torch.Tensor) else value
+
         return Trajectory(level, self.steps, self.start, self.final, self.path, upper_name,
-                          up[upper_name], advance, loss, update_map, begin, from_upper)
+                          up[upper_name], advance, loss, update_map, begin, from_upper, report)
 
 
 def _mean_outputs(outs: list):
@@ -202,8 +208,8 @@ class Runtime:
                   else {k: up[how][k] for k in s[name]["params"]})
         return {**s, name: {"params": params, "opt": self.optimizers[name].init(params)}}
 
-    def block(self, level, steps, start, final, path, up, advance, last_batch, begin=None) -> BlockRecord:
-        return BlockRecord(level, steps, start, final, path, up, advance, last_batch, self, begin)
+    def block(self, level, steps, start, final, path, up, advance, last_batch, begin=None, log=None) -> BlockRecord:
+        return BlockRecord(level, steps, start, final, path, up, advance, last_batch, self, begin, log)
 
     @staticmethod
     def new_log() -> dict:

@@ -390,3 +390,13 @@ def test_buffers_are_the_same_before_and_after_a_hypergradient(method):
     prog.hypergradient("outer")
     for k, v in net.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+
+
+def test_solver_diagnostics_reach_the_metrics():
+    prog, *_ = ridge(ml.hypergrad.CG(iters=2))
+    row = prog.step()
+    assert 0 < row["inner/cg_residual"] < 1  # two of six CG iterations: not yet converged
+    prog, *_ = ridge(ml.hypergrad.CG(iters=D))
+    assert prog.step()["inner/cg_residual"] < 1e-8
+    prog, train, val, log_l2 = ridge(ml.hypergrad.Neumann(iters=3, alpha=0.1))
+    assert 0 < prog.step()["inner/neumann_change"] < 1

@@ -196,3 +196,29 @@ def test_check_hypergradient_agrees_for_cg_on_ridge():
     prog, *_ = ridge(ml.hypergrad.CG(iters=D), steps=300, opt=ml.optim.sgd(lr=_step_size(parts)))
     report = ml.check_hypergradient(prog, "outer", eps=1e-5)
     assert report.ok, str(report)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_read_mode_sets_dropout_when_another_level_calls_the_module(mode):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.5), nn.Linear(16, 1)).to(DT)
+    h = ml.Hyper(s=torch.tensor(0.1, dtype=DT))
+    x = torch.randn(32, 4, dtype=DT)
+
+    @ml.level(net, optimizer=ml.optim.sgd(lr=0.01), read_mode=mode, hypergrad=ml.hypergrad.FirstOrder())
+    def inner(net, outer):
+        return (net(x) ** 2).mean() + outer.s ** 2
+
+    @ml.level(h, optimizer=ml.optim.sgd(lr=0.1), depends_on=[inner])
+    def outer(m, inner):
+        return (inner(x) ** 2).mean()
+
+    prog = ml.Program(outer)
+    assert ("dropout" in prog.levels["inner"].graph.code and "training = True" in prog.levels["inner"].graph.code)
+    outer_code = prog.levels["outer"].graph.code
+    assert ("training = True" in outer_code) == (mode == "train")
+    params = {n: prog.params(n) for n in ("inner", "outer")}
+    a = prog.levels["outer"].traced(params, None)
+    b = prog.levels["outer"].traced(params, None)
+    assert torch.equal(a, b) == (mode == "eval")  # eval: no dropout noise when the upper reads it
+    assert net.training  # the user's module mode is left as it was

@@ -41,7 +41,8 @@ class Trajectory:
       optimizer state (the map whose fixed point the lower level converges to);
     * ``begin(upper)``: the block's start as a function of θ_U (it depends on θ_U when the lower
       level starts from the upper's parameters, MAML's ``start_from=<upper>``);
-      ``start_vjp(v)`` is vᵀ ∂θ_L^0/∂θ_U for a cotangent v on the lower level's start parameters.
+      ``start_vjp(v)`` is vᵀ ∂θ_L^0/∂θ_U for a cotangent v on the lower level's start parameters;
+    * ``report(name, value)``: a diagnostic scalar (a CG residual) for the lower level's metrics.
     """
 
     level: str
@@ -56,6 +57,7 @@ class Trajectory:
     update_map: Callable
     begin: Callable
     starts_from_upper: bool = False
+    report: Callable = lambda key, value: None  # (name, scalar) -> the level's metrics, e.g. a CG residual
 
     def run(self, upper: dict, state: dict | None = None, first: int = 0) -> dict:
         """Re-run updates ``first..steps-1`` from ``state`` (default: ``begin(upper)``) under ``upper``."""

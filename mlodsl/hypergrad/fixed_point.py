@@ -7,7 +7,7 @@ import torch
 
 from .. import autodiff
 from .base import Trajectory
-from .linear import neumann_solver
+from .linear import neumann_solver, solve_with_info
 
 
 def fixed_point_vjp(traj: Trajectory, v: dict, solve: Callable) -> dict:
@@ -30,7 +30,7 @@ def fixed_point_vjp(traj: Trajectory, v: dict, solve: Callable) -> dict:
         aw = pull_own(w)[0]
         return {k: w[k] - aw[k] for k in w}
 
-    return pull_upper(solve(matvec, v))[0]
+    return pull_upper(solve_with_info(solve, matvec, v, traj.report))[0]
 
 
 class FixedPoint:

@@ -7,6 +7,7 @@ differentiable torch operation, so a level above can differentiate through a sol
 """
 from __future__ import annotations
 
+import inspect
 from functools import partial
 
 import torch
@@ -38,7 +39,7 @@ def _ratio(num, den):
     return num / torch.where(den == 0, torch.ones_like(den), den)
 
 
-def conjugate_gradient(matvec, b, *, iters: int, tol: float | None = None):
+def conjugate_gradient(matvec, b, *, iters: int, tol: float | None = None, info: dict | None = None):
     """Conjugate gradient for A x = b, A symmetric positive definite, from x₀ = 0.
 
     r₀ = p₀ = b;  αₖ = rₖᵀrₖ / pₖᵀA pₖ;  x ← x + αₖ pₖ;  r ← r - αₖ A pₖ;
@@ -62,10 +63,12 @@ def conjugate_gradient(matvec, b, *, iters: int, tol: float | None = None):
         rr_new = tree_vdot(r, r)
         p = tree_axpy(_ratio(rr_new, rr), p, r)
         rr = rr_new
+    if info is not None:  # free: CG tracks its residual anyway
+        info["cg_residual"] = torch.sqrt(_ratio(rr, tree_vdot(b, b)))
     return x
 
 
-def neumann_series(matvec, b, *, iters: int, alpha: float):
+def neumann_series(matvec, b, *, iters: int, alpha: float, info: dict | None = None):
     """A⁻¹ b ≈ α Σ_{j=0}^{iters} (I - αA)^j b: the truncated Neumann series of (αA)⁻¹.
 
     Converges when the spectral radius of I - αA is below 1 (for SPD A: 0 < α < 2/λ_max);
@@ -75,6 +78,8 @@ def neumann_series(matvec, b, *, iters: int, alpha: float):
     for _ in range(iters):
         term = tree_sub(term, tree_scale(alpha, matvec(term)))  # (I - αA) term
         total = tree_add(total, term)
+    if info is not None:  # the size of the last term relative to the sum: how far from converged
+        info["neumann_change"] = _ratio(tree_norm(term), tree_norm(total))
     return tree_scale(alpha, total)
 
 
@@ -86,3 +91,19 @@ def cg_solver(iters: int, tol: float | None = None):
 def neumann_solver(iters: int, alpha: float):
     """``solve(matvec, b)`` by ``neumann_series`` with these settings."""
     return partial(neumann_series, iters=iters, alpha=alpha)
+
+
+def solve_with_info(solve, matvec, b, report) -> dict:
+    """``solve(matvec, b)``, passing the solver an ``info`` dict when it takes one and reporting
+    what it wrote there (the diagnostics that reach the metrics)."""
+    try:
+        takes_info = "info" in inspect.signature(solve).parameters
+    except (TypeError, ValueError):
+        takes_info = False
+    if not takes_info:
+        return solve(matvec, b)
+    info: dict = {}
+    x = solve(matvec, b, info=info)
+    for key, value in info.items():
+        report(key, value)
+    return x
