@@ -12,6 +12,7 @@ import os
 import sys
 import time
 import traceback
+import subprocess
 import warnings
 
 if __package__ in (None, ""):  # `python benchmarks/run.py`
@@ -24,6 +25,8 @@ from benchmarks.common import machine, memory_in_subprocess, time_round_robin, v
 
 BENCHES = {"b1": "benchmarks.b1_hpo", "b2": "benchmarks.b2_mwn", "b3": "benchmarks.b3_maml",
            "b4": "benchmarks.b4_scaling"}
+# Scripts with tables of their own, run in a subprocess: B5 (100M parameters, ~30 min), B6 (tasks).
+SCRIPTS = {"b5": "b5_scale.py", "b6": "b6_tasks.py"}
 # warm-up steps, timed rounds, time budget (s) of the timed rounds per configuration
 SETTINGS = {False: {"warmup": 2, "rounds": 12, "budget": 25.0, "mem_steps": 3},
             True: {"warmup": 1, "rounds": 3, "budget": 5.0, "mem_steps": 1}}
@@ -156,7 +159,8 @@ def table(bench: str, title: str, result: dict) -> list[str]:
 def main(argv=None):
     ap = argparse.ArgumentParser(description="mlodsl benchmarks against Betty, higher, TorchOpt and floors")
     ap.add_argument("--quick", action="store_true", help="a short run (≤ 3 minutes on 2 cores)")
-    ap.add_argument("--only", default="b1,b2,b3,b4", help="comma-separated subset of b1,b2,b3,b4")
+    ap.add_argument("--only", default="b1,b2,b3,b4,b6",
+                    help="comma-separated subset of b1,...,b6 (b5, 100M parameters, only when named)")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-contender memory subprocesses")
     ap.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"), help="markdown report ('' for none)")
@@ -176,7 +180,7 @@ def main(argv=None):
     t_start = time.time()
     info, vers = machine(), versions()
     cmd = "python -m benchmarks.run" + (" --quick" if args.quick else "") + \
-          (f" --only {args.only}" if args.only != "b1,b2,b3,b4" else "") + \
+          (f" --only {args.only}" if args.only != "b1,b2,b3,b4,b6" else "") + \
           (f" --threads {args.threads}" if args.threads != 1 else "") + (" --no-memory" if args.no_memory else "")
     head = [f"command: `{cmd}`",
             f"machine: {info['cpu']}, {info['cores']} cores, torch.set_num_threads({info['threads']}); "
@@ -185,6 +189,15 @@ def main(argv=None):
     print("\n".join(head) + "\n", flush=True)
     results, out_lines = {}, []
     for bench in args.only.split(","):
+        if bench in SCRIPTS:
+            cmd = [sys.executable, os.path.join(ROOT, "benchmarks", SCRIPTS[bench]), "--threads", str(args.threads)]
+            if bench == "b6" and args.quick:
+                cmd += ["--repeats", "2"]
+            out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT).stdout.strip().splitlines()
+            lines = [f"## {bench.upper()} (`python benchmarks/{SCRIPTS[bench]}`)", "", "```", *out, "```", ""]
+            print("\n".join(lines), flush=True)
+            out_lines += lines
+            continue
         mod = importlib.import_module(BENCHES[bench])
         title = mod.__doc__.split(".")[0].split(":", 1)[1].strip() if ":" in mod.__doc__.split(".")[0] else ""
         for config in mod.configs(args.quick):
