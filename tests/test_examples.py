@@ -43,3 +43,35 @@ def test_readme_quickstart_runs():
     exec(blocks[0].replace("prog.fit(iters=500)", "prog.fit(iters=2, progress=False)"), scope)
     exec(blocks[1].replace("print(", "str("), scope)
     assert [row["step"] for row in scope["prog"].history] == [1, 2]
+
+
+# The MLO zoo: each example at a tiny size, run twice with its fixed seed (same numbers both times).
+import re  # noqa: E402
+
+import pytest  # noqa: E402
+
+ZOO = {
+    "meta_weight_net.py": (("--iters", "5", "--imbalance", "100"), ("MW-Net", "learned weight at loss")),
+    "hyper_cleaning.py": (("--iters", "3", "--inner-steps", "3", "--retrain-steps", "10"),
+                          ("trained on noisy labels", "precision", "recall")),
+    "darts_digits.py": (("--iters", "5", "--retrain-steps", "5"), ("DARTS 1st order", "DARTS 2nd order", "uniform")),
+    "maml_sinusoid.py": (("--iters", "3", "--inner-steps", "2", "--test-tasks", "3"),
+                         ("pretrain", "maml", "fomaml", "imaml")),
+    "three_level_sources.py": (("--iters", "2", "--bottom-steps", "2"),
+                               ("learned source weights", "three levels (source + example weights)")),
+    "hpo_optimizer.py": (("--iters", "3", "--inner-steps", "5"), ("learned: lr", "grid best", "learned (lr, wd, L2)")),
+}
+
+
+def _untimed(out):
+    return [re.sub(r"\s+\d+ s$", "", line) for line in out.splitlines()
+            if not line.startswith("total time") and "s)" not in line[-4:]]
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_example_reports_its_figures_and_reproduces_them(name):
+    args, figures = ZOO[name]
+    first, second = run_example(name, *args), run_example(name, *args)
+    for figure in figures:
+        assert figure in first, first
+    assert _untimed(first) == _untimed(second)
