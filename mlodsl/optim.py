@@ -36,6 +36,7 @@ class Optimizer(NamedTuple):
     update: Callable[..., tuple[Params, dict]]
     hyperparams: dict
     reads: tuple  # level names that callable hyperparameters take
+    in_place: bool = False  # True for ml.optim.from_torch: nothing may differentiate its updates
 
     def __repr__(self) -> str:
         def show(v):
@@ -176,3 +177,45 @@ def adam(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, eps_root=1e-16
 def adamw(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, eps_root=1e-16) -> Optimizer:
     """AdamW (Loshchilov & Hutter): decoupled weight decay θ ← θ(1 - ηλ), as torch.optim.AdamW."""
     return _adam("adamw", lr, betas, eps, weight_decay, decoupled=True, eps_root=eps_root)
+
+
+class _TorchOptimizer:
+    """The torch.optim instance behind ``ml.optim.torch``; its leaves share storage with the params."""
+
+    def __init__(self, cls, params: dict, kwargs: dict):
+        self.leaves = {k: torch.nn.Parameter(v.detach(), requires_grad=True) for k, v in params.items()}
+        self.optimizer = cls(list(self.leaves.values()), **kwargs)
+
+    def __deepcopy__(self, memo):  # checkpoints and copies keep the same live optimizer
+        return self
+
+
+def from_torch(cls, **kwargs) -> Optimizer:
+    """A ``torch.optim`` optimizer (``ml.optim.from_torch(torch.optim.AdamW, lr=1e-3)``), updating in place.
+
+    For big models: no second copy of the parameters or of the optimizer state per update. Nothing
+    may differentiate through its updates, so a level may use it only when it is a top level or every
+    level above it differentiates it with a method that does not replay updates (CG, Neumann,
+    FiniteDiff, FirstOrder); the Program checks this at build time. Its update checks its gradient
+    first and leaves the parameters untouched when it is not finite; a non-finite value *elsewhere*
+    in the same step cannot undo an in-place update that already happened.
+    """
+    hp = dict(kwargs)
+
+    def init(params):
+        return {"count": torch.zeros((), dtype=torch.int64), "torch": _TorchOptimizer(cls, params, kwargs)}
+
+    def update(params, grads, state, reads=None):
+        handle = state["torch"]
+        if not all(bool(torch.isfinite(g).all()) for g in grads.values()):
+            return params, state  # the Program sees the non-finite gradient and raises or skips
+        with torch.no_grad():
+            for k, leaf in handle.leaves.items():
+                if leaf.data_ptr() != params[k].data_ptr():
+                    leaf.copy_(params[k])
+                leaf.grad = grads[k].detach()
+        handle.optimizer.step()
+        return {k: leaf.detach() for k, leaf in handle.leaves.items()}, {"count": state["count"] + 1,
+                                                                        "torch": handle}
+
+    return Optimizer(f"from_torch:{cls.__name__}", init, update, hp, (), in_place=True)

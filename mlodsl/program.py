@@ -119,6 +119,25 @@ def _drawn(batches: list) -> int:
     return sum(len(b) if isinstance(b, MicroBatches) else 1 for b in batches)
 
 
+def _check_in_place(levels: dict, graph, methods: dict):
+    """A level whose optimizer updates in place (``ml.optim.from_torch``) must not be differentiated
+    through: every level from it up to the top must be a top or use a method that does not replay
+    the updates."""
+    import networkx as nx
+    from .graph import depends_on_dag
+    dag = depends_on_dag(graph)
+    for name, lvl in levels.items():
+        if not getattr(lvl.optimizer, "in_place", False):
+            continue
+        for below in {name} | nx.ancestors(dag, name):
+            method = methods.get(below)
+            if method is not None and getattr(method, "replays_updates", True):
+                raise ProgramError(
+                    f"level '{name}' uses an in-place torch.optim optimizer, but level '{below}' is "
+                    f"differentiated by {method!r}, which replays its updates; use ml.optim.sgd/adam/adamw "
+                    f"there, or a method that does not (CG, Neumann, FiniteDiff, FirstOrder)")
+
+
 def _learnable(module) -> dict:
     """The module's learnable tensors, sharing their storage (steps never write into them)."""
     return {k: p.detach() for k, p in module.named_parameters() if p.requires_grad}
@@ -158,6 +177,7 @@ class Program:
         levels = collect_levels(tops)
         self.graph = build_graph(levels)
         methods = _methods(levels, self.graph)
+        _check_in_place(levels, self.graph, methods)
         self.plan = make_plan(levels, self.graph, methods)
         self.schedule = self.plan.schedule
         self._streams = {n: BatchStream(n, lvl.data) for n, lvl in levels.items()}

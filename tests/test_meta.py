@@ -222,3 +222,23 @@ def test_read_mode_sets_dropout_when_another_level_calls_the_module(mode):
     b = prog.levels["outer"].traced(params, None)
     assert torch.equal(a, b) == (mode == "eval")  # eval: no dropout noise when the upper reads it
     assert net.training  # the user's module mode is left as it was
+
+
+def test_plain_torch_optim_for_a_level_nothing_differentiates_through():
+    """A top level with torch.optim.Adam follows torch's own trajectory; under Unroll it is refused."""
+    from helpers import make_hpo
+    prog, net, hyper, train, val = make_hpo(K=3, method=ml.hypergrad.CG(iters=3),
+                                            outer_opt=ml.optim.from_torch(torch.optim.Adam, lr=0.05))
+    ref = ml.Hyper(log_l2=hyper.log_l2.detach().clone())
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=0.05)
+    for _ in range(3):
+        g = prog.hypergradient("outer")["log_l2"]
+        prog.step()
+        ref.log_l2.grad = g.clone()
+        ref_opt.step()
+        torch.testing.assert_close(prog.params("outer")["log_l2"], ref.log_l2.detach(), rtol=1e-12, atol=1e-14)
+    with pytest.raises(ml.ProgramError, match="level 'inner' uses an in-place torch.optim.*Unroll"):
+        make_hpo(K=3, inner_opt=ml.optim.from_torch(torch.optim.SGD, lr=0.1))
+    cg, *_ = make_hpo(K=3, method=ml.hypergrad.CG(iters=3), inner_opt=ml.optim.from_torch(torch.optim.SGD, lr=0.5))
+    plain, *_ = make_hpo(K=3, method=ml.hypergrad.CG(iters=3), inner_opt=ml.optim.sgd(lr=0.5))
+    torch.testing.assert_close(cg.hypergradient("outer"), plain.hypergradient("outer"), rtol=1e-10, atol=1e-12)

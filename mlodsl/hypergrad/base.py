@@ -3,6 +3,9 @@
 A hypergradient method is any object with
 
 * ``keeps_path: bool`` -- whether the block must store every iterate (``Unroll`` does);
+* ``replays_updates: bool`` (optional, True when absent) -- whether the method re-runs or
+  differentiates the lower level's optimizer updates; only levels under methods that do not may
+  use an in-place ``torch.optim`` optimizer (``ml.optim.torch``);
 * ``vjp(trajectory, cotangent) -> dict`` -- given the cotangent ``v = ∂f_U/∂θ_L`` of the upper
   level's loss with respect to the lower level's final parameters, return the best-response
   vector-Jacobian product ``vᵀ dθ_L/dθ_U`` with respect to the upper level's parameters

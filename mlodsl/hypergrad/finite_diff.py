@@ -38,6 +38,7 @@ class FiniteDiff:
     """
 
     keeps_path = False
+    replays_updates = False  # uses the loss alone, not the updates
 
     def __init__(self, eps: float = 0.01):
         if not eps > 0:

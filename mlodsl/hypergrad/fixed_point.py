@@ -43,6 +43,7 @@ class FixedPoint:
     """
 
     keeps_path = False
+    replays_updates = True  # re-runs or differentiates the optimizer updates
 
     def __init__(self, iters: int, solve: Callable | None = None):
         if not isinstance(iters, int) or iters < 0:

@@ -38,6 +38,7 @@ class Implicit:
     """
 
     keeps_path = False
+    replays_updates = False  # uses the loss alone, not the updates
 
     def __init__(self, solve: Callable, damping: float = 0.0):
         if damping < 0:

@@ -25,6 +25,7 @@ class Unroll:
     """
 
     keeps_path = True
+    replays_updates = True  # differentiates the optimizer updates
 
     def __init__(self, last: int | None = None, checkpoint: int | str | None = None):
         if last is not None and (not isinstance(last, int) or last < 1):
@@ -124,6 +125,7 @@ class FirstOrder:
     ``start_from=<upper>`` it is the identity, which is first-order MAML. Free."""
 
     keeps_path = False
+    replays_updates = False
 
     def __repr__(self) -> str:
         return "FirstOrder()"

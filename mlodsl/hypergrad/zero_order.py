@@ -50,6 +50,7 @@ class ZeroOrder:
     """
 
     keeps_path = False
+    replays_updates = True  # re-runs or differentiates the optimizer updates
 
     def __init__(self, samples: int, sigma: float, antithetic: bool = True):
         if not isinstance(samples, int) or samples < 1:
