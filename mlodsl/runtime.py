@@ -13,7 +13,6 @@ import torch
 
 from . import autodiff
 from .hypergrad.base import Trajectory
-from .tree import all_finite
 
 
 class LevelError(RuntimeError):

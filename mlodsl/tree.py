@@ -42,11 +42,3 @@ def split_differentiable(tree):
         return pytree.tree_unflatten([next(it_f) if m else next(it_o) for m in mask], spec)
 
     return floats, join
-
-
-def all_finite(tree) -> torch.Tensor:
-    """One boolean tensor: every floating leaf of the tree is finite."""
-    flags = [torch.isfinite(x).all() for x in pytree.tree_leaves(tree) if is_differentiable(x)]
-    if not flags:
-        return torch.tensor(True)
-    return torch.stack(flags).all()
