@@ -150,6 +150,14 @@ def trace_level(level, modules: dict, owners: dict, example_batch, training: dic
     """
     with _modes(modules, training or {}):
         traced = _trace(level, modules, owners, example_batch)
+        if not traced.opaque and not _follows_the_function(traced, modules, owners, example_batch):
+            warnings.warn(
+                f"level '{level.name}': its traced graph does not change with the parameters the way the "
+                f"function does (parameters read through .parameters() or Python numbers are frozen by "
+                f"tracing); it runs as an opaque functional_call instead. Read parameters by name "
+                f"(net.weight, net[0].bias) to get a readable graph.", TraceWarning, stacklevel=3)
+            kind, keys, batch_names = _batch_structure(example_batch, level.takes_batch)
+            traced = _opaque_level(level, modules, owners, kind, keys, batch_names, "graph not faithful")
     if traced.opaque:
         graph_call = traced.graph.forward
 
@@ -159,6 +167,37 @@ def trace_level(level, modules: dict, owners: dict, example_batch, training: dic
 
         traced.graph.forward = call_in_mode
     return traced
+
+
+def _follows_the_function(traced: TracedLevel, modules: dict, owners: dict, example_batch) -> bool:
+    """Check the graph against the function itself at perturbed parameters (same random seed).
+
+    Tracing records what flows through proxies; a parameter reached another way (iterating
+    ``module.parameters()``) is baked in as a constant, and the graph would silently ignore it.
+    """
+    module_of = {owners[a]: m for a, m in modules.items()}
+    gen = torch.Generator().manual_seed(0)
+    kwargs = {}
+    for ph, (lvl, pname) in traced.inputs.items():
+        p = dict(module_of[lvl].named_parameters())[pname].detach()
+        kwargs[ph] = p + 0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
+    args = traced.batch_args(example_batch)
+    outs = []
+    with torch.no_grad():
+        for fn in (traced.graph, traced.direct):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                try:
+                    outs.append(fn(*args, **kwargs))
+                except Exception:  # noqa: BLE001 - a failure here is for the build-time check to report
+                    return True
+    a = [x for x in fx.node.map_aggregate(outs[0], lambda x: x) if isinstance(x, torch.Tensor)] \
+        if isinstance(outs[0], (tuple, list)) else [outs[0]]
+    b = [x for x in fx.node.map_aggregate(outs[1], lambda x: x) if isinstance(x, torch.Tensor)] \
+        if isinstance(outs[1], (tuple, list)) else [outs[1]]
+    return len(a) == len(b) and all(
+        isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
+        and torch.allclose(x.float(), y.float(), rtol=1e-4, atol=1e-6, equal_nan=True) for x, y in zip(a, b))
 
 
 def _trace(level, modules: dict, owners: dict, example_batch) -> TracedLevel:
@@ -262,6 +301,30 @@ class _FunctionalModule:
 
     def __call__(self, *args, **kwargs):
         return torch.func.functional_call(self._module, self._params, args, kwargs)
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True):
+        for name, p in self._module.named_parameters(recurse=recurse):
+            yield prefix + name, self._params.get(name, p)
+
+    def parameters(self, recurse: bool = True):
+        return (p for _, p in self.named_parameters(recurse=recurse))
+
+    def _child(self, key: str):
+        prefix = key + "."
+        return _FunctionalModule(self._module.get_submodule(key),
+                                 {k[len(prefix):]: v for k, v in self._params.items() if k.startswith(prefix)})
+
+    def __getitem__(self, idx):  # nn.Sequential / nn.ModuleList indexing
+        if isinstance(idx, slice):
+            raise TypeError("slicing a module inside a level is not supported; index its layers one by one")
+        n = len(self._module)
+        return self._child(str(idx % n if isinstance(idx, int) else idx))
+
+    def __len__(self):
+        return len(self._module)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self._module)))
 
     def __getattr__(self, name):
         prefix = name + "."

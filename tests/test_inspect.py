@@ -165,3 +165,22 @@ def test_errors_point_at_the_users_line_and_the_generated_step(tmp_path):
     assert "level 'only'" in text
     assert "sub = advance_only(" in text  # a frame of the generated step, with its source line
     assert prog.code_filename in text
+
+
+def test_parameters_read_through_parameters_are_not_frozen_by_tracing():
+    """Iterating module.parameters() bypasses fx's proxies; the build-time check against the function
+    itself catches it and runs the level opaquely, so its hypergradient is right (hand-derived)."""
+    low, up = ml.Hyper(w=torch.ones(3, dtype=DT)), ml.Hyper(w=torch.zeros(3, dtype=DT))
+
+    @ml.level(low, optimizer=ml.optim.sgd(lr=0.1), steps=2)
+    def inner(m, outer):
+        return sum(((a - b) ** 2).sum() for a, b in zip(m.parameters(), outer.parameters()))
+
+    @ml.level(up, optimizer=ml.optim.sgd(lr=0.1), depends_on=[inner])
+    def outer(m, inner):
+        return ((inner.w - 2.0) ** 2).sum()
+
+    with pytest.warns(ml.TraceWarning, match="level 'inner'.*does not change with the parameters"):
+        prog = ml.Program(outer)
+    # w₂ = 0.64 w₀ + 0.36 u, so d/du (w₂ - 2)² = 2 (w₂ - 2) · 0.36 at w₀ = 1, u = 0.
+    torch.testing.assert_close(prog.hypergradient("outer")["w"], torch.full((3,), 2 * (0.64 - 2) * 0.36, dtype=DT))
