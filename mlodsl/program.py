@@ -320,10 +320,13 @@ class Program:
         every ``every`` steps (default: after the last step). A callback ``cb(prog, row)`` runs after
         every step; returning ``True`` stops the fit.
         """
-        from tqdm.auto import tqdm
-
         main = self.distributed is None or self.distributed.is_main
-        bar = tqdm(range(iters), disable=not (progress and main), desc="fit")
+        progress = progress and main
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(range(iters), desc="fit")
+        else:
+            bar = range(iters)
         for it in bar:
             row = self.step()
             if validate is not None and ((every and (it + 1) % every == 0) or it + 1 == iters):
