@@ -79,7 +79,7 @@ def _tasked_levels(levels: dict, plan) -> set:
     return out
 
 
-def _task_count(name, batch, first) -> int:
+def _task_count(name, batch) -> int:
     leaves = [x for x in tree_leaves(batch) if isinstance(x, torch.Tensor)]
     if not leaves:
         raise ProgramError(f"level '{name}' has tasks=True but its batch has no tensors")
@@ -207,7 +207,7 @@ class Program:
         self.tasks = {}
         for name in self._tasked_batches:
             if levels[name].tasks:
-                self.tasks[name] = _task_count(name, first[name][0], first)
+                self.tasks[name] = _task_count(name, first[name][0])
                 self._state[name] = tree_map(lambda x: x.expand(self.tasks[name], *x.shape).clone(),
                                              self._state[name])
         self._check_losses(first)
