@@ -66,7 +66,7 @@ def _gradient_fn(name, children, shared, lowers, taken, subtree, suffix="") -> l
         lines += [f"        s, block_{ident(c)}_ = block_{ident(c)}(sub, up, i, log, B)",
                   f"        sub = {{**sub, **s}}"]
     lines += [f"        loss, metrics, g = rt.partials({name!r}, {{**up, **rt.params_of(sub)}}, B[{name!r}][i], "
-              f"{(name,) + tuple(dict.fromkeys(below))!r})",
+              f"{(name,) + tuple(dict.fromkeys(below))!r}, log)",
               f"        g_{f} = g[{name!r}]"]
     for c in lowers:
         record = f"block_{ident(c)}_" if c in children else f"shared[{c!r}]"

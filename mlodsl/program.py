@@ -26,7 +26,7 @@ from .plan import make_plan
 from .precision import Autocast, LossScaler, check as check_precision
 from .runtime import MicroBatches, Runtime, split_output
 from .tree import tree_leaves, tree_map
-from .trace import TracedLevel, trace_level
+from .trace import BufferState, TracedLevel, trace_level
 
 
 class NonFiniteError(FloatingPointError):
@@ -189,6 +189,7 @@ class Program:
         first = self._draw_batches()
         self._pending = first
         self.levels = {}
+        self._buffers = BufferState()  # running statistics: staged by a step, committed with it
         for name, lvl in levels.items():
             modules = {lvl.own_arg: lvl.module, **{a: levels[a].module for a in lvl.level_args}}
             owners = {lvl.own_arg: name, **{a: a for a in lvl.level_args}}
@@ -197,6 +198,7 @@ class Program:
             if name in self._tasked_batches:
                 example = tree_map(lambda x: x[0], example)  # one task's batch
             traced = trace_level(lvl, modules, owners, example, training)
+            traced.buffer_state = self._buffers
             self.levels[name] = ProgramLevel(lvl, traced)
         self._state = {n: {"params": _learnable(lvl.module), "opt": None} for n, lvl in levels.items()}
         for name, lvl in levels.items():
@@ -231,6 +233,7 @@ class Program:
                                 clip={n: lvl.clip_grad_norm for n, lvl in levels.items() if lvl.clip_grad_norm})
         self.code = codegen.generate(self.plan, levels, methods, title)
         (self._step_fn, self._hypergradient_fn), self.code_filename = codegen.build(self.code, self._runtime)
+        self._runtime.buffer_state = self._buffers
         self.step_count = 0
         self.history: list[dict] = []
 
@@ -267,6 +270,7 @@ class Program:
     def step(self) -> dict:
         """One step of the top level(s), every lower step included; returns the losses."""
         batches = self._next_batches()
+        self._buffers.begin()
         new_state, log = self._step_fn(self._state, batches)
         finite = {n: bool(ok) for n, ok in log.pop("_finite").items()}
         if self.distributed is not None:  # the ranks' mean losses; a step is bad if it is bad anywhere
@@ -290,6 +294,7 @@ class Program:
             self.history.append(row)
             return row
         self._state = new_state
+        self._buffers.commit({n: pl.level.module for n, pl in self.levels.items()})
         self.step_count += 1
         for sc in self.scalers.values():
             sc.update(overflowed=False)
@@ -351,6 +356,7 @@ class Program:
             raise ValueError(f"level '{name}' is batched over tasks; ask for its upper level's hypergradient")
         if self._pending is None:
             self._pending = self._draw_batches()
+        self._buffers.begin()  # nothing this computes is committed: buffers stay as they are
         g, _ = self._hypergradient_fn(name, self._state, self._pending)
         if self.distributed is not None:
             g = self.distributed.reduce(g)
@@ -365,6 +371,7 @@ class Program:
         if params is not None:
             state = {**state, name: {**state[name], "params": params}}
         with torch.no_grad():
+            self._buffers.begin()
             _, loss = self._hypergradient_fn(name, state, self._pending)
         if self.distributed is not None:
             loss = self.distributed.mean_log({"loss": loss}, {})[0]["loss"]

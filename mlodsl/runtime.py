@@ -140,6 +140,7 @@ class Runtime:
         self.reduce, self.replicate = reduce, replicate  # data parallel (None: one process)
         self.clip = clip or {}                # level -> max norm of its total gradient
         self.restrict, self.outside, self.params_of = restrict, outside, params_of
+        self.buffer_state = None              # trace.BufferState: staged running statistics
 
     def evaluate(self, name: str, params: dict, batch):
         """``(loss, metrics)`` of level ``name`` under its precision; the mean over micro-batches."""
@@ -152,11 +153,15 @@ class Runtime:
             loss, metrics = split_output(name, self.traced[name](params, batch))
         return (loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss), metrics
 
-    def partials(self, name: str, params: dict, batch, wrt: tuple):
+    def partials(self, name: str, params: dict, batch, wrt: tuple, log=None):
         """Loss of level ``name`` and its partial gradients w.r.t. the levels in ``wrt``.
 
-        Levels in ``wrt`` that the loss does not take get zero gradients.
+        Levels in ``wrt`` that the loss does not take get zero gradients. With ``log`` (the step's
+        forward pass, not a re-evaluation), the level's buffers (running statistics) advance.
         """
+        if log is not None and self.buffer_state is not None:
+            with self.buffer_state.writing(name):
+                return self.partials(name, params, batch, wrt)
         taken = {lvl for lvl, _ in self.traced[name].inputs.values()}
         diff = {w: params[w] for w in wrt if w in taken}
         scale = self.loss_scales[name].scale if name in self.loss_scales else None  # fp16: scale·loss

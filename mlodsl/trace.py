@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -38,6 +38,8 @@ class TracedLevel:
     opaque: bool = False
     reason: str = ""
     direct: object = None           # the user's function called directly (same signature as graph)
+    buffers: dict = field(default_factory=dict)  # placeholder -> (level, module, buffer name)
+    buffer_state: object = None     # the Program's BufferState (staged running statistics)
 
     def batch_args(self, batch) -> tuple:
         if self.batch_kind == "none":
@@ -51,9 +53,14 @@ class TracedLevel:
     def __call__(self, params: dict, batch):
         """Evaluate the loss; ``params`` maps level names to dicts of parameter tensors."""
         kwargs = {ph: params[lvl][p] for ph, (lvl, p) in self.inputs.items()}
+        if self.buffers:
+            kwargs.update(self.buffer_state.inputs(self.buffers))
         args = self.batch_args(batch)
         try:
-            return self.graph(*args, **kwargs)
+            out = self.graph(*args, **kwargs)
+            if self.buffers:
+                self.buffer_state.written(self.buffers, kwargs)
+            return out
         except Exception:
             if self.opaque or self.direct is None:
                 raise
@@ -64,6 +71,62 @@ class TracedLevel:
         # same inputs, raises the same error at the user's own line.
         user_error.add_note(f"(raised in level '{self.name}'; shown by calling its function directly)")
         raise user_error.with_traceback(user_error.__traceback__) from None
+
+
+class BufferState:
+    """Buffers (BatchNorm running statistics) as state of a step, kept out of the user's modules
+    until the step commits.
+
+    Every evaluation of a traced loss gets fresh copies of the current buffers (the staged values of
+    this step, else the module's). Only the evaluation of a level's own loss in its own update, in
+    the step's forward pass (``writing(level)``), stages what it wrote for that level's buffers;
+    hypergradient products, finite differences and readers' evaluations leave no trace. The
+    Program commits the staged buffers with the step, or drops them with it.
+    """
+
+    def __init__(self):
+        self.staged: dict = {}
+        self.writer = None
+
+    def begin(self):
+        self.staged, self.writer = {}, None
+
+    def inputs(self, buffers: dict) -> dict:
+        out = {}
+        for ph, (lvl, module, name) in buffers.items():
+            current = self.staged.get((lvl, name))
+            out[ph] = (module.get_buffer(name) if current is None else current).detach().clone()
+        return out
+
+    def written(self, buffers: dict, kwargs: dict):
+        for ph, (lvl, module, name) in buffers.items():
+            if lvl != self.writer:
+                continue
+            self.staged[(lvl, name)] = kwargs[ph].detach()
+            if name.endswith("running_mean"):  # one more batch seen by that BatchNorm
+                count = name[: -len("running_mean")] + "num_batches_tracked"
+                if count in dict(module.named_buffers()):
+                    current = self.staged.get((lvl, count), module.get_buffer(count))
+                    self.staged[(lvl, count)] = current + 1
+
+    def writing(self, level):
+        state = self
+
+        class _Writing:
+            def __enter__(self):
+                state.writer = level
+
+            def __exit__(self, *exc):
+                state.writer = None
+
+        return _Writing()
+
+    def commit(self, modules: dict):
+        """Write the staged buffers into the levels' modules (``modules``: level -> module)."""
+        with torch.no_grad():
+            for (lvl, name), value in self.staged.items():
+                modules[lvl].get_buffer(name).copy_(value)
+        self.begin()
 
 
 def _raised(fn, args, kwargs):
@@ -97,11 +160,27 @@ class _IntoModulesTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return False
 
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        # BatchNorm's forward checks input.dim() in Python, which symbolic tracing cannot follow;
+        # record the same arithmetic as one batch_norm call on its (proxied) buffers instead.
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is not None and not kwargs:
+            return _batch_norm(m, *args)
+        return super().call_module(m, forward, args, kwargs)
+
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
         # get_attr nodes become placeholders later; keep their names free for those placeholders.
         if kind == "get_attr":
             name = "_attr_" + _identifier(str(target))
         return super().create_node(kind, target, args, kwargs, name, type_expr)
+
+
+def _batch_norm(m, x):
+    """``nn.BatchNorm*.forward`` for a module with a fixed momentum, without its Python checks."""
+    # num_batches_tracked only matters when momentum is None (not traced); BufferState counts it.
+    use_running = not m.training or m.track_running_stats
+    return torch.batch_norm(x, m.weight, m.bias, m.running_mean if use_running else None,
+                            m.running_var if use_running else None, m.training or not m.track_running_stats,
+                            m.momentum, m.eps, torch.backends.cudnn.enabled)
 
 
 def _rebuild_batch(kind, keys, args):
@@ -182,15 +261,22 @@ def _follows_the_function(traced: TracedLevel, modules: dict, owners: dict, exam
         p = dict(module_of[lvl].named_parameters())[pname].detach()
         kwargs[ph] = p + 0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
     args = traced.batch_args(example_batch)
+    saved = {(lvl, name): module.get_buffer(name).detach().clone() for lvl, module, name in traced.buffers.values()}
+    every_buffer = [(b, b.detach().clone()) for m in modules.values() for b in m.buffers()]
     outs = []
     with torch.no_grad():
         for fn in (traced.graph, traced.direct):
+            extra = ({ph: saved[(lvl, name)].clone() for ph, (lvl, _, name) in traced.buffers.items()}
+                     if fn is traced.graph else {})
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
                 try:
-                    outs.append(fn(*args, **kwargs))
+                    outs.append(fn(*args, **kwargs, **extra))
                 except Exception:  # noqa: BLE001 - a failure here is for the build-time check to report
                     return True
+                finally:  # the direct call ran the real modules: put their buffers back
+                    for buffer, value in every_buffer:
+                        buffer.copy_(value)
     a = [x for x in fx.node.map_aggregate(outs[0], lambda x: x) if isinstance(x, torch.Tensor)] \
         if isinstance(outs[0], (tuple, list)) else [outs[0]]
     b = [x for x in fx.node.map_aggregate(outs[1], lambda x: x) if isinstance(x, torch.Tensor)] \
@@ -202,11 +288,13 @@ def _follows_the_function(traced: TracedLevel, modules: dict, owners: dict, exam
 
 def _trace(level, modules: dict, owners: dict, example_batch) -> TracedLevel:
     kind, keys, batch_names = _batch_structure(example_batch, level.takes_batch)
-    owner_of_param = {}
+    owner_of_param, owner_of_buffer = {}, {}
     for arg, module in modules.items():
         for pname, p in module.named_parameters():
             if p.requires_grad:
                 owner_of_param[f"{arg}.{pname}"] = (owners[arg], pname)
+        for bname, _ in module.named_buffers():
+            owner_of_buffer[f"{arg}.{bname}"] = (owners[arg], module, bname)
     keys_out = keys if kind == "dict" else (keys[0] if keys else 0,)
 
     # forward(self, batch_0, batch_1, ...) rebuilds the batch and calls the user's function.
@@ -225,9 +313,10 @@ def _trace(level, modules: dict, owners: dict, example_batch) -> TracedLevel:
     try:
         graph = _IntoModulesTracer().trace(root)
         inputs = _parameters_to_placeholders(graph, owner_of_param)
+        buffers = _buffers_to_placeholders(graph, owner_of_buffer)
         gm = fx.GraphModule(root, graph, class_name=f"level_{_identifier(level.name)}")
         direct, _ = _direct_call(level, modules, owners, kind, keys)
-        return TracedLevel(level.name, gm, kind, keys, inputs, direct=direct)
+        return TracedLevel(level.name, gm, kind, keys, inputs, direct=direct, buffers=buffers)
     except Exception as err:  # noqa: BLE001 - every tracing failure falls back the same way
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         warnings.warn(
@@ -236,6 +325,25 @@ def _trace(level, modules: dict, owners: dict, example_batch) -> TracedLevel:
             f"control flow that depends on tensor values (use torch.where) and modules that do not trace.",
             TraceWarning, stacklevel=4)
         return _opaque_level(level, modules, owners, kind, keys, batch_names, reason)
+
+
+def _buffers_to_placeholders(graph: fx.Graph, owner_of_buffer: dict) -> dict:
+    """Buffers the graph reads become placeholders ``<level>_<buffer>``: each call gets copies, so
+    in-place updates (BatchNorm's running statistics) never touch the module."""
+    first_op = next(n for n in graph.nodes if n.op != "placeholder")
+    used = [n for n in graph.nodes if n.op == "get_attr" and n.target in owner_of_buffer]
+    buffers, placeholder_of = {}, {}
+    with graph.inserting_before(first_op):
+        for target in dict.fromkeys(n.target for n in used):
+            lvl, module, bname = owner_of_buffer[target]
+            ph = graph.placeholder(_identifier(f"{lvl}_{bname}"))
+            buffers[ph.name] = (lvl, module, bname)
+            placeholder_of[target] = ph
+    for node in used:
+        node.replace_all_uses_with(placeholder_of[node.target])
+        graph.erase_node(node)
+    graph.lint()
+    return buffers
 
 
 def _parameters_to_placeholders(graph: fx.Graph, owner_of_param: dict) -> dict:
