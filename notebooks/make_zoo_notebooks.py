@@ -7,11 +7,13 @@ and runs a few steps only when MLODSL_SMALL=1 (the test suite does). Edit the ce
 .ipynb files.
 """
 import os
+import sys
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from nbformat.v4 import new_code_cell, new_markdown_cell
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_notebooks import write  # noqa: E402  (one writer: stable cell ids, validated, no outputs)
+
 md, code = new_markdown_cell, new_code_cell
 
 SETUP = """\
@@ -514,19 +516,6 @@ NOTEBOOKS = {
     "06_three_levels.ipynb": THREE,
     "07_hpo_optimizer.ipynb": HPO,
 }
-
-
-def write(name, cells):
-    nb = new_notebook(cells=cells, metadata={
-        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
-        "language_info": {"name": "python"}})
-    for i, cell in enumerate(nb.cells):             # stable ids: rewriting gives the same file
-        cell.id = f"cell-{i:02d}"
-    nbformat.validate(nb)
-    path = os.path.join(HERE, name)
-    with open(path, "w") as f:
-        nbformat.write(nb, f)
-    return path
 
 
 if __name__ == "__main__":
