@@ -12,6 +12,7 @@ validation (plus 1000 fresh points from the same model for a test accuracy).
 
     python examples/hpo_logreg.py                      # Unroll, 200 outer steps, 1 thread
     python examples/hpo_logreg.py --method forward --iters 50
+    python examples/hpo_logreg.py --compile            # torch.compile the step's regions
 """
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ def methods() -> dict:
     return table
 
 
-def build(train, val, *, inner_steps=100, method="unroll", inner_lr=0.1, outer_lr=0.1, restart=False, seed=0):
+def build(train, val, *, inner_steps=100, method="unroll", inner_lr=0.1, outer_lr=0.1, restart=False, seed=0,
+          compile=False):
     """The two-level program. Returns ``(prog, net, hyper)``.
 
     ``restart=True`` starts every inner solve from w = 0 (Betty's ``on_inner_loop_start``); the
@@ -84,7 +86,7 @@ def build(train, val, *, inner_steps=100, method="unroll", inner_lr=0.1, outer_l
         x, y = batch
         return F.binary_cross_entropy_with_logits(inner(x).squeeze(-1), y)
 
-    return ml.Program(outer, seed=seed), net, hyper
+    return ml.Program(outer, seed=seed, compile=compile), net, hyper
 
 
 @torch.no_grad()
@@ -105,13 +107,14 @@ def main(argv=None):
                     help="start every inner solve from w = 0, as Betty's hello world does (default: warm start)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the data and of torch (default 0)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    ap.add_argument("--compile", action="store_true", help="compile the step's regions with torch.compile")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     train, val, test, w_gt = make_data(args.seed)
     prog, net, hyper = build(train, val, inner_steps=args.inner_steps, method=args.method,
-                             outer_lr=args.outer_lr, restart=args.restart, seed=args.seed)
+                             outer_lr=args.outer_lr, restart=args.restart, seed=args.seed, compile=args.compile)
     print(f"mlodsl {ml.__version__}, torch {torch.__version__}, {args.threads} thread(s); "
           f"method {args.method}, {args.inner_steps} inner steps per outer step"
           + (", each inner solve from w = 0" if args.restart else ", warm-started inner solves"))

@@ -26,8 +26,9 @@ def ident(name: str) -> str:
     return out if out.isidentifier() else "_" + out
 
 
-def _block_fn(name, steps, subtree, method, restarts) -> list:
-    """``method``: the lower level's hypergradient method (it says which iterates to keep)."""
+def _block_fn(name, steps, subtree, method, restarts, leaf) -> list:
+    """``method``: the lower level's hypergradient method (it says which iterates to keep); ``leaf``:
+    the level has no lower levels (its update is one compiled region, and so is the update's VJP)."""
     f = ident(name)
     stride = method.path_stride(steps) if hasattr(method, "path_stride") else 1
     lines = [
@@ -47,26 +48,57 @@ def _block_fn(name, steps, subtree, method, restarts) -> list:
         f"        record = rt.block({name!r}, {steps}, start, s, path, up_{f},",
         f"                          lambda s_, up_, k: advance_{f}(s_, up_, i * {steps} + k, None, B),",
         f"                          B[{name!r}][i * {steps} + {steps - 1}]" + (
-            f",\n                          lambda up_: rt.begin({name!r}, s0, up_)" if restarts else "") + ", log=log)",
+            f",\n                          lambda up_: rt.begin({name!r}, s0, up_)" if restarts else "") + ", log=log" + (
+            f",\n                          update_vjp=lambda s_, up_, upper, k, ct: "
+            f"update_vjp_{f}(s_, up_, upper, B[{name!r}][i * {steps} + k], ct)" if leaf else "") + ")",
         f"        return s, record",
         "",
     ]
     return lines
 
 
+def _wrt(name, lowers, taken, subtree) -> tuple:
+    """The levels X's loss is differentiated in: X, and every level its lower blocks run that it takes."""
+    return (name,) + tuple(dict.fromkeys(n for c in lowers for n in subtree[c] if n in taken or n == c))
+
+
+def _partials_fn(name, wrt) -> list:
+    f = ident(name)
+    return [f"    partials_{f} = rt.region({name!r}, 'partial gradients', lambda params, batch, log: rt.partials(",
+            f"        {name!r}, params, batch, {wrt!r}, log), trailing=1)",
+            ""]
+
+
+def _update_fn(name) -> list:
+    """One update of a level with no lower levels, from its batch: one compiled region, and its VJP another."""
+    f = ident(name)
+    return [f"    def update_{f}(sub, up, batch, log):",
+            f'        """One update of {name!r} from its batch: (new state, loss, metrics, gradient norm)."""',
+            f"        loss, metrics, g = rt.partials({name!r}, {{**up, **rt.params_of(sub)}}, batch, ({name!r},), log)",
+            f"        return rt.apply_update({name!r}, sub, up, g[{name!r}]), loss, metrics, rt.grad_norm(g[{name!r}])",
+            "",
+            f"    update_vjp_{f} = rt.update_vjp({name!r}, update_{f})",
+            f"    update_{f} = rt.region({name!r}, 'update', update_{f}, trailing=1)",
+            "",
+            f"    def advance_{f}(sub, up, i, log, B):",
+            f'        """One update of {name!r}: a pure function of the block state."""',
+            f"        sub, loss, metrics, norm = update_{f}(sub, up, B[{name!r}][i], log)",
+            f"        rt.record(log, {name!r}, loss, metrics, norm)",
+            f"        return sub",
+            ""]
+
+
 def _gradient_fn(name, children, shared, lowers, taken, subtree, suffix="") -> list:
     """``taken``: the levels X's loss takes; ``subtree``: level -> the levels its block runs."""
     f = ident(name)
     sig = "sub, up, i, log, B" + (", shared" if shared else "")
-    # X's loss is differentiated in X and in every level its lower blocks run that it takes.
-    below = [n for c in lowers for n in subtree[c] if n in taken or n == c]
+    below = _wrt(name, lowers, taken, subtree)[1:]
     lines = [f"    def gradient_{f}{suffix}({sig}):",
              f'        """Total gradient of {name!r} at its update i (its lower levels run first)."""']
     for c in children:
         lines += [f"        s, block_{ident(c)}_ = block_{ident(c)}(sub, up, i, log, B)",
                   f"        sub = {{**sub, **s}}"]
-    lines += [f"        loss, metrics, g = rt.partials({name!r}, {{**up, **rt.params_of(sub)}}, B[{name!r}][i], "
-              f"{(name,) + tuple(dict.fromkeys(below))!r}, log)",
+    lines += [f"        loss, metrics, g = partials_{f}({{**up, **rt.params_of(sub)}}, B[{name!r}][i], log)",
               f"        g_{f} = g[{name!r}]"]
     for c in lowers:
         record = f"block_{ident(c)}_" if c in children else f"shared[{c!r}]"
@@ -96,7 +128,7 @@ def _advance_fn(name, shared) -> list:
     return [f"    def advance_{f}(sub, up, i, log, B{extra}):",
             f'        """One update of {name!r}: a pure function of the block state."""',
             f"        g_{f}, sub, loss, metrics = gradient_{f}(sub, up, i, log, B{extra})",
-            f"        rt.record(log, {name!r}, loss, metrics, g_{f})",
+            f"        rt.record(log, {name!r}, loss, metrics, rt.grad_norm(g_{f}))",
             f"        return rt.apply_update({name!r}, sub, up, g_{f})",
             ""]
 
@@ -119,14 +151,15 @@ def generate(plan: Plan, levels: dict, methods: dict, title: str) -> str:
         has_shared = any(c in shared for c in lowers)
         if plan.parent[name] is not None or name in shared:
             out += _block_fn(name, levels[name].steps, list(plan.subtree[name]), methods[name],
-                            levels[name].start_from is not None)
+                            levels[name].start_from is not None, not lowers)
         taken = {name, *levels[name].level_args}
         tasked = [c for c in lowers if levels[c].tasks]
         suffix = "_one_task" if tasked else ""
+        out += _partials_fn(name, _wrt(name, lowers, taken, plan.subtree))
         out += _gradient_fn(name, children, has_shared, lowers, taken, plan.subtree, suffix)
         if tasked:
             out += _tasks_fn(name, tasked[0])
-        out += _advance_fn(name, has_shared)
+        out += _update_fn(name) if not lowers else _advance_fn(name, has_shared)
 
     out += ["    def step(state, B):",
             f'        """One step of {title}: (state, batches) -> (new state, log)."""',

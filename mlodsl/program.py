@@ -22,6 +22,7 @@ from .draw import LevelDiagram
 from .graph import ProgramError, build_graph, collect_levels
 from .hypergrad import Unroll
 from .level import Level
+from .compiled import Compiler
 from .plan import make_plan
 from .precision import Autocast, LossScaler, check as check_precision
 from .runtime import MicroBatches, Runtime, split_output
@@ -138,6 +139,22 @@ def _check_in_place(levels: dict, graph, methods: dict):
                     f"there, or a method that does not (CG, Neumann, FiniteDiff, FirstOrder)")
 
 
+def _compile_options(compile) -> dict | None:
+    """``compile=`` as ``torch.compile`` keyword arguments (None: eager)."""
+    if compile is False or compile is None:
+        return None
+    if compile is True:
+        return {}
+    if isinstance(compile, dict):
+        import inspect
+        known = set(inspect.signature(torch.compile).parameters) - {"model"}
+        unknown = sorted(set(compile) - known)
+        if unknown:
+            raise ValueError(f"compile: unknown torch.compile options {unknown} (known: {sorted(known)})")
+        return dict(compile)
+    raise ValueError(f"compile must be True, False or a dict of torch.compile options, got {compile!r}")
+
+
 def _learnable(module) -> dict:
     """The module's learnable tensors, sharing their storage (steps never write into them)."""
     return {k: p.detach() for k, p in module.named_parameters() if p.requires_grad}
@@ -148,7 +165,10 @@ class Program:
 
     Args:
         *tops: the top levels; every level reachable from them is included.
-        compile: not built yet (must be False).
+        compile: ``True`` (or a dict of ``torch.compile`` keyword arguments) compiles the regions the
+            step repeats (``mlodsl.compiled``): each bottom level's update and its VJP, and every level's
+            partial gradients; loops stay Python loops. Same numbers as eager; a region that cannot be
+            compiled warns (``CompileWarning``) and runs eagerly.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: autocast around every level's loss (a level's
             own ``precision=`` overrides it); fp16 levels get a dynamic loss scale each, and a step in
             which one overflows is skipped with every state unchanged and that scale backed off.
@@ -163,8 +183,7 @@ class Program:
     def __init__(self, *tops, compile=False, precision="fp32", grad_accum=1, seed=None, nonfinite="raise"):
         if not tops:
             raise ProgramError("Program needs at least one top level")
-        if compile:
-            raise NotImplementedError("Program(compile=True) is not built yet; run eagerly with compile=False")
+        compile_options = _compile_options(compile)
         check_precision(precision, "Program")
         if not isinstance(grad_accum, int) or isinstance(grad_accum, bool) or grad_accum < 1:
             raise ValueError(f"grad_accum must be a positive int, got {grad_accum!r}")
@@ -230,12 +249,28 @@ class Program:
                                 autocast={n: Autocast(p, devices[n]) for n, p in self.precision.items() if p != "fp32"},
                                 loss_scales=self.scalers,
                                 reduce=dp and dp.reduce, replicate=dp and dp.replicate,
-                                clip={n: lvl.clip_grad_norm for n, lvl in levels.items() if lvl.clip_grad_norm})
+                                clip={n: lvl.clip_grad_norm for n, lvl in levels.items() if lvl.clip_grad_norm},
+                                compiler=Compiler(compile_options, self._eager_levels(compile_options)))
+        self.compiler = self._runtime.compiler
         self.code = codegen.generate(self.plan, levels, methods, title)
         (self._step_fn, self._hypergradient_fn), self.code_filename = codegen.build(self.code, self._runtime)
         self._runtime.buffer_state = self._buffers
         self.step_count = 0
         self.history: list[dict] = []
+
+    def _eager_levels(self, options) -> dict:
+        """Levels whose regions stay eager under compile=True, and why (decided before compiling)."""
+        if options is None:
+            return {}
+        why = {}
+        for name, pl in self.levels.items():
+            if self.distributed is not None:
+                why[name] = "data-parallel averages (all_reduce) run between the regions' products"
+            elif pl.traced.buffers:
+                why[name] = "its running statistics (BatchNorm buffers) are staged outside the graph"
+            elif name in self.scalers:
+                why[name] = "its fp16 loss scale changes between steps (each value would recompile)"
+        return why
 
     # -- data ---------------------------------------------------------------------------------
     def _draw_batches(self) -> dict:
@@ -272,7 +307,7 @@ class Program:
         batches = self._next_batches()
         self._buffers.begin()
         new_state, log = self._step_fn(self._state, batches)
-        finite = {n: bool(ok) for n, ok in log.pop("_finite").items()}
+        finite = self._runtime.finite(log)
         if self.distributed is not None:  # the ranks' mean losses; a step is bad if it is bad anywhere
             log, finite = self.distributed.mean_log(log, finite)
         bad = [n for n, ok in finite.items() if not ok]

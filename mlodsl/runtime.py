@@ -12,7 +12,9 @@ from typing import Callable
 import torch
 
 from . import autodiff
+from .compiled import Compiler
 from .hypergrad.base import Trajectory
+from .tree import split_differentiable
 
 
 class LevelError(RuntimeError):
@@ -49,6 +51,7 @@ class BlockRecord:
     runtime: "Runtime"
     begin: Callable | None = None  # up -> start state, when the block restarts each time it runs
     log: dict | None = None        # where methods' diagnostics go (None inside transforms)
+    update_vjp: Callable | None = None  # (state, up, upper name, k, λ) -> (λ, upper cotangent)
 
     def toward(self, upper_name: str) -> Trajectory:
         rt, level, up = self.runtime, self.level, self.up
@@ -74,13 +77,17 @@ class BlockRecord:
             return self.start if self.begin is None else self.begin({**up, upper_name: upper})
 
         from_upper = rt.starts.get(level) == upper_name
+        advance_vjp = None
+        if self.update_vjp is not None:
+            def advance_vjp(state, k, lam):
+                return self.update_vjp(state, up, upper_name, k, lam)
 
         def report(key, value):
             if self.log is not None:
                 self.log[f"{level}/{key}"] = value.detach() if isinstance(value, torch.Tensor) else value
 
         return Trajectory(level, self.steps, self.start, self.final, self.path, upper_name,
-                          up[upper_name], advance, loss, update_map, begin, from_upper, report)
+                          up[upper_name], advance, loss, update_map, begin, from_upper, report, advance_vjp)
 
 
 def _mean_outputs(outs: list):
@@ -130,7 +137,7 @@ class Runtime:
     def __init__(self, traced: dict, optimizers: dict, methods: dict, starts: dict | None = None,
                  init_params: dict | None = None, projections: dict | None = None, *,
                  autocast: dict | None = None, loss_scales: dict | None = None, reduce: Callable | None = None,
-                 replicate: Callable | None = None, clip: dict | None = None):
+                 replicate: Callable | None = None, clip: dict | None = None, compiler: Compiler | None = None):
         self.traced, self.optimizers, self.methods = traced, optimizers, methods
         self.starts = starts or {}            # level -> None | "init" | upper level name
         self.init_params = init_params or {}  # level -> its initial parameters
@@ -141,6 +148,31 @@ class Runtime:
         self.clip = clip or {}                # level -> max norm of its total gradient
         self.restrict, self.outside, self.params_of = restrict, outside, params_of
         self.buffer_state = None              # trace.BufferState: staged running statistics
+        self.compiler = compiler or Compiler(None)  # compile=True: the step's compiled regions
+
+    def region(self, name: str, what: str, fn: Callable, trailing: int = 0) -> Callable:
+        """``fn`` as a compiled region of level ``name`` under ``compile=True`` (``mlodsl.compiled``)."""
+        return self.compiler.region(name, what, fn, trailing)
+
+    def update_vjp(self, name: str, update: Callable) -> Callable:
+        """The VJP of one update of level ``name`` (a level with no lower levels), as a region:
+
+            (S_k, up, U, batch, λ_{k+1}) ↦ (∂S_{k+1}/∂S_k ᵀ λ_{k+1},  ∂S_{k+1}/∂θ_U ᵀ λ_{k+1})
+
+        over the floating leaves of the state S (parameters and optimizer state), for the upper
+        level U whose parameters ``up[U]`` are. ``Unroll``'s reverse loop calls it once per update.
+        """
+        def vjp(sub, up, upper_name, batch, lam):
+            floats, join = split_differentiable(sub)
+
+            def one_update(state_floats, upper):
+                new = update(join(state_floats), {**up, upper_name: upper}, batch, None)[0]
+                return split_differentiable(new)[0]
+
+            (lam_state, upper_ct), _ = autodiff.vjp(one_update, (floats, up[upper_name]), lam)
+            return lam_state, upper_ct
+
+        return self.region(name, "update's VJP", vjp)
 
     def evaluate(self, name: str, params: dict, batch):
         """``(loss, metrics)`` of level ``name`` under its precision; the mean over micro-batches."""
@@ -212,27 +244,35 @@ class Runtime:
                   else {k: up[how][k] for k in s[name]["params"]})
         return {**s, name: {"params": params, "opt": self.optimizers[name].init(params)}}
 
-    def block(self, level, steps, start, final, path, up, advance, last_batch, begin=None, log=None) -> BlockRecord:
-        return BlockRecord(level, steps, start, final, path, up, advance, last_batch, self, begin, log)
+    def block(self, level, steps, start, final, path, up, advance, last_batch, begin=None, log=None,
+              update_vjp=None) -> BlockRecord:
+        return BlockRecord(level, steps, start, final, path, up, advance, last_batch, self, begin, log, update_vjp)
 
     @staticmethod
     def new_log() -> dict:
         return {"_finite": {}}
 
     @staticmethod
-    def record(log, name, loss, metrics, grad):
-        """Write a level's loss and metrics to the log (outside of transforms only)."""
+    def grad_norm(grad: dict) -> torch.Tensor:
+        """The norm of a gradient (detached): a NaN or Inf anywhere in it makes the norm non-finite."""
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach()) for g in grad.values()]))
+
+    @staticmethod
+    def record(log, name, loss, metrics, norm):
+        """Write a level's loss, metrics and gradient norm to the log (outside of transforms only)."""
         if log is None:
             return
-        # One reduction serves both: a NaN or Inf anywhere in the gradient makes its norm non-finite.
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach()) for g in grad.values()]))
-        ok = torch.isfinite(loss.detach() + norm)
-        prev = log["_finite"].get(name)
-        log["_finite"][name] = ok if prev is None else prev & ok
+        # Checked once at the end of the step (``finite``): one reduction per level, not per update.
+        log["_finite"].setdefault(name, []).append(loss.detach() + norm)
         log[name] = loss.detach()
         log[f"{name}/grad_norm"] = norm
         for k, v in metrics.items():
             log[f"{name}/{k}"] = v.detach() if isinstance(v, torch.Tensor) else v
+
+    @staticmethod
+    def finite(log) -> dict:
+        """``{level: True when every loss and gradient it logged in the step was finite}``; pops them."""
+        return {n: bool(torch.isfinite(torch.stack(v)).all()) for n, v in log.pop("_finite").items()}
 
     @staticmethod
     def mean_over_tasks(g: dict) -> dict:

@@ -28,7 +28,7 @@ def outer_loss_fn(w, b, batch):
     return F.binary_cross_entropy_with_logits(x @ w + b, y)
 
 
-def make_hpo(K=5, lr=0.5, method=None, d=5, inner_opt=None, outer_opt=None, seed=0):
+def make_hpo(K=5, lr=0.5, method=None, d=5, inner_opt=None, outer_opt=None, seed=0, compile=False):
     """Per-feature L2 for logistic regression, float64. Returns (program, net, hyper, train, val)."""
     train, val = logreg_data(d=d, seed=seed)
     torch.manual_seed(seed)
@@ -46,7 +46,7 @@ def make_hpo(K=5, lr=0.5, method=None, d=5, inner_opt=None, outer_opt=None, seed
         x, y = batch
         return F.binary_cross_entropy_with_logits(inner(x).squeeze(-1), y)
 
-    return ml.Program(outer), net, hyper, train, val
+    return ml.Program(outer, compile=compile), net, hyper, train, val
 
 
 def reference_hpo(net, hyper, train, val, K, lr, last=None):

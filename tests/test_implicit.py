@@ -218,7 +218,7 @@ def loss_a(a, u):
     return ((u - T3) ** 2).sum() + 0.1 * (a ** 2).sum()
 
 
-def three_levels(u0, w0, a0, method_b, method_c, steps_b=1, steps_c=1):
+def three_levels(u0, w0, a0, method_b, method_c, steps_b=1, steps_c=1, compile=False):
     C, B, A = ml.Hyper(w=w0.clone()), ml.Hyper(u=u0.clone()), ml.Hyper(a=a0.clone())
 
     @ml.level(C, optimizer=ml.optim.sgd(lr=LR_C), steps=steps_c, hypergrad=method_c)
@@ -233,7 +233,7 @@ def three_levels(u0, w0, a0, method_b, method_c, steps_b=1, steps_c=1):
     def top(t, middle):
         return loss_a(t.a, middle.u)
 
-    return ml.Program(top)
+    return ml.Program(top, compile=compile)
 
 
 def w_star(u, a):

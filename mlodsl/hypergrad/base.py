@@ -45,7 +45,8 @@ class Trajectory:
     * ``begin(upper)``: the block's start as a function of θ_U (it depends on θ_U when the lower
       level starts from the upper's parameters, MAML's ``start_from=<upper>``);
       ``start_vjp(v)`` is vᵀ ∂θ_L^0/∂θ_U for a cotangent v on the lower level's start parameters;
-    * ``report(name, value)``: a diagnostic scalar (a CG residual) for the lower level's metrics.
+    * ``report(name, value)``: a diagnostic scalar (a CG residual) for the lower level's metrics;
+    * ``update_vjp(S_k, k, λ)``: the VJP of one update (what ``Unroll``'s reverse loop calls).
     """
 
     level: str
@@ -61,6 +62,22 @@ class Trajectory:
     begin: Callable
     starts_from_upper: bool = False
     report: Callable = lambda key, value: None  # (name, scalar) -> the level's metrics, e.g. a CG residual
+    advance_vjp: Callable | None = None  # (S_k, k, λ_{k+1}) -> (λ_k, upper cotangent), on floating leaves
+
+    def update_vjp(self, state: dict, k: int, lam: list) -> tuple:
+        """The VJP of the k-th update at state S_k with cotangent λ_{k+1} on its floating leaves
+        (``tree.split_differentiable``): ``(∂S_{k+1}/∂S_k ᵀ λ, ∂S_{k+1}/∂θ_U ᵀ λ)``. The block's own
+        (compiled, under ``compile=True``) VJP when it has one, else a VJP of ``advance``."""
+        if self.advance_vjp is not None:
+            return self.advance_vjp(state, k, lam)
+        from .. import autodiff
+        from ..tree import split_differentiable
+        floats, join = split_differentiable(state)
+
+        def one_update(state_floats, upper):
+            return split_differentiable(self.advance(join(state_floats), upper, k))[0]
+
+        return autodiff.vjp(one_update, (floats, self.upper), lam)[0]
 
     def run(self, upper: dict, state: dict | None = None, first: int = 0) -> dict:
         """Re-run updates ``first..steps-1`` from ``state`` (default: ``begin(upper)``) under ``upper``."""

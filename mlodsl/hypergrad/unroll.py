@@ -6,7 +6,6 @@ import math
 import torch
 from torch.utils import _pytree as pytree
 
-from .. import autodiff
 from ..tree import split_differentiable, tree_add, tree_vdot, tree_zeros_like
 from .base import Trajectory
 
@@ -66,12 +65,7 @@ class Unroll:
             for j in range(seg, end - 1):               # recompute the segment (nothing when stride = 1)
                 states[j + 1] = traj.advance(states[j], traj.upper, j)
             for k in reversed(range(max(seg, first), end)):
-                floats, join = split_differentiable(states[k])
-
-                def one_update(state_floats, upper, k=k, join=join):
-                    return split_differentiable(traj.advance(join(state_floats), upper, k))[0]
-
-                (lam_floats, upper_ct), _ = autodiff.vjp(one_update, (floats, traj.upper), lam_floats)
+                lam_floats, upper_ct = traj.update_vjp(states[k], k, lam_floats)
                 total = tree_add(total, upper_ct)
             end = seg
         if first == 0 and traj.starts_from_upper:  # MAML: the start itself is θ_U's

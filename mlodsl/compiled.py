@@ -1,0 +1,144 @@
+"""The compile stage: ``torch.compile`` regions of the generated step.
+
+The generated step is not compiled as one graph: inlining K unrolled updates makes the compile
+time grow with K (minutes for K = 100), and ``torch.compile`` refuses a second backward through a
+compiled region. Instead, the pieces a step repeats are compiled once each and called from the
+step's Python loops:
+
+* ``update``: one optimizer update of a level with no lower levels (its gradient by
+  ``torch.func.grad`` inside the region), called K times by its block;
+* ``update_vjp``: the VJP of that update, ``(λ, S_k) ↦ (∂S_{k+1}/∂S_k ᵀ λ, ∂S_{k+1}/∂θ_U ᵀ λ)``,
+  called K times by ``Unroll``'s reverse loop (the "two-pass" form: a forward loop keeps the
+  iterates, a reverse loop of compiled VJPs carries the cotangent);
+* ``partials``: a level's loss and partial gradients, once per update of an upper level.
+
+Each region returns plain tensors (every derivative it needs is taken inside it), so nothing ever
+differentiates *through* a compiled region. When something must (a level above unrolls through
+this one with the autograd tape, or ``Forward`` pushes tangents through it under ``torch.func.jvp``),
+the region runs its eager function instead: the same numbers, by the same code. A region that
+``torch.compile`` cannot handle warns once, says why, and runs eagerly from then on.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+
+from . import autodiff
+
+
+class CompileWarning(UserWarning):
+    """A region of the step could not be compiled and runs eagerly."""
+
+
+def is_plain(args) -> bool:
+    """True when no derivative has to flow through a call on ``args``: no tensor in them requires
+    grad, no ``torch.func`` transform is active, and no enclosing tape product is evaluating."""
+    if autodiff._DIFFERENTIATING[0] or torch._C._functorch.maybe_current_level() is not None:
+        return False
+    return not _any_requires_grad(args)
+
+
+def _any_requires_grad(tree) -> bool:
+    # An explicit walk over dicts, lists and tuples: pytree's generic flattening costs more than
+    # the compiled call it guards. Other objects (a batch of the user's own type) are data, which
+    # no derivative is taken in.
+    stack = [tree]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            if x.requires_grad:
+                return True
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+    return False
+
+
+class Region:
+    """``fn`` compiled, called when its arguments are plain (``is_plain``), else ``fn`` itself.
+
+    ``fn(*args)`` must be a pure function of the tensors in ``args``. ``trailing`` arguments (the
+    step's log) are passed to the eager function only: a compiled region never sees them.
+    """
+
+    def __init__(self, label: str, fn: Callable, options: dict, trailing: int = 0):
+        self.label, self.fn, self.trailing = label, fn, trailing
+        self.reason = None  # why it runs eagerly, once compiling failed
+        self.compiled_calls = 0
+        # fullgraph by default: a region is one graph or, with the reason, eager (a graph break
+        # inside torch.func.grad would otherwise fall back silently).
+        self._compiled = torch.compile(self._with_torch_func, **{"fullgraph": True, **options})
+
+    def _with_torch_func(self, *args):
+        return self.fn(*args, *([None] * self.trailing))
+
+    def __call__(self, *args):
+        core = args[:len(args) - self.trailing]
+        if self.reason is not None or not is_plain(core):
+            return self.fn(*args)
+        previous = autodiff._FORCE_FUNC[0]
+        autodiff.use_torch_func(True)  # dynamo traces torch.func transforms, not the autograd tape
+        try:
+            out = self._compiled(*core)
+        except Exception as err:  # noqa: BLE001 - any compiler failure means: run eagerly
+            if not _is_compiler_error(err):
+                raise
+            self.reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+            warnings.warn(f"{self.label} could not be compiled ({self.reason}); it runs eagerly",
+                          CompileWarning, stacklevel=2)
+            return self.fn(*args)
+        finally:
+            autodiff.use_torch_func(previous)
+        self.compiled_calls += 1
+        return out
+
+    def __repr__(self) -> str:
+        return f"Region({self.label!r}{', eager: ' + self.reason if self.reason else ''})"
+
+
+def _is_compiler_error(err: Exception) -> bool:
+    """Errors of dynamo, AOTAutograd or inductor (an error of the user's own code is re-raised by
+    the eager run that follows, at the user's line)."""
+    module = type(err).__module__ or ""
+    return module.startswith(("torch._dynamo", "torch._inductor", "torch._functorch", "torch.fx",
+                              "torch._subclasses", "torch._higher_order_ops")) or isinstance(
+        err, (NotImplementedError, AssertionError))
+
+
+class Compiler:
+    """Makes the regions of one program. ``options``: keyword arguments of ``torch.compile``
+    (``{"mode": "max-autotune-no-cudagraphs"}``, ``{"backend": "aot_eager"}``); ``None``: eager.
+
+    ``eager_levels`` maps a level to the reason it is not compiled (decided at build time: running
+    statistics, data parallel, a dynamic fp16 loss scale).
+    """
+
+    def __init__(self, options: dict | None, eager_levels: dict | None = None):
+        self.options = options
+        self.eager_levels = dict(eager_levels or {})
+        self.regions: list[Region] = []
+        for name, why in self.eager_levels.items():
+            if options is not None:
+                warnings.warn(f"level '{name}' runs eagerly under compile=True: {why}", CompileWarning, stacklevel=3)
+
+    @property
+    def enabled(self) -> bool:
+        return self.options is not None
+
+    def region(self, level: str, what: str, fn: Callable, trailing: int = 0) -> Callable:
+        """``fn`` as a compiled region of ``level`` (``fn`` itself when eager)."""
+        if self.options is None or level in self.eager_levels:
+            return fn
+        region = Region(f"level '{level}': its {what}", fn, self.options, trailing)
+        self.regions.append(region)
+        return region
+
+    def __repr__(self) -> str:
+        if self.options is None:
+            return "Compiler(eager)"
+        lines = [f"Compiler({self.options})"] + [f"  {r!r}: {r.compiled_calls} compiled calls" for r in self.regions]
+        lines += [f"  level '{n}' eager: {why}" for n, why in self.eager_levels.items()]
+        return "\n".join(lines)

@@ -1,0 +1,179 @@
+"""compile=True: the step's regions under torch.compile give the eager numbers, for every method.
+
+Compiling is slow on 2 cores, so the problems are tiny and the regions few; the inductor cache
+makes later programs with the same graphs cheap.
+"""
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mlodsl as ml
+from mlodsl.compiled import CompileWarning
+from helpers import make_hpo, reference_hpo
+
+HG = ml.hypergrad
+METHODS = {
+    "unroll": lambda: HG.Unroll(),
+    "unroll_checkpoint": lambda: HG.Unroll(checkpoint=2),
+    "unroll_last": lambda: HG.Unroll(last=2),
+    "forward": lambda: HG.Forward(),
+    "first_order": lambda: HG.FirstOrder(),
+    "cg": lambda: HG.CG(iters=3),
+    "neumann": lambda: HG.Neumann(iters=3, alpha=0.1),
+    "fixed_point": lambda: HG.FixedPoint(iters=3),
+    "finite_diff": lambda: HG.FiniteDiff(eps=0.01),
+    "sama": lambda: HG.SAMA(eps=0.01),
+    "zero_order": lambda: HG.ZeroOrder(samples=2, eps=0.01),
+}
+
+
+def float32_hpo(method, compile, opt=None):
+    """make_hpo in float32, Adam inside (an optimizer state with a step counter)."""
+    prog, net, hyper, train, val = make_hpo(K=4, method=method, inner_opt=opt or ml.optim.adam(lr=0.05),
+                                           compile=compile, seed=1)
+    return prog
+
+
+def run(prog, steps=2):
+    torch.manual_seed(0)
+    for _ in range(steps):
+        prog.step()
+    return prog.params("outer")["log_l2"], prog.params("inner")["weight"]
+
+
+def regions(prog) -> dict:
+    return {r.label.split("its ")[1]: r for r in prog.compiler.regions}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_compiled_step_equals_eager_for_every_method(name):
+    torch.set_default_dtype(torch.float32)
+    eager = run(float32_hpo(METHODS[name](), False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileWarning)  # nothing falls back here
+        prog = float32_hpo(METHODS[name](), True)
+        compiled = run(prog)
+    for a, b in zip(eager, compiled):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    used = regions(prog)
+    assert used["update"].compiled_calls == 2 * 4  # every inner update ran compiled
+    assert used["partial gradients"].compiled_calls == 2 if "partial gradients" in used else True
+    if name.startswith("unroll"):
+        assert used["update's VJP"].compiled_calls > 0  # the reverse loop too
+
+
+def test_compiled_unroll_hypergradient_equals_autograd_in_float64():
+    prog, net, hyper, train, val = make_hpo(K=5, lr=0.5, compile=True)
+    ref, _ = reference_hpo(net, hyper, train, val, K=5, lr=0.5)
+    g = prog.hypergradient("outer")["log_l2"]
+    assert g.dtype == torch.float64
+    torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-12)
+    assert regions(prog)["update's VJP"].compiled_calls == 5
+
+
+def test_compile_options_are_checked_and_passed_to_torch_compile():
+    with pytest.raises(ValueError, match="unknown torch.compile options"):
+        make_hpo(compile={"fullgraf": True})
+    with pytest.raises(ValueError, match="compile must be"):
+        make_hpo(compile="yes")
+    prog, net, hyper, train, val = make_hpo(K=3, lr=0.5, compile={"backend": "aot_eager"})
+    ref, _ = reference_hpo(net, hyper, train, val, K=3, lr=0.5)
+    torch.testing.assert_close(prog.hypergradient("outer")["log_l2"], ref, rtol=1e-10, atol=1e-12)
+    assert all(r.compiled_calls > 0 for r in prog.compiler.regions if "partial" not in r.label)
+
+
+def test_a_level_that_cannot_be_compiled_warns_why_and_runs_eagerly():
+    def build(compile):
+        torch.manual_seed(0)
+        net, hyper = nn.Linear(3, 1), ml.Hyper(scale=torch.ones(()))
+        x, y = torch.randn(8, 3), torch.randn(8)
+
+        @ml.level(net, optimizer=ml.optim.sgd(lr=0.1), data=(x, y), steps=3)
+        def inner(net, batch, outer):
+            err = net(batch[0]).squeeze(-1) - batch[1]
+            weights = torch.tensor([float(v) for v in err.detach()])  # a Python loop over values: a graph break
+            return (outer.scale * weights.abs() * err ** 2).mean()
+
+        @ml.level(hyper, optimizer=ml.optim.sgd(lr=0.1), data=(x, y), depends_on=[inner])
+        def outer(hyper, batch, inner):
+            return F.mse_loss(inner(batch[0]).squeeze(-1), batch[1])
+
+        return ml.Program(outer, compile=compile)
+
+    eager = build(False)
+    eager.step()
+    prog = build(True)
+    with pytest.warns(CompileWarning, match="level 'inner': its update could not be compiled"):
+        prog.step()
+    torch.testing.assert_close(prog.params("outer")["scale"], eager.params("outer")["scale"], rtol=1e-6, atol=1e-7)
+    assert regions(prog)["update"].reason  # it says why
+
+
+def test_batchnorm_levels_run_eagerly_under_compile_with_a_warning():
+    def build(compile):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+        hyper = ml.Hyper(scale=torch.ones(()))
+        x, y = torch.randn(8, 3), torch.randn(8)
+
+        @ml.level(net, optimizer=ml.optim.sgd(lr=0.1), data=(x, y), steps=2)
+        def inner(net, batch, outer):
+            return outer.scale * F.mse_loss(net(batch[0]).squeeze(-1), batch[1])
+
+        @ml.level(hyper, optimizer=ml.optim.sgd(lr=0.1), data=(x, y), depends_on=[inner])
+        def outer(hyper, batch, inner):
+            return F.mse_loss(inner(batch[0]).squeeze(-1), batch[1])
+
+        return ml.Program(outer, compile=compile), net
+
+    eager, net_e = build(False)
+    eager.step()
+    with pytest.warns(CompileWarning, match="level 'inner' runs eagerly.*running statistics"):
+        prog, net_c = build(True)
+    prog.step()
+    torch.testing.assert_close(prog.params("outer")["scale"], eager.params("outer")["scale"])
+    torch.testing.assert_close(net_c[1].running_mean, net_e[1].running_mean)
+
+
+def test_three_levels_unrolled_everywhere_compile_the_bottom_and_agree_with_eager():
+    # Under the top's reverse loop the regions are differentiated through: they run eagerly there.
+    from test_implicit import D3, DT, three_levels
+    g = torch.Generator().manual_seed(0)
+    u0, w0, a0 = (0.3 * torch.randn(D3, generator=g, dtype=DT) for _ in range(3))
+    progs = [three_levels(u0, w0, a0, HG.Unroll(), HG.Unroll(), steps_b=2, steps_c=3, compile=c)
+             for c in (False, True)]
+    for prog in progs:
+        for _ in range(2):
+            prog.step()
+    eager, prog = progs
+    for name in prog.levels:
+        for k, v in eager.params(name).items():
+            torch.testing.assert_close(prog.params(name)[k], v, rtol=1e-10, atol=1e-12)
+    assert regions(prog)["update"].compiled_calls > 0
+
+
+def test_a_second_process_reuses_the_compile_caches(tmp_path):
+    script = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "import torch\n"
+        "from torch._dynamo.utils import counters\n"
+        "from helpers import make_hpo\n"
+        "prog = make_hpo(K=2, compile=True)[0]\n"
+        "prog.step()\n"
+        "print(counters['inductor']['fxgraph_cache_hit'], counters['inductor']['fxgraph_cache_miss'])\n"
+    ) % os.path.dirname(__file__)
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    runs = [subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+            for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-2000:]
+    (hit1, miss1), (hit2, miss2) = [map(int, r.stdout.split()[-2:]) for r in runs]
+    assert miss1 > 0 and hit1 == 0  # the first process compiles and fills the cache
+    assert hit2 == miss1 and miss2 == 0  # the second compiles nothing
