@@ -20,6 +20,7 @@ the region runs its eager function instead: the same numbers, by the same code. 
 """
 from __future__ import annotations
 
+import types
 import warnings
 from typing import Callable
 
@@ -70,10 +71,7 @@ class Region:
         self.compiled_calls = 0
         # fullgraph by default: a region is one graph or, with the reason, eager (a graph break
         # inside torch.func.grad would otherwise fall back silently).
-        self._compiled = torch.compile(self._with_torch_func, **{"fullgraph": True, **options})
-
-    def _with_torch_func(self, *args):
-        return self.fn(*args, *([None] * self.trailing))
+        self._compiled = torch.compile(_own_code(_without_trailing(fn, trailing)), **{"fullgraph": True, **options})
 
     def __call__(self, *args):
         core = args[:len(args) - self.trailing]
@@ -97,6 +95,19 @@ class Region:
 
     def __repr__(self) -> str:
         return f"Region({self.label!r}{', eager: ' + self.reason if self.reason else ''})"
+
+
+def _without_trailing(fn: Callable, trailing: int) -> Callable:
+    def region(*args):
+        return fn(*args, *([None] * trailing))
+    return region
+
+
+def _own_code(fn: Callable) -> Callable:
+    """``fn`` with a code object of its own. Dynamo keeps its compiled graphs on the code object
+    (at most ``recompile_limit`` of them), and every region is made by the same ``def``: without
+    a copy, a few programs in one process would exhaust the limit."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 def _is_compiler_error(err: Exception) -> bool:

@@ -15,7 +15,7 @@ from torch import nn
 
 import mlodsl as ml
 from mlodsl.compiled import CompileWarning
-from helpers import make_hpo, reference_hpo
+from helpers import logreg_data, make_hpo, reference_hpo
 
 HG = ml.hypergrad
 METHODS = {
@@ -29,15 +29,31 @@ METHODS = {
     "fixed_point": lambda: HG.FixedPoint(iters=3),
     "finite_diff": lambda: HG.FiniteDiff(eps=0.01),
     "sama": lambda: HG.SAMA(eps=0.01),
-    "zero_order": lambda: HG.ZeroOrder(samples=2, eps=0.01),
+    "zero_order": lambda: HG.ZeroOrder(samples=2, sigma=0.01),
 }
 
 
-def float32_hpo(method, compile, opt=None):
-    """make_hpo in float32, Adam inside (an optimizer state with a step counter)."""
-    prog, net, hyper, train, val = make_hpo(K=4, method=method, inner_opt=opt or ml.optim.adam(lr=0.05),
-                                           compile=compile, seed=1)
-    return prog
+def float32_hpo(method, compile):
+    """Per-feature L2 for logistic regression in float32, with Adam inside (an optimizer state
+    with a step counter) and a warm start, so that steps differ."""
+    train, val = logreg_data(d=5, seed=1)
+    train, val = [tuple(t.float() for t in split) for split in (train, val)]
+    torch.manual_seed(1)
+    net = nn.Linear(5, 1)
+    hyper = ml.Hyper(log_l2=torch.full((5,), -2.0))
+
+    @ml.level(net, optimizer=ml.optim.adam(lr=0.05), data=train, steps=4, hypergrad=method)
+    def inner(net, batch, outer):
+        x, y = batch
+        fit = F.binary_cross_entropy_with_logits(net(x).squeeze(-1), y)
+        return fit + (outer.log_l2.exp() * net.weight.squeeze(0) ** 2).sum()
+
+    @ml.level(hyper, optimizer=ml.optim.adam(lr=0.1), data=val, depends_on=[inner])
+    def outer(hyper, batch, inner):
+        x, y = batch
+        return F.binary_cross_entropy_with_logits(inner(x).squeeze(-1), y)
+
+    return ml.Program(outer, compile=compile)
 
 
 def run(prog, steps=2):
@@ -47,13 +63,13 @@ def run(prog, steps=2):
     return prog.params("outer")["log_l2"], prog.params("inner")["weight"]
 
 
-def regions(prog) -> dict:
-    return {r.label.split("its ")[1]: r for r in prog.compiler.regions}
+def regions(prog, level="inner") -> dict:
+    """``{what: region}`` of the bottom level 'inner' (or ``level``)."""
+    return {r.label.split("its ")[1]: r for r in prog.compiler.regions if r.label.startswith(f"level '{level}'")}
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_compiled_step_equals_eager_for_every_method(name):
-    torch.set_default_dtype(torch.float32)
     eager = run(float32_hpo(METHODS[name](), False))
     with warnings.catch_warnings():
         warnings.simplefilter("error", CompileWarning)  # nothing falls back here
@@ -63,8 +79,8 @@ def test_compiled_step_equals_eager_for_every_method(name):
         assert a.dtype == b.dtype == torch.float32
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     used = regions(prog)
-    assert used["update"].compiled_calls == 2 * 4  # every inner update ran compiled
-    assert used["partial gradients"].compiled_calls == 2 if "partial gradients" in used else True
+    assert used["update"].compiled_calls >= 2 * 4  # every inner update ran compiled (checkpoints rerun some)
+    assert regions(prog, "outer")["partial gradients"].compiled_calls == 2
     if name.startswith("unroll"):
         assert used["update's VJP"].compiled_calls > 0  # the reverse loop too
 
@@ -98,8 +114,9 @@ def test_a_level_that_cannot_be_compiled_warns_why_and_runs_eagerly():
         @ml.level(net, optimizer=ml.optim.sgd(lr=0.1), data=(x, y), steps=3)
         def inner(net, batch, outer):
             err = net(batch[0]).squeeze(-1) - batch[1]
-            weights = torch.tensor([float(v) for v in err.detach()])  # a Python loop over values: a graph break
-            return (outer.scale * weights.abs() * err ** 2).mean()
+            if err.abs().max() > 1e3:  # a branch on a tensor's value: a graph break, so not one graph
+                err = err.clamp(-1e3, 1e3)
+            return (outer.scale * err ** 2).mean()
 
         @ml.level(hyper, optimizer=ml.optim.sgd(lr=0.1), data=(x, y), depends_on=[inner])
         def outer(hyper, batch, inner):
@@ -156,7 +173,7 @@ def test_three_levels_unrolled_everywhere_compile_the_bottom_and_agree_with_eage
     for name in prog.levels:
         for k, v in eager.params(name).items():
             torch.testing.assert_close(prog.params(name)[k], v, rtol=1e-10, atol=1e-12)
-    assert regions(prog)["update"].compiled_calls > 0
+    assert regions(prog, "bottom")["update"].compiled_calls > 0
 
 
 def test_a_second_process_reuses_the_compile_caches(tmp_path):
