@@ -36,12 +36,12 @@ def data(config):
     return train, val
 
 
-def _mlodsl(method):
+def _mlodsl(method, compile=False):
     def make(data, config):
         import mlodsl as ml
         train, val = data
         prog, net, hyper = hpo_logreg.build(train, val, inner_steps=config["inner_steps"], method=method,
-                                            outer_lr=OUTER_LR)
+                                            outer_lr=OUTER_LR, compile=compile)
         if method == "cg" and not hasattr(ml.hypergrad, "CG"):
             return None
         return Contender(prog.step, lambda: prog.params("outer"))
@@ -131,16 +131,68 @@ def _floor(method):
     return make
 
 
+class _CompiledFloor:
+    """The Unroll row by hand under torch.compile, in the form mlodsl compiles it: one compiled
+    inner step (torch.func.grad inside) looped K times keeping the iterates, then one compiled step
+    VJP looped K times in reverse, then the outer gradient and Adam."""
+
+    def __init__(self, data, config):
+        self.train, self.val = data
+        self.K = config["inner_steps"]
+        self.w = torch.zeros(1, hpo_logreg.DATA_DIM)
+        self.log_l2 = torch.zeros(hpo_logreg.DATA_DIM, requires_grad=True)
+        self.opt = torch.optim.Adam([self.log_l2], lr=OUTER_LR)
+        train = self.train
+
+        def update(w, lam):
+            return w - INNER_LR * torch.func.grad(_inner_loss)(w, lam, train)
+
+        def update_vjp(w, lam, ct):
+            return torch.func.vjp(update, w, lam)[1](ct)
+
+        self.update, self.update_vjp = torch.compile(update, fullgraph=True), torch.compile(update_vjp, fullgraph=True)
+        self.outer_grad = torch.compile(torch.func.grad(_outer_loss), fullgraph=True)
+
+    def step(self):
+        lam = self.log_l2.detach()
+        path = [self.w]
+        for _ in range(self.K):
+            path.append(self.update(path[-1], lam))
+        ct, hg = self.outer_grad(path[-1], self.val), torch.zeros_like(lam)
+        for k in reversed(range(self.K)):
+            ct, g = self.update_vjp(path[k], lam, ct)
+            hg = hg + g
+        self.w = path[-1]
+        self.opt.zero_grad(set_to_none=False)
+        self.log_l2.grad = hg
+        self.opt.step()
+
+    def upper(self):
+        return {"log_l2": self.log_l2.detach().clone()}
+
+
+def _compiled_floor(data, config):
+    f = _CompiledFloor(data, config)
+    return Contender(f.step, f.upper)
+
+
 CONTENDERS = {
     "mlodsl-unroll": _mlodsl("unroll"),
     "floor-unroll": _floor("unroll"),
     "mlodsl-cg": _mlodsl("cg"),
     "floor-cg": _floor("cg"),
     "betty-cg": _betty("cg"),
+    "mlodsl-unroll-compiled": _mlodsl("unroll", compile=True),
+    "mlodsl-cg-compiled": _mlodsl("cg", compile=True),
+    "floor-unroll-compiled": _compiled_floor,
 }
 
 # (contender, reference, bound): time(contender) <= bound * time(reference)
 TARGETS = [("mlodsl-unroll", "betty-cg", 1.0), ("mlodsl-cg", "betty-cg", 1.0),
-           ("mlodsl-unroll", "floor-unroll", 1.1), ("mlodsl-cg", "floor-cg", 1.1)]
+           ("mlodsl-unroll", "floor-unroll", 1.1), ("mlodsl-cg", "floor-cg", 1.1),
+           ("mlodsl-unroll-compiled", "betty-cg", 1 / 30), ("mlodsl-cg-compiled", "betty-cg", 1 / 30),
+           ("mlodsl-unroll-compiled", "floor-unroll-compiled", 1.1)]
 # pairs whose upper parameters must agree after the same steps (same math)
-SAME_MATH = [("mlodsl-unroll", "floor-unroll"), ("mlodsl-cg", "floor-cg")]
+SAME_MATH = [("mlodsl-unroll", "floor-unroll"), ("mlodsl-cg", "floor-cg"),
+             ("mlodsl-unroll-compiled", "floor-unroll"), ("mlodsl-cg-compiled", "floor-cg"),
+             ("floor-unroll-compiled", "floor-unroll")]

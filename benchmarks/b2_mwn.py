@@ -58,7 +58,7 @@ def weighted_loss(logits, y, wnet_out_fn):
     return (w * losses).mean()
 
 
-def _mlodsl(method):
+def _mlodsl(method, compile=False):
     def make(data, config):
         import mlodsl as ml
         train, meta, clf0, wnet0 = data
@@ -78,7 +78,7 @@ def _mlodsl(method):
             x, y = batch
             return F.cross_entropy(classifier(x), y)
 
-        prog = ml.Program(reweight)
+        prog = ml.Program(reweight, compile=compile)
         return Contender(prog.step, lambda: prog.params("reweight"))
     return make
 
@@ -214,9 +214,12 @@ for _m in METHODS:
     CONTENDERS[f"mlodsl-{_m}"] = _mlodsl(_m)
     CONTENDERS[f"betty-{_m}"] = _betty(_m)
     CONTENDERS[f"floor-{_m}"] = _floor(_m)
+CONTENDERS["mlodsl-fd-compiled"] = _mlodsl("fd", compile=True)
 
 TARGETS = []
 for _m in METHODS:
     TARGETS += [(f"mlodsl-{_m}", f"betty-{_m}", 0.9), (f"mlodsl-{_m}", f"betty-{_m}", 1.0, "memory"),
                 (f"mlodsl-{_m}", f"floor-{_m}", 1.1)]
-SAME_MATH = [(f"mlodsl-{_m}", f"floor-{_m}") for _m in METHODS]
+SAME_MATH = [(f"mlodsl-{_m}", f"floor-{_m}") for _m in METHODS] + [
+    ("mlodsl-fd-compiled", "floor-fd")]
+TARGETS += [("mlodsl-fd-compiled", "betty-fd", 0.9)]

@@ -148,10 +148,10 @@ def table(bench: str, title: str, result: dict) -> list[str]:
         for t in result["targets"]:
             what = "time" if t["kind"] == "time" else "peak memory"
             if t["ratio"] is None:
-                lines.append(f"- {what} {t['a']} / {t['b']}: n/a (target ≤ {t['bound']})")
+                lines.append(f"- {what} {t['a']} / {t['b']}: n/a (target ≤ {t['bound']:.3g})")
                 continue
             mark = "met" if t["ok"] else "**missed**"
-            lines.append(f"- {what} {t['a']} / {t['b']} = {t['ratio']:.2f} (target ≤ {t['bound']}): {mark}")
+            lines.append(f"- {what} {t['a']} / {t['b']} = {t['ratio']:.2f} (target ≤ {t['bound']:.3g}): {mark}")
     lines.append("")
     return lines
 

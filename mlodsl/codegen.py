@@ -6,6 +6,10 @@ The source defines, for every level X,
 * ``gradient_X``: X's total gradient at one update: its lower blocks run first, then the partial
   derivatives of X's loss (``torch.func.grad``) plus one best-response VJP per lower level;
 * ``advance_X``: one optimizer update of X, a pure function of the block state;
+* ``partials_X``: X's loss and partial gradients; for a level with no lower levels, ``update_X``
+  (one whole update from its batch) and ``update_vjp_X`` (that update's VJP, for ``Unroll``).
+  These three are the regions ``torch.compile`` compiles under ``compile=True`` (``rt.region``,
+  ``mlodsl.compiled``); eagerly they are the plain functions;
 
 and ``step(state, B)``, one ``Program.step()``: the top levels' loops. Loops stay loops; nothing is
 inlined per step. ``make_step(rt)`` binds the runtime (traced losses, optimizers, methods).
