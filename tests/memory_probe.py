@@ -1,5 +1,5 @@
 """Run in a fresh process: peak RSS a hypergradient adds, against prog.explain()'s estimate."""
-import resource, sys, torch
+import sys, torch
 import mlodsl as ml
 torch.set_num_threads(1)
 d, K = int(sys.argv[1]), int(sys.argv[2])
@@ -14,10 +14,21 @@ def outer(m, inner):
     return ((inner.w - 0.5) ** 2).sum()
 prog = ml.Program(outer)
 rep = prog.explain()
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 import gc; gc.collect()
-# the state is already resident; the hypergradient adds iterates and workspace on top
+
+
+def status(key):  # bytes of a /proc/self/status line (VmRSS, VmHWM)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+
+# The state is already resident; the hypergradient adds iterates and workspace on top. The
+# high-water mark is reset first (clear_refs 5): a baseline taken from ru_maxrss would include
+# explain()'s own peak, which varies from run to run and hid part of the hypergradient's.
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+base = status("VmRSS")
 g = prog.hypergradient("outer")
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status("VmHWM")
 extra = rep.total - sum(r.params + r.optimizer for r in rep)
 print(f"{peak - base} {extra}")
