@@ -135,10 +135,6 @@ class Compiler:
             if options is not None:
                 warnings.warn(f"level '{name}' runs eagerly under compile=True: {why}", CompileWarning, stacklevel=3)
 
-    @property
-    def enabled(self) -> bool:
-        return self.options is not None
-
     def region(self, level: str, what: str, fn: Callable, trailing: int = 0) -> Callable:
         """``fn`` as a compiled region of ``level`` (``fn`` itself when eager)."""
         if self.options is None or level in self.eager_levels:

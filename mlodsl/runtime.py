@@ -13,8 +13,7 @@ import torch
 
 from . import autodiff
 from .compiled import Compiler
-from .hypergrad.base import Trajectory
-from .tree import split_differentiable
+from .hypergrad.base import Trajectory, state_vjp
 
 
 class LevelError(RuntimeError):
@@ -163,14 +162,8 @@ class Runtime:
         level U whose parameters ``up[U]`` are. ``Unroll``'s reverse loop calls it once per update.
         """
         def vjp(sub, up, upper_name, batch, lam):
-            floats, join = split_differentiable(sub)
-
-            def one_update(state_floats, upper):
-                new = update(join(state_floats), {**up, upper_name: upper}, batch, None)[0]
-                return split_differentiable(new)[0]
-
-            (lam_state, upper_ct), _ = autodiff.vjp(one_update, (floats, up[upper_name]), lam)
-            return lam_state, upper_ct
+            return state_vjp(lambda s, upper: update(s, {**up, upper_name: upper}, batch, None)[0],
+                             sub, up[upper_name], lam)
 
         return self.region(name, "update's VJP", vjp)
 

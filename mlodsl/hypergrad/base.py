@@ -70,14 +70,7 @@ class Trajectory:
         (compiled, under ``compile=True``) VJP when it has one, else a VJP of ``advance``."""
         if self.advance_vjp is not None:
             return self.advance_vjp(state, k, lam)
-        from .. import autodiff
-        from ..tree import split_differentiable
-        floats, join = split_differentiable(state)
-
-        def one_update(state_floats, upper):
-            return split_differentiable(self.advance(join(state_floats), upper, k))[0]
-
-        return autodiff.vjp(one_update, (floats, self.upper), lam)[0]
+        return state_vjp(lambda s, upper: self.advance(s, upper, k), state, self.upper, lam)
 
     def run(self, upper: dict, state: dict | None = None, first: int = 0) -> dict:
         """Re-run updates ``first..steps-1`` from ``state`` (default: ``begin(upper)``) under ``upper``."""
@@ -97,3 +90,17 @@ class Trajectory:
     def own(self, state: dict) -> dict:
         """The lower level's parameters in a block state."""
         return state[self.level]["params"]
+
+
+def state_vjp(update: Callable, state: dict, upper: dict, lam: list) -> tuple:
+    """The VJP of ``S' = update(S, θ_U)`` with cotangent ``lam`` on the floating leaves of S'
+    (``tree.split_differentiable``; integer step counters are constants):
+    ``(∂S'/∂S ᵀ λ, ∂S'/∂θ_U ᵀ λ)``."""
+    from .. import autodiff
+    from ..tree import split_differentiable
+    floats, join = split_differentiable(state)
+
+    def floating_update(state_floats, upper_):
+        return split_differentiable(update(join(state_floats), upper_))[0]
+
+    return autodiff.vjp(floating_update, (floats, upper), lam)[0]
