@@ -18,7 +18,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from .common import Contender
+from .common import Contender, cg_hypergradient
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "examples"))
@@ -105,16 +105,7 @@ class _Floor:
             w = w.requires_grad_()
             (v,) = torch.autograd.grad(_outer_loss(w, self.val), w)
             (g,) = torch.autograd.grad(_inner_loss(w, lam, self.train), w, create_graph=True)
-            x, r, p = torch.zeros_like(v), v, v          # CG(3) for H x = v, from x = 0
-            rr = (r * r).sum()
-            for _ in range(3):
-                (hp,) = torch.autograd.grad(g, w, p, retain_graph=True)
-                alpha = rr / (p * hp).sum()
-                x, r = x + alpha * p, r - alpha * hp
-                rr_new = (r * r).sum()
-                p, rr = r + (rr_new / rr) * p, rr_new
-            (cross,) = torch.autograd.grad(g, lam, x)
-            hg = -cross
+            hg = cg_hypergradient(g, w, lam, v, iters=3)
             self.w = self.w.detach()
         self.opt.zero_grad(set_to_none=False)
         lam.grad = hg

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import Contender
+from .common import Contender, cg_hypergradient
 
 N, LR, CG_ITERS = 16, 0.1, 3
 
@@ -141,16 +141,7 @@ class _Floor:
             w, lam = w.requires_grad_(), self.lam.requires_grad_()
             (v,) = torch.autograd.grad(outer_loss(w, self.val), w)
             (g,) = torch.autograd.grad(inner_loss(w, lam, train), w, create_graph=True)
-            x, r, p = torch.zeros_like(v), v, v
-            rr = (r * r).sum()
-            for _ in range(CG_ITERS):
-                (hp,) = torch.autograd.grad(g, w, p, retain_graph=True)
-                alpha = rr / (p * hp).sum()
-                x, r = x + alpha * p, r - alpha * hp
-                rr_new = (r * r).sum()
-                p, rr = r + (rr_new / rr) * p, rr_new
-            (cross,) = torch.autograd.grad(g, lam, x)
-            hg = -cross
+            hg = cg_hypergradient(g, w, lam, v, iters=CG_ITERS)
             self.w, self.lam = self.w.detach(), lam.detach()
         self.lam = (self.lam - self.outer_lr * hg).detach()
 

@@ -31,6 +31,24 @@ import sys
 import time
 from typing import Callable
 
+import torch
+
+
+def cg_hypergradient(grad_inner, w, lam, v, iters: int):
+    """The floors' implicit hypergradient by hand on the autograd tape: CG(iters) for H x = v from
+    x = 0, with H x by one backward of ``grad_inner`` = ∇_w L(w, λ) (built with create_graph),
+    then -(∂²L/∂λ∂w) x. No library code, so that the floor is the arithmetic alone."""
+    x, r, p = torch.zeros_like(v), v, v
+    rr = (r * r).sum()
+    for _ in range(iters):
+        (hp,) = torch.autograd.grad(grad_inner, w, p, retain_graph=True)
+        alpha = rr / (p * hp).sum()
+        x, r = x + alpha * p, r - alpha * hp
+        rr_new = (r * r).sum()
+        p, rr = r + (rr_new / rr) * p, rr_new
+    (cross,) = torch.autograd.grad(grad_inner, lam, x)
+    return -cross
+
 
 @dataclasses.dataclass
 class Contender:
