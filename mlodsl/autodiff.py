@@ -29,6 +29,11 @@ def _tape() -> bool:
     return not _FORCE_FUNC[0] and torch._C._functorch.maybe_current_level() is None
 
 
+def on_tape() -> bool:
+    """Whether products are taken on the autograd tape here (no torch.func transform is active)."""
+    return _tape()
+
+
 def _inputs(leaves):
     """Alias inputs that carry a graph; make fresh leaves of those that do not.
 
@@ -39,7 +44,7 @@ def _inputs(leaves):
     return [x.view_as(x) if x.requires_grad else x.detach().requires_grad_() for x in leaves], nested
 
 
-class _evaluating:
+class evaluating:
     """Marks the evaluation of a function that an enclosing tape product differentiates."""
 
     def __enter__(self):
@@ -62,7 +67,7 @@ def grad_with_aux(fn, primals):
     leaves, spec = pytree.tree_flatten(primals)
     with torch.enable_grad():
         inputs, nested = _inputs(leaves)
-        with _evaluating():
+        with evaluating():
             out, aux = fn(pytree.tree_unflatten(inputs, spec))
         grads = _grads([out], inputs, None, nested)
     if not nested:
@@ -78,7 +83,7 @@ def vjp(fn, primals: tuple, cotangent):
     flat, spec = pytree.tree_flatten(list(primals))
     with torch.enable_grad():
         inputs, nested = _inputs(flat)
-        with _evaluating():
+        with evaluating():
             out = fn(*pytree.tree_unflatten(inputs, spec))
         outs, cts = pytree.tree_leaves(out), pytree.tree_leaves(cotangent)
         pairs = [(o, c) for o, c in zip(outs, cts) if o.requires_grad]
@@ -113,7 +118,7 @@ def vjp_fn(fn, *primals):
     flat, spec = pytree.tree_flatten(list(primals))
     with torch.enable_grad():
         inputs, nested = _inputs(flat)
-        with _evaluating():
+        with evaluating():
             out = fn(*pytree.tree_unflatten(inputs, spec))
     outs = pytree.tree_leaves(out)
 

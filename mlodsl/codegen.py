@@ -30,32 +30,36 @@ def ident(name: str) -> str:
     return out if out.isidentifier() else "_" + out
 
 
-def _block_fn(name, steps, subtree, method, restarts, leaf) -> list:
+def _block_fn(name, steps, subtree, method, restarts, leaf, uppers) -> list:
     """``method``: the lower level's hypergradient method (it says which iterates to keep); ``leaf``:
-    the level has no lower levels (its update is one compiled region, and so is the update's VJP)."""
+    the level has no lower levels (its update is one compiled region, and so is the update's VJP);
+    ``uppers``: the levels whose hypergradients go through this block (``rt.tape`` records the
+    block on the autograd tape from their parameters when the method asks for it)."""
     f = ident(name)
     stride = method.path_stride(steps) if hasattr(method, "path_stride") else 1
     lines = [
         f"    def block_{f}(state, up, i, log, B):",
         f'        """{steps} update(s) of {name!r} from `state`, keeping the iterates {method!r} needs."""',
         f"        s = rt.restrict(state, {subtree!r})",
-        f"        up_{f} = rt.outside(state, up, {subtree!r})"]
+        f"        up_{f} = rt.outside(state, up, {subtree!r})",
+        f"        up_{f}, tape = rt.tape({name!r}, s, up_{f}, {uppers!r})"]
     if restarts:
         lines += [f"        s0 = s",
                   f"        s = rt.begin({name!r}, s0, up_{f})"]
     lines += [
-        f"        start, path = s, ({{0: s}} if method[{name!r}].keeps_path else None)",
-        f"        for k in range({steps}):",
-        f"            s = advance_{f}(s, up_{f}, i * {steps} + k, log, B)",
-        f"            if path is not None and ((k + 1) % {stride} == 0 or k == {steps - 1}):",
-        f"                path[k + 1] = s",
+        f"        start, path = s, ({{0: s}} if method[{name!r}].keeps_path and tape is None else None)",
+        f"        with rt.recording(tape):",
+        f"            for k in range({steps}):",
+        f"                s = advance_{f}(s, up_{f}, i * {steps} + k, log, B)",
+        f"                if path is not None and ((k + 1) % {stride} == 0 or k == {steps - 1}):",
+        f"                    path[k + 1] = s",
         f"        record = rt.block({name!r}, {steps}, start, s, path, up_{f},",
         f"                          lambda s_, up_, k: advance_{f}(s_, up_, i * {steps} + k, None, B),",
         f"                          B[{name!r}][i * {steps} + {steps - 1}]" + (
             f",\n                          lambda up_: rt.begin({name!r}, s0, up_)" if restarts else "") + ", log=log" + (
             f",\n                          update_vjp=lambda s_, up_, upper, k, ct: "
-            f"update_vjp_{f}(s_, up_, upper, B[{name!r}][i * {steps} + k], ct)" if leaf else "") + ")",
-        f"        return s, record",
+            f"update_vjp_{f}(s_, up_, upper, B[{name!r}][i * {steps} + k], ct)" if leaf else "") + ", tape=tape)",
+        f"        return rt.untaped(s, tape), record",
         "",
     ]
     return lines
@@ -154,8 +158,9 @@ def generate(plan: Plan, levels: dict, methods: dict, title: str) -> str:
         children = [c for c in lowers if plan.parent[c] == name]
         has_shared = any(c in shared for c in lowers)
         if plan.parent[name] is not None or name in shared:
+            uppers = [u for u in plan.subtree if name in plan.lowers[u]]
             out += _block_fn(name, levels[name].steps, list(plan.subtree[name]), methods[name],
-                            levels[name].start_from is not None, not lowers)
+                            levels[name].start_from is not None, not lowers, uppers)
         taken = {name, *levels[name].level_args}
         tasked = [c for c in lowers if levels[c].tasks]
         suffix = "_one_task" if tasked else ""

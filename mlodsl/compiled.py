@@ -135,9 +135,13 @@ class Compiler:
             if options is not None:
                 warnings.warn(f"level '{name}' runs eagerly under compile=True: {why}", CompileWarning, stacklevel=3)
 
+    def compiles(self, level: str) -> bool:
+        """Whether ``level``'s regions are compiled."""
+        return self.options is not None and level not in self.eager_levels
+
     def region(self, level: str, what: str, fn: Callable, trailing: int = 0) -> Callable:
         """``fn`` as a compiled region of ``level`` (``fn`` itself when eager)."""
-        if self.options is None or level in self.eager_levels:
+        if not self.compiles(level):
             return fn
         region = Region(f"level '{level}': its {what}", fn, self.options, trailing)
         self.regions.append(region)

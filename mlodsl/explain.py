@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.utils import _pytree as pytree
 
 from .tree import tree_leaves
 
@@ -65,8 +66,9 @@ def kept_iterates(method, steps: int) -> int:
     return kept + (stride - 1 if stride > 1 else 0)  # plus one recomputed segment in the reverse pass
 
 
-def saved_activation_bytes(loss_fn, params: dict) -> int:
-    """Bytes autograd saves while evaluating ``loss_fn(params)`` and its gradient (create_graph)."""
+def saved_activation_bytes(loss_fn, params) -> int:
+    """Bytes autograd saves while evaluating ``loss_fn(params)`` and its gradient (create_graph);
+    ``params``: a tree of tensors, all made leaves that require grad (their own storage not counted)."""
     seen: dict = {}
 
     def pack(t):
@@ -74,17 +76,62 @@ def saved_activation_bytes(loss_fn, params: dict) -> int:
             seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
         return t
 
-    leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+    leaves = pytree.tree_map(lambda v: v.detach().requires_grad_(), params)
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = loss_fn(leaves)
         if loss.requires_grad:
-            torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True)
-    own = {v.untyped_storage().data_ptr() for v in leaves.values()}
+            torch.autograd.grad(loss, tree_leaves(leaves), create_graph=True, allow_unused=True)
+    own = {v.untyped_storage().data_ptr() for v in tree_leaves(leaves)}
     return sum(b for (ptr, _), b in seen.items() if ptr not in own)
 
 
-def explain(state: dict, plan, methods: dict, activations: dict | None = None) -> MemoryReport:
-    """Per-level memory from the program's state and plan (``activations``: level -> bytes)."""
+class _Saved:
+    """A tensor autograd saved, held by the graph node that saved it (and weakly by us)."""
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+def taped_update_bytes(loss_fn, own: dict, uppers: dict) -> int:
+    """Bytes one update of a level recorded on the autograd tape keeps until the backward pass:
+    what the graph of its gradient (built with ``create_graph`` from ``own`` and ``uppers``, all
+    requiring grad) still holds once the loss itself is gone, the iterate ``own`` included where
+    that graph holds it; the uppers' parameters are shared by every update and not counted."""
+    import weakref
+    saved: list = []
+
+    def pack(t):
+        holder = _Saved(t)
+        saved.append(weakref.ref(holder))
+        return holder
+
+    leaves = pytree.tree_map(lambda v: v.detach().requires_grad_(), {"own": own, "uppers": uppers})
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda h: h.tensor):
+        loss = loss_fn(leaves["own"], leaves["uppers"])
+        grads = (torch.autograd.grad(loss, tree_leaves(leaves["own"]), create_graph=True, allow_unused=True)
+                 if loss.requires_grad else ())
+    del loss  # the gradient's graph lives on (in the next iterate, on the tape); the loss's does not
+    shared = {v.untyped_storage().data_ptr() for v in tree_leaves(leaves["uppers"])}
+    shared |= {g.untyped_storage().data_ptr() for g in grads if g is not None}  # consumed by the update
+    kept = {}
+    for ref in saved:
+        holder = ref()
+        if holder is not None and holder.tensor.numel():
+            storage = holder.tensor.untyped_storage()
+            kept[storage.data_ptr()] = storage.nbytes()
+    return sum(b for ptr, b in kept.items() if ptr not in shared)
+
+
+def explain(state: dict, plan, methods: dict, activations: dict | None = None,
+            update_graphs: dict | None = None, taped: set = frozenset()) -> MemoryReport:
+    """Per-level memory from the program's state and plan (``activations``: level -> bytes;
+    ``update_graphs``: level -> ``taped_update_bytes`` of one of its updates, for a level whose
+    method differentiates its updates: where the block is recorded on the autograd tape (``taped``:
+    those levels, see ``Runtime.tape``) every update's graph is kept until the backward pass, in place of the
+    iterates; where updates are replayed, one VJP holds one such graph and, measured at the peak of
+    differentiating it, about as much again)."""
+    activations = dict(activations or {})
     report = MemoryReport()
     for name in plan.subtree:
         params, opt = nbytes(state[name]["params"]), nbytes(state[name]["opt"])
@@ -93,8 +140,14 @@ def explain(state: dict, plan, methods: dict, activations: dict | None = None) -
         if method is not None:
             block = sum(nbytes(state[n]) for n in plan.subtree[name])
             steps = plan.updates_per_step[name] // max(1, plan.updates_per_step.get(plan.parent[name] or "", 1))
-            iterates = kept_iterates(method, steps) * block
+            graph = (update_graphs or {}).get(name)
+            if name in taped and graph is not None:
+                iterates = steps * graph
+            else:
+                iterates = kept_iterates(method, steps) * block
+                if graph is not None:  # a replayed update's VJP holds its graph, and as much again at
+                    activations[name] = max(activations.get(name, 0), 2 * graph)  # the peak of its backward
             if hasattr(method, "workspace"):
                 workspace = method.workspace(block, params)
-        report.append(LevelMemory(name, params, opt, iterates, workspace, (activations or {}).get(name, 0)))
+        report.append(LevelMemory(name, params, opt, iterates, workspace, activations.get(name, 0)))
     return report

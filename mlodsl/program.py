@@ -422,18 +422,26 @@ class Program:
     def explain(self):
         """Memory per level (parameters, optimizer state, kept iterates, method workspace), in bytes;
         prints as a table in MiB. See ``mlodsl.explain``."""
-        from .explain import explain, saved_activation_bytes
+        from .explain import explain, saved_activation_bytes, taped_update_bytes
         if self._pending is None:
             self._pending = self._draw_batches()
         params = {n: s["params"] for n, s in self._state.items()}
-        activations = {}
+        activations, update_graphs = {}, {}
         for name, pl in self.levels.items():
             if name in self._tasked_batches:
                 continue  # per-task activations under vmap are not measured
             batch = _one(self._pending[name][0])
             activations[name] = saved_activation_bytes(
                 lambda own: split_output(name, pl.traced({**params, name: own}, batch))[0], params[name])
-        return explain(self._state, self.plan, self._runtime.methods, activations)
+            method = self._runtime.methods.get(name)
+            if getattr(method, "keeps_path", False):  # it differentiates the updates themselves
+                uppers = {n: params[n] for n in self.plan.subtree if name in self.plan.lowers[n]}
+                update_graphs[name] = taped_update_bytes(
+                    lambda own, ups: split_output(name, pl.traced({**params, **ups, name: own}, batch))[0],
+                    params[name], uppers)
+        taped = {n for n, m in self._runtime.methods.items()  # compiled updates are replayed instead
+                 if getattr(m, "records_tape", False) and not self._runtime.compiler.compiles(n)}
+        return explain(self._state, self.plan, self._runtime.methods, activations, update_graphs, taped)
 
     def show(self) -> LevelDiagram:
         """The level DAG: prints as text, draws as SVG (graphviz) or PNG (matplotlib) in Jupyter."""

@@ -6,13 +6,15 @@ the generated step stays differentiable and traceable.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch.utils import _pytree as pytree
 
 from . import autodiff
-from .compiled import Compiler
+from .compiled import Compiler, is_plain
 from .hypergrad.base import Trajectory, state_vjp
 
 
@@ -51,6 +53,27 @@ class BlockRecord:
     begin: Callable | None = None  # up -> start state, when the block restarts each time it runs
     log: dict | None = None        # where methods' diagnostics go (None inside transforms)
     update_vjp: Callable | None = None  # (state, up, upper name, k, λ) -> (λ, upper cotangent)
+    tape: dict | None = None       # upper name -> the leaves the block's updates were recorded from
+
+    def taped_vjp(self, upper_name: str) -> Callable | None:
+        """``v ↦ vᵀ dθ_K/dθ_U`` by one backward pass over the tape the block's forward updates
+        recorded (``Runtime.tape``), or None when they recorded none for ``upper_name``."""
+        if self.tape is None or upper_name not in self.tape:
+            return None
+        leaves, final = self.tape[upper_name], self.final
+        several = len(self.tape) > 1  # the other uppers still need the tape
+
+        def vjp(cotangent: dict) -> dict:
+            pairs = [(final[n]["params"][k], c) for n, ct in cotangent.items() for k, c in ct.items()
+                     if final[n]["params"][k].requires_grad]
+            names = list(leaves)
+            if not pairs:
+                return {k: torch.zeros_like(leaves[k]) for k in names}
+            grads = torch.autograd.grad([o for o, _ in pairs], [leaves[k] for k in names], [c for _, c in pairs],
+                                        retain_graph=several, allow_unused=True)
+            return {k: torch.zeros_like(leaves[k]) if g is None else g for k, g in zip(names, grads)}
+
+        return vjp
 
     def toward(self, upper_name: str) -> Trajectory:
         rt, level, up = self.runtime, self.level, self.up
@@ -86,7 +109,8 @@ class BlockRecord:
                 self.log[f"{level}/{key}"] = value.detach() if isinstance(value, torch.Tensor) else value
 
         return Trajectory(level, self.steps, self.start, self.final, self.path, upper_name,
-                          up[upper_name], advance, loss, update_map, begin, from_upper, report, advance_vjp)
+                          up[upper_name], advance, loss, update_map, begin, from_upper, report, advance_vjp,
+                          self.taped_vjp(upper_name))
 
 
 def _mean_outputs(outs: list):
@@ -227,6 +251,36 @@ class Runtime:
             p = self.projections[name](p)
         return {**sub, name: {"params": p, "opt": o}}
 
+    def tape(self, name: str, state: dict, up: dict, uppers: list) -> tuple:
+        """Record the block of ``name`` on the autograd tape, when its method differentiates the
+        forward updates themselves (``records_tape``: ``Unroll`` without checkpointing) and nothing
+        else is being differentiated, traced or compiled: returns ``(up', leaves)`` where ``up'`` is
+        ``up`` with the parameters of the ``uppers`` (the levels whose hypergradient goes through
+        this block) replaced by fresh leaves that require grad, so that every update of the block
+        is built with ``create_graph`` and one backward pass gives vᵀ dθ_K/dθ_U; else ``(up, None)``.
+
+        The tape costs the activations of every update (what ``torch.autograd`` keeps) instead of
+        one replay of every update in the reverse pass: one forward pass instead of two."""
+        if (not getattr(self.methods[name], "records_tape", False) or self.compiler.compiles(name)
+                or not autodiff.on_tape() or not is_plain((state, up))):
+            return up, None
+        leaves = {u: {k: v.detach().requires_grad_() for k, v in up[u].items()} for u in uppers if u in up}
+        return {**up, **leaves}, leaves
+
+    @staticmethod
+    def recording(tape):
+        """The context the block's updates run in: while a tape is recorded, every product inside
+        them is built with ``create_graph`` (even where its own inputs carry no graph yet, as at
+        the first update), as for the updates an enclosing product differentiates."""
+        return autodiff.evaluating() if tape is not None else contextlib.nullcontext()
+
+    @staticmethod
+    def untaped(state: dict, tape) -> dict:
+        """The block's final state as the rest of the step sees it: values, off the tape."""
+        if tape is None:
+            return state
+        return pytree.tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, state)
+
     def begin(self, name: str, s: dict, up: dict) -> dict:
         """The state a block of ``name`` starts from: as it is (warm start), its initial values
         (``start_from="init"``), or the upper level's parameters (``start_from=<upper>``, MAML)."""
@@ -238,8 +292,9 @@ class Runtime:
         return {**s, name: {"params": params, "opt": self.optimizers[name].init(params)}}
 
     def block(self, level, steps, start, final, path, up, advance, last_batch, begin=None, log=None,
-              update_vjp=None) -> BlockRecord:
-        return BlockRecord(level, steps, start, final, path, up, advance, last_batch, self, begin, log, update_vjp)
+              update_vjp=None, tape=None) -> BlockRecord:
+        return BlockRecord(level, steps, start, final, path, up, advance, last_batch, self, begin, log, update_vjp,
+                           tape)
 
     @staticmethod
     def new_log() -> dict:

@@ -3,6 +3,9 @@
 A hypergradient method is any object with
 
 * ``keeps_path: bool`` -- whether the block must store every iterate (``Unroll`` does);
+* ``records_tape: bool`` (optional) -- whether the block should record its forward updates on the
+  autograd tape when it can (``Trajectory.taped_vjp``; ``keeps_path`` is the fallback where it
+  cannot: under ``torch.compile``, ``vmap``, or a level above differentiating through the block);
 * ``replays_updates: bool`` (optional, True when absent) -- whether the method re-runs or
   differentiates the lower level's optimizer updates; only levels under methods that do not may
   use an in-place ``torch.optim`` optimizer (``ml.optim.torch``);
@@ -46,7 +49,10 @@ class Trajectory:
       level starts from the upper's parameters, MAML's ``start_from=<upper>``);
       ``start_vjp(v)`` is vᵀ ∂θ_L^0/∂θ_U for a cotangent v on the lower level's start parameters;
     * ``report(name, value)``: a diagnostic scalar (a CG residual) for the lower level's metrics;
-    * ``update_vjp(S_k, k, λ)``: the VJP of one update (what ``Unroll``'s reverse loop calls).
+    * ``update_vjp(S_k, k, λ)``: the VJP of one update (what ``Unroll``'s reverse loop calls);
+    * ``taped_vjp``: ``v ↦ vᵀ dθ_K/dθ_U`` (v: cotangents on the final parameters, by level) by one
+      backward pass, when the block's forward updates were recorded on the autograd tape for this
+      upper (a method with ``records_tape = True`` asks for that), else ``None``.
     """
 
     level: str
@@ -63,6 +69,7 @@ class Trajectory:
     starts_from_upper: bool = False
     report: Callable = lambda key, value: None  # (name, scalar) -> the level's metrics, e.g. a CG residual
     advance_vjp: Callable | None = None  # (S_k, k, λ_{k+1}) -> (λ_k, upper cotangent), on floating leaves
+    taped_vjp: Callable | None = None  # v -> vᵀ dθ_K/dθ_U over the recorded tape
 
     def update_vjp(self, state: dict, k: int, lam: list) -> tuple:
         """The VJP of the k-th update at state S_k with cotangent λ_{k+1} on its floating leaves

@@ -18,6 +18,11 @@ class Unroll:
     levels); the reverse pass is a loop of VJPs of one update. ``last=T`` runs the reverse loop
     over the last T updates only (truncated backpropagation). Memory O(K·d).
 
+    Without checkpointing or truncation, where nothing else is differentiating the block (eager,
+    no ``vmap``), the forward updates are recorded on the autograd tape instead and the reverse
+    pass is one backward over it (``records_tape``): the same numbers for one forward pass instead
+    of two, at the price of every update's activations.
+
     ``checkpoint=n`` keeps every n-th iterate only and recomputes each segment of n updates
     forward before reversing it: memory O((K/n + n)·d) for one more forward pass; ``"sqrt"``
     picks n = ⌈√K⌉, memory O(√K·d). Same numbers as keeping every iterate.
@@ -38,6 +43,10 @@ class Unroll:
             self.checkpoint is not None)
         return f"Unroll({', '.join(args)})"
 
+    @property
+    def records_tape(self) -> bool:
+        return self.last is None and self.checkpoint is None
+
     def path_stride(self, steps: int) -> int:
         """Keep the iterate after every ``path_stride`` updates (and the first and last)."""
         if self.checkpoint is None:
@@ -51,6 +60,8 @@ class Unroll:
         return 3 * state_bytes
 
     def vjp(self, traj: Trajectory, cotangent: dict) -> dict:
+        if traj.taped_vjp is not None:  # the start's dependence on θ_U (MAML) is on the tape too
+            return traj.taped_vjp(cotangent)
         first = 0 if self.last is None else max(traj.steps - self.last, 0)
         stride = self.path_stride(traj.steps)
         lam = tree_zeros_like(traj.final)
