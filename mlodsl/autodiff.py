@@ -14,7 +14,8 @@ graph (a level above is differentiating through this product), the product is bu
 from __future__ import annotations
 
 import torch
-from torch.utils import _pytree as pytree
+
+from .tree import detached, flatten
 
 _FORCE_FUNC = [False]
 _DIFFERENTIATING = [0]  # > 0 while a function is evaluated for an enclosing product on the tape
@@ -64,15 +65,15 @@ def grad_with_aux(fn, primals):
     """``(∇ fn(primals), aux)`` for ``fn(primals) -> (scalar, aux)``; primals is a pytree."""
     if not _tape():
         return torch.func.grad(fn, has_aux=True)(primals)
-    leaves, spec = pytree.tree_flatten(primals)
+    leaves, unflatten = flatten(primals)
     with torch.enable_grad():
         inputs, nested = _inputs(leaves)
         with evaluating():
-            out, aux = fn(pytree.tree_unflatten(inputs, spec))
+            out, aux = fn(unflatten(inputs))
         grads = _grads([out], inputs, None, nested)
     if not nested:
-        aux = pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, aux)
-    return pytree.tree_unflatten(grads, spec), aux
+        aux = detached(aux)
+    return unflatten(grads), aux
 
 
 def vjp(fn, primals: tuple, cotangent):
@@ -80,20 +81,20 @@ def vjp(fn, primals: tuple, cotangent):
     if not _tape():
         out, pullback = torch.func.vjp(fn, *primals)
         return pullback(cotangent), out
-    flat, spec = pytree.tree_flatten(list(primals))
+    flat, unflatten = flatten(list(primals))
     with torch.enable_grad():
         inputs, nested = _inputs(flat)
         with evaluating():
-            out = fn(*pytree.tree_unflatten(inputs, spec))
-        outs, cts = pytree.tree_leaves(out), pytree.tree_leaves(cotangent)
+            out = fn(*unflatten(inputs))
+        outs, cts = flatten(out)[0], flatten(cotangent)[0]
         pairs = [(o, c) for o, c in zip(outs, cts) if o.requires_grad]
         if pairs:
             grads = _grads([o for o, _ in pairs], inputs, [c for _, c in pairs], nested)
         else:
             grads = [torch.zeros_like(x) for x in inputs]
     if not nested:
-        out = pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)
-    return tuple(pytree.tree_unflatten(grads, spec)), out
+        out = detached(out)
+    return tuple(unflatten(grads)), out
 
 
 def grad(fn, argnums: int = 0):
@@ -115,20 +116,20 @@ def vjp_fn(fn, *primals):
     (conjugate gradient reuses one linearization), like ``torch.func.vjp``."""
     if not _tape():
         return torch.func.vjp(fn, *primals)
-    flat, spec = pytree.tree_flatten(list(primals))
+    flat, unflatten = flatten(list(primals))
     with torch.enable_grad():
         inputs, nested = _inputs(flat)
         with evaluating():
-            out = fn(*pytree.tree_unflatten(inputs, spec))
-    outs = pytree.tree_leaves(out)
+            out = fn(*unflatten(inputs))
+    outs = flatten(out)[0]
 
     def pullback(cotangent):
-        pairs = [(o, c) for o, c in zip(outs, pytree.tree_leaves(cotangent)) if o.requires_grad]
+        pairs = [(o, c) for o, c in zip(outs, flatten(cotangent)[0]) if o.requires_grad]
         with torch.enable_grad():
             grads = (_grads([o for o, _ in pairs], inputs, [c for _, c in pairs], nested, retain_graph=True)
                      if pairs else [torch.zeros_like(x) for x in inputs])
-        return tuple(pytree.tree_unflatten(grads, spec))
+        return tuple(unflatten(grads))
 
     if not nested:
-        out = pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)
+        out = detached(out)
     return out, pullback

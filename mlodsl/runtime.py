@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch.utils import _pytree as pytree
 
 from . import autodiff
 from .compiled import Compiler, is_plain
 from .hypergrad.base import Trajectory, state_vjp
+from .tree import detached
 
 
 class LevelError(RuntimeError):
@@ -208,10 +208,11 @@ class Runtime:
         Levels in ``wrt`` that the loss does not take get zero gradients. With ``log`` (the step's
         forward pass, not a re-evaluation), the level's buffers (running statistics) advance.
         """
-        if log is not None and self.buffer_state is not None:
+        traced = self.traced[name]
+        if log is not None and self.buffer_state is not None and getattr(traced, "buffers", None):
             with self.buffer_state.writing(name):
                 return self.partials(name, params, batch, wrt)
-        taken = {lvl for lvl, _ in self.traced[name].inputs.values()}
+        taken = {lvl for lvl, _ in traced.inputs.values()}
         diff = {w: params[w] for w in wrt if w in taken}
         scale = self.loss_scales[name].scale if name in self.loss_scales else None  # fp16: scale·loss
 
@@ -277,9 +278,7 @@ class Runtime:
     @staticmethod
     def untaped(state: dict, tape) -> dict:
         """The block's final state as the rest of the step sees it: values, off the tape."""
-        if tape is None:
-            return state
-        return pytree.tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, state)
+        return state if tape is None else detached(state)
 
     def begin(self, name: str, s: dict, up: dict) -> dict:
         """The state a block of ``name`` starts from: as it is (warm start), its initial values
@@ -303,6 +302,8 @@ class Runtime:
     @staticmethod
     def grad_norm(grad: dict) -> torch.Tensor:
         """The norm of a gradient (detached): a NaN or Inf anywhere in it makes the norm non-finite."""
+        if len(grad) == 1:
+            return torch.linalg.vector_norm(next(iter(grad.values())).detach())
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach()) for g in grad.values()]))
 
     @staticmethod

@@ -57,7 +57,7 @@ class TracedLevel:
             kwargs.update(self.buffer_state.inputs(self.buffers))
         args = self.batch_args(batch)
         try:
-            out = self.graph(*args, **kwargs)
+            out = self.graph.forward(*args, **kwargs)  # no nn.Module call machinery: no hooks to run
             if self.buffers:
                 self.buffer_state.written(self.buffers, kwargs)
             return out

@@ -8,6 +8,53 @@ tree_map = pytree.tree_map
 tree_leaves = pytree.tree_leaves
 
 
+class _NotPlain(Exception):
+    pass
+
+
+def _flatten_into(tree, leaves: list):
+    """Append ``tree``'s tensors to ``leaves``; return a function rebuilding it from an iterator."""
+    if isinstance(tree, torch.Tensor):
+        leaves.append(tree)
+        return next
+    kind = type(tree)
+    if kind is dict:
+        keys = list(tree)
+        parts = [_flatten_into(tree[k], leaves) for k in keys]
+        return lambda it: {k: part(it) for k, part in zip(keys, parts)}
+    if kind is list or kind is tuple:
+        parts = [_flatten_into(x, leaves) for x in tree]
+        return lambda it: kind([part(it) for part in parts])
+    raise _NotPlain
+
+
+def flatten(tree):
+    """``(leaves, unflatten)``, like ``pytree.tree_flatten`` (same leaf order). A step's trees
+    (dicts of dicts of tensors) take a direct path: pytree's generic one costs tens of microseconds
+    per call, which the eager step pays several times per update."""
+    leaves: list = []
+    try:
+        build = _flatten_into(tree, leaves)
+    except _NotPlain:
+        leaves, spec = pytree.tree_flatten(tree)
+        return leaves, lambda xs: pytree.tree_unflatten(list(xs), spec)
+    return leaves, lambda xs: build(iter(xs))
+
+
+def detached(tree):
+    """``tree`` with every tensor detached (other leaves as they are)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach()
+    kind = type(tree)
+    if kind is dict:
+        return {k: detached(v) for k, v in tree.items()}
+    if kind is list or kind is tuple:
+        return kind([detached(x) for x in tree])
+    if kind in (int, float, bool, str) or tree is None:
+        return tree
+    return pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, tree)
+
+
 def tree_add(a, b):
     """Leafwise a + b over two trees of the same structure."""
     return pytree.tree_map(lambda x, y: x + y, a, b)
