@@ -9,7 +9,9 @@ The source defines, for every level X,
 * ``partials_X``: X's loss and partial gradients; for a level with no lower levels, ``update_X``
   (one whole update from its batch) and ``update_vjp_X`` (that update's VJP, for ``Unroll``).
   These three are the regions ``torch.compile`` compiles under ``compile=True`` (``rt.region``,
-  ``mlodsl.compiled``); eagerly they are the plain functions;
+  ``mlodsl.compiled``); eagerly they are the plain functions; and ``loop_X``, X's K updates (and
+  Unroll's reverse pass over them) as one compiled ``scan`` each (``mlodsl.loops``), which
+  ``rt.run_loop`` declines (None) where the Python loop must run;
 
 and ``step(state, B)``, one ``Program.step()``: the top levels' loops. Loops stay loops; nothing is
 inlined per step. ``make_step(rt)`` binds the runtime (traced losses, optimizers, methods).
@@ -47,18 +49,29 @@ def _block_fn(name, steps, subtree, method, restarts, leaf, uppers) -> list:
         lines += [f"        s0 = s",
                   f"        s = rt.begin({name!r}, s0, up_{f})"]
     lines += [
-        f"        start, path = s, ({{0: s}} if method[{name!r}].keeps_path and tape is None else None)",
-        f"        with rt.recording(tape):",
-        f"            for k in range({steps}):",
-        f"                s = advance_{f}(s, up_{f}, i * {steps} + k, log, B)",
-        f"                if path is not None and ((k + 1) % {stride} == 0 or k == {steps - 1}):",
-        f"                    path[k + 1] = s",
+        f"        start, path = s, ({{0: s}} if method[{name!r}].keeps_path and tape is None else None)"]
+    loop = leaf and stride == 1  # the K updates as one compiled region (compile=True), when they can be
+    indent = "    " if loop else ""
+    if loop:
+        lines += [
+            f"        batches = [B[{name!r}][i * {steps} + k] for k in range({steps})]",
+            f"        looped = rt.run_loop(loop_{f}, s, up_{f}, batches, path is not None, log)",
+            f"        if looped is not None:",
+            f"            s, path = looped",
+            f"        else:"]
+    lines += [
+        f"        {indent}with rt.recording(tape):",
+        f"        {indent}    for k in range({steps}):",
+        f"        {indent}        s = advance_{f}(s, up_{f}, i * {steps} + k, log, B)",
+        f"        {indent}        if path is not None and ((k + 1) % {stride} == 0 or k == {steps - 1}):",
+        f"        {indent}            path[k + 1] = s",
         f"        record = rt.block({name!r}, {steps}, start, s, path, up_{f},",
         f"                          lambda s_, up_, k: advance_{f}(s_, up_, i * {steps} + k, None, B),",
         f"                          B[{name!r}][i * {steps} + {steps - 1}]" + (
             f",\n                          lambda up_: rt.begin({name!r}, s0, up_)" if restarts else "") + ", log=log" + (
             f",\n                          update_vjp=lambda s_, up_, upper, k, ct: "
-            f"update_vjp_{f}(s_, up_, upper, B[{name!r}][i * {steps} + k], ct)" if leaf else "") + ", tape=tape)",
+            f"update_vjp_{f}(s_, up_, upper, B[{name!r}][i * {steps} + k], ct)" if leaf else "") + ", tape=tape" + (
+            f",\n                          loop=loop_{f}, batches=batches" if loop else "") + ")",
         f"        return rt.untaped(s, tape), record",
         "",
     ]
@@ -86,6 +99,7 @@ def _update_fn(name) -> list:
             f"        return rt.apply_update({name!r}, sub, up, g[{name!r}]), loss, metrics, rt.grad_norm(g[{name!r}])",
             "",
             f"    update_vjp_{f} = rt.update_vjp({name!r}, update_{f})",
+            f"    loop_{f} = rt.update_loop({name!r}, update_{f})",
             f"    update_{f} = rt.region({name!r}, 'update', update_{f}, trailing=1)",
             "",
             f"    def advance_{f}(sub, up, i, log, B):",

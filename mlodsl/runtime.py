@@ -15,6 +15,7 @@ import torch
 from . import autodiff
 from .compiled import Compiler, is_plain
 from .hypergrad.base import Trajectory, state_vjp
+from .loops import StackedPath, UpdateLoop
 from .tree import detached
 
 
@@ -54,6 +55,20 @@ class BlockRecord:
     log: dict | None = None        # where methods' diagnostics go (None inside transforms)
     update_vjp: Callable | None = None  # (state, up, upper name, k, λ) -> (λ, upper cotangent)
     tape: dict | None = None       # upper name -> the leaves the block's updates were recorded from
+    loop: UpdateLoop | None = None  # the level's update loop as compiled regions (mlodsl.loops)
+    batches: list | None = None    # the block's batches, one per update (for the loop's reverse pass)
+
+    def reverse_vjp(self, upper_name: str) -> Callable | None:
+        """``(first, λ_K, total) -> (λ_first, total + Σ ∂S_{k+1}/∂θ_U ᵀ λ_{k+1}) | None``: Unroll's
+        reverse pass as one compiled loop, when the forward pass ran as one (``StackedPath``)."""
+        if self.loop is None or not isinstance(self.path, StackedPath):
+            return None
+        up = self.up
+
+        def reverse(first, lam, total):
+            return self.loop.reverse(self.path, up, upper_name, self.batches, first, lam, total)
+
+        return reverse
 
     def taped_vjp(self, upper_name: str) -> Callable | None:
         """``v ↦ vᵀ dθ_K/dθ_U`` by one backward pass over the tape the block's forward updates
@@ -110,7 +125,7 @@ class BlockRecord:
 
         return Trajectory(level, self.steps, self.start, self.final, self.path, upper_name,
                           up[upper_name], advance, loss, update_map, begin, from_upper, report, advance_vjp,
-                          self.taped_vjp(upper_name))
+                          self.taped_vjp(upper_name), self.reverse_vjp(upper_name))
 
 
 def _mean_outputs(outs: list):
@@ -291,9 +306,26 @@ class Runtime:
         return {**s, name: {"params": params, "opt": self.optimizers[name].init(params)}}
 
     def block(self, level, steps, start, final, path, up, advance, last_batch, begin=None, log=None,
-              update_vjp=None, tape=None) -> BlockRecord:
+              update_vjp=None, tape=None, loop=None, batches=None) -> BlockRecord:
         return BlockRecord(level, steps, start, final, path, up, advance, last_batch, self, begin, log, update_vjp,
-                           tape)
+                           tape, loop, batches)
+
+    def update_loop(self, name: str, update: Callable) -> UpdateLoop:
+        """The K updates of level ``name`` (a level with no lower levels) as one compiled region."""
+        return UpdateLoop(self.compiler, name, update)
+
+    def run_loop(self, loop: UpdateLoop, sub: dict, up: dict, batches: list, keep_path: bool, log):
+        """``(S_K, path)`` from the compiled loop, its losses and norms logged; None where the
+        generated Python loop must run instead (``UpdateLoop.run``)."""
+        out = loop.run(sub, up, batches, keep_path)
+        if out is None:
+            return None
+        final, path, losses, norms, metrics = out
+        if log is not None:
+            log["_finite"].setdefault(loop.name, []).append(losses + norms)
+            self.record(log, loop.name, losses[-1], metrics, norms[-1])
+            log["_finite"][loop.name].pop()  # (record appended the last update's again)
+        return final, (path if keep_path else None)
 
     @staticmethod
     def new_log() -> dict:
@@ -321,7 +353,8 @@ class Runtime:
     @staticmethod
     def finite(log) -> dict:
         """``{level: True when every loss and gradient it logged in the step was finite}``; pops them."""
-        return {n: bool(torch.isfinite(torch.stack(v)).all()) for n, v in log.pop("_finite").items()}
+        return {n: bool(torch.isfinite(torch.cat([x.reshape(-1) for x in v])).all())
+                for n, v in log.pop("_finite").items()}
 
     @staticmethod
     def mean_over_tasks(g: dict) -> dict:

@@ -68,6 +68,18 @@ def regions(prog, level="inner") -> dict:
     return {r.label.split("its ")[1]: r for r in prog.compiler.regions if r.label.startswith(f"level '{level}'")}
 
 
+def compiled_updates(used: dict, steps: int = 4) -> int:
+    """Inner updates that ran compiled: one at a time, or as a loop of ``steps`` (mlodsl.loops)."""
+    loops = sum(r.compiled_calls for what, r in used.items() if what.startswith("loop of updates"))
+    return used["update"].compiled_calls + steps * loops
+
+
+def compiled_vjps(used: dict) -> int:
+    """Calls of compiled update VJPs: one at a time, or as Unroll's whole reverse loop."""
+    return used["update's VJP"].compiled_calls + sum(
+        r.compiled_calls for what, r in used.items() if what.startswith("reverse loop"))
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_compiled_step_equals_eager_for_every_method(name):
     eager = run(float32_hpo(METHODS[name](), False))
@@ -79,10 +91,15 @@ def test_compiled_step_equals_eager_for_every_method(name):
         assert a.dtype == b.dtype == torch.float32
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     used = regions(prog)
-    assert used["update"].compiled_calls >= 2 * 4  # every inner update ran compiled (checkpoints rerun some)
+    assert compiled_updates(used) >= 2 * 4  # every inner update ran compiled (checkpoints rerun some)
     assert regions(prog, "outer")["partial gradients"].compiled_calls == 2
     if name.startswith("unroll"):
-        assert used["update's VJP"].compiled_calls > 0  # the reverse loop too
+        assert compiled_vjps(used) > 0  # the reverse pass too
+    if name in ("unroll", "unroll_last", "cg"):  # the K updates (and Unroll's reverse) as one loop each
+        assert used["loop of updates" + " (keeping iterates)" * (name != "cg")].compiled_calls == 2
+        assert name == "cg" or used["reverse loop of update VJPs (toward 'outer')"].compiled_calls == 2
+    if name == "unroll_checkpoint":  # segments are replayed: one update at a time
+        assert used["update"].compiled_calls > 2 * 4 and used["update's VJP"].compiled_calls == 2 * 4
 
 
 def test_compiled_unroll_hypergradient_equals_autograd_in_float64():
@@ -91,7 +108,7 @@ def test_compiled_unroll_hypergradient_equals_autograd_in_float64():
     g = prog.hypergradient("outer")["log_l2"]
     assert g.dtype == torch.float64
     torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-12)
-    assert regions(prog)["update's VJP"].compiled_calls == 5
+    assert regions(prog)["reverse loop of update VJPs (toward 'outer')"].compiled_calls == 1  # 5 VJPs, one call
 
 
 def test_compile_options_are_checked_and_passed_to_torch_compile():
@@ -102,7 +119,7 @@ def test_compile_options_are_checked_and_passed_to_torch_compile():
     prog, net, hyper, train, val = make_hpo(K=3, lr=0.5, compile={"backend": "aot_eager"})
     ref, _ = reference_hpo(net, hyper, train, val, K=3, lr=0.5)
     torch.testing.assert_close(prog.hypergradient("outer")["log_l2"], ref, rtol=1e-10, atol=1e-12)
-    assert all(r.compiled_calls > 0 for r in prog.compiler.regions if "partial" not in r.label)
+    assert all(r.compiled_calls > 0 for r in prog.compiler.regions if "loop" in r.label)
 
 
 def test_a_level_that_cannot_be_compiled_warns_why_and_runs_eagerly():
@@ -127,10 +144,18 @@ def test_a_level_that_cannot_be_compiled_warns_why_and_runs_eagerly():
     eager = build(False)
     eager.step()
     prog = build(True)
-    with pytest.warns(CompileWarning, match="level 'inner': its update could not be compiled"):
+    with pytest.warns(CompileWarning) as caught:
+        prog.step()  # the loop region fails, then the one-update regions, each saying why
         prog.step()
+    said = [str(w.message) for w in caught]
+    assert any(m.startswith("level 'inner': its loop of updates (keeping iterates) could not be compiled")
+               and "one region each instead" in m for m in said), said
+    assert any(m.startswith("level 'inner': its update could not be compiled") and "runs eagerly" in m
+               for m in said), said
+    eager.step()
     torch.testing.assert_close(prog.params("outer")["scale"], eager.params("outer")["scale"], rtol=1e-6, atol=1e-7)
-    assert regions(prog)["update"].reason  # it says why
+    used = regions(prog)
+    assert "Data-dependent branching" in used["update"].reason  # it says why
 
 
 def test_batchnorm_levels_run_eagerly_under_compile_with_a_warning():
@@ -194,3 +219,35 @@ def test_a_second_process_reuses_the_compile_caches(tmp_path):
     (hit1, miss1), (hit2, miss2) = [map(int, r.stdout.split()[-2:]) for r in runs]
     assert miss1 > 0 and hit1 == 0  # the first process compiles and fills the cache
     assert hit2 == miss1 and miss2 == 0  # the second compiles nothing
+
+
+def test_batches_of_different_shapes_run_one_compiled_update_at_a_time():
+    """The K updates run as one compiled loop when their batches stack; a smaller last batch in the
+    block means they cannot, and the updates run one compiled region each, with the eager numbers."""
+    def build(compile):
+        torch.manual_seed(0)
+        net, hyper = nn.Linear(3, 1), ml.Hyper(scale=torch.ones(()))
+        x, y = torch.randn(14, 3), torch.randn(14)
+        batches = [(x[:5], y[:5]), (x[5:10], y[5:10]), (x[10:], y[10:])]  # 5, 5, 4 points
+
+        @ml.level(net, optimizer=ml.optim.sgd(lr=0.1, momentum=0.9), data=batches, steps=3,
+                  hypergrad=ml.hypergrad.Unroll())
+        def inner(net, batch, outer):
+            return (outer.scale * (net(batch[0]).squeeze(-1) - batch[1]) ** 2).mean()
+
+        @ml.level(hyper, optimizer=ml.optim.sgd(lr=0.1), data=(x, y), depends_on=[inner])
+        def outer(hyper, batch, inner):
+            return ((inner(batch[0]).squeeze(-1) - batch[1]) ** 2).mean()
+
+        return ml.Program(outer, compile=compile)
+
+    eager, prog = build(False), build(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileWarning)
+        for _ in range(2):
+            eager.step()
+            prog.step()
+    torch.testing.assert_close(prog.params("outer")["scale"], eager.params("outer")["scale"], rtol=1e-5, atol=1e-6)
+    used = regions(prog)
+    assert "loop of updates (keeping iterates)" not in used  # never asked for: the batches do not stack
+    assert used["update"].compiled_calls == 2 * 3 and used["update's VJP"].compiled_calls == 2 * 3

@@ -50,6 +50,9 @@ class Trajectory:
       ``start_vjp(v)`` is vᵀ ∂θ_L^0/∂θ_U for a cotangent v on the lower level's start parameters;
     * ``report(name, value)``: a diagnostic scalar (a CG residual) for the lower level's metrics;
     * ``update_vjp(S_k, k, λ)``: the VJP of one update (what ``Unroll``'s reverse loop calls);
+    * ``reverse_vjp``: ``(first, λ_K, total) -> (λ_first, total + Σ_k ∂S_{k+1}/∂θ_U ᵀ λ_{k+1})``
+      over updates K-1..first as one compiled loop, where the block ran as one (else ``None``, or
+      a call that returns ``None``: then the loop of ``update_vjp`` it stands for);
     * ``taped_vjp``: ``v ↦ vᵀ dθ_K/dθ_U`` (v: cotangents on the final parameters, by level) by one
       backward pass, when the block's forward updates were recorded on the autograd tape for this
       upper (a method with ``records_tape = True`` asks for that), else ``None``.
@@ -70,6 +73,7 @@ class Trajectory:
     report: Callable = lambda key, value: None  # (name, scalar) -> the level's metrics, e.g. a CG residual
     advance_vjp: Callable | None = None  # (S_k, k, λ_{k+1}) -> (λ_k, upper cotangent), on floating leaves
     taped_vjp: Callable | None = None  # v -> vᵀ dθ_K/dθ_U over the recorded tape
+    reverse_vjp: Callable | None = None  # (first, λ_K, total) -> (λ_first, total') | None, one compiled loop
 
     def update_vjp(self, state: dict, k: int, lam: list) -> tuple:
         """The VJP of the k-th update at state S_k with cotangent λ_{k+1} on its floating leaves

@@ -70,6 +70,10 @@ class Unroll:
         lam_floats, _ = split_differentiable(lam)
         total = tree_zeros_like(traj.upper)
         end = traj.steps
+        if stride == 1 and traj.reverse_vjp is not None:  # the whole reverse pass as one compiled loop
+            looped = traj.reverse_vjp(first, lam_floats, total)
+            if looped is not None:
+                (lam_floats, total), end = looped, first
         while end > first:
             seg = ((end - 1) // stride) * stride       # the kept iterate this segment starts from
             states = {seg: traj.path[seg]}
