@@ -113,9 +113,19 @@ def grad(fn, argnums: int = 0):
 
 def vjp_fn(fn, *primals):
     """``(fn(*primals), pullback)`` where ``pullback(cotangent)`` may be called many times
-    (conjugate gradient reuses one linearization), like ``torch.func.vjp``."""
+    (conjugate gradient reuses one linearization), like ``torch.func.vjp``;
+    ``pullback(cotangent, argnums=(i, ...))`` returns the products for those primals alone (on
+    the tape, only they are computed: one linearization in (θ_L, θ_U) serves H w and B x)."""
     if not _tape():
-        return torch.func.vjp(fn, *primals)
+        out, full = torch.func.vjp(fn, *primals)
+
+        def pullback_func(cotangent, argnums=None):
+            cts = full(cotangent)
+            return cts if argnums is None else tuple(cts[i] for i in argnums)
+
+        return out, pullback_func
+    sizes = [len(flatten(p)[0]) for p in primals]
+    starts = [sum(sizes[:i]) for i in range(len(primals))]
     flat, unflatten = flatten(list(primals))
     with torch.enable_grad():
         inputs, nested = _inputs(flat)
@@ -123,12 +133,20 @@ def vjp_fn(fn, *primals):
             out = fn(*unflatten(inputs))
     outs = flatten(out)[0]
 
-    def pullback(cotangent):
+    def pullback(cotangent, argnums=None):
         pairs = [(o, c) for o, c in zip(outs, flatten(cotangent)[0]) if o.requires_grad]
+        wanted = range(len(primals)) if argnums is None else argnums
+        wrt = [x for i in wanted for x in inputs[starts[i]:starts[i] + sizes[i]]]
         with torch.enable_grad():
-            grads = (_grads([o for o, _ in pairs], inputs, [c for _, c in pairs], nested, retain_graph=True)
-                     if pairs else [torch.zeros_like(x) for x in inputs])
-        return tuple(unflatten(grads))
+            grads = (_grads([o for o, _ in pairs], wrt, [c for _, c in pairs], nested, retain_graph=True)
+                     if pairs else [torch.zeros_like(x) for x in wrt])
+        if argnums is None:
+            return tuple(unflatten(grads))
+        out_, at = [], 0
+        for i in argnums:
+            out_.append(flatten(primals[i])[1](grads[at:at + sizes[i]]))
+            at += sizes[i]
+        return tuple(out_)
 
     if not nested:
         out = detached(out)

@@ -21,13 +21,14 @@ from typing import Callable
 
 from .base import Trajectory
 from .linear import solve_with_info
-from .products import cross_vjp, hessian_matvec, negate
+from .products import linearize, negate
 
 
 def implicit_vjp(traj: Trajectory, v: dict, solve: Callable, damping: float = 0.0) -> dict:
     """-(∂²L/∂θ_U∂θ_L) x with (H + damping·I) x = v solved by ``solve(matvec, v)``."""
-    x = solve_with_info(solve, hessian_matvec(traj, damping), v, traj.report)
-    return negate(cross_vjp(traj, x))
+    hessian_matvec, cross_vjp = linearize(traj, damping)
+    x = solve_with_info(solve, hessian_matvec, v, traj.report)
+    return negate(cross_vjp(x))
 
 
 class Implicit:

@@ -16,26 +16,27 @@ from .. import autodiff
 from .base import Trajectory
 
 
-def hessian_matvec(traj: Trajectory, damping: float = 0.0) -> Callable:
-    """``w ↦ (H + damping·I) w`` with H = ∂²L/∂θ_L² at (θ_L*, θ_U).
+def linearize(traj: Trajectory, damping: float = 0.0) -> tuple:
+    """``(hessian_matvec, cross_vjp)`` from one linearization of the stationarity
+    (θ_L, θ_U) ↦ ∇_{θ_L} L at (θ_L*, θ_U) (a forward and a backward pass):
 
-    One linearization of ∇_{θ_L} L (a forward and a backward pass), then one backward of the
-    backward per product: H is symmetric, so the VJP wᵀH is H w.
+    * ``hessian_matvec(w) = (H + damping·I) w``, H = ∂²L/∂θ_L²: one backward of the backward in
+      θ_L (H is symmetric, so the VJP wᵀH is H w);
+    * ``cross_vjp(x) = (∂²L/∂θ_U∂θ_L) x``, shaped like θ_U: one backward of the backward in θ_U.
     """
-    def stationarity(own):
-        return autodiff.grad(traj.loss)(own, traj.upper)
+    def stationarity(own, upper):
+        return autodiff.grad(traj.loss)(own, upper)
 
-    _, pullback = autodiff.vjp_fn(stationarity, traj.own(traj.final))
-    if damping == 0.0:
-        return lambda w: pullback(w)[0]
-    return lambda w: {k: hw + damping * w[k] for k, hw in pullback(w)[0].items()}
+    _, pullback = autodiff.vjp_fn(stationarity, traj.own(traj.final), traj.upper)
 
+    def hessian_matvec(w):
+        (hw,) = pullback(w, argnums=(0,))
+        return hw if damping == 0.0 else {k: v + damping * w[k] for k, v in hw.items()}
 
-def cross_vjp(traj: Trajectory, x: dict) -> dict:
-    """``(∂²L/∂θ_U∂θ_L) x``, shaped like θ_U: the VJP of θ_U ↦ ∇_{θ_L} L(θ_L*, θ_U) with cotangent x."""
-    own = traj.own(traj.final)
-    _, pullback = autodiff.vjp_fn(lambda upper: autodiff.grad(traj.loss)(own, upper), traj.upper)
-    return pullback(x)[0]
+    def cross_vjp(x):
+        return pullback(x, argnums=(1,))[0]
+
+    return hessian_matvec, cross_vjp
 
 
 def upper_gradient(traj: Trajectory, own: dict) -> dict:
