@@ -130,11 +130,28 @@ def _gradient_fn(name, children, shared, lowers, taken, subtree, suffix="") -> l
     return lines
 
 
-def _tasks_fn(name, tasked) -> list:
-    """The upper level of a level batched over tasks: its gradient, vmapped over the tasks, averaged."""
+def _tasks_fn(name, tasked, taped) -> list:
+    """The upper level of a level batched over tasks: its gradient, vmapped over the tasks, averaged.
+    ``taped``: the tasked level is the only lower level and its method may record the tape
+    (``Unroll``): where ``rt.tape_tasks`` allows, the tasks' mean loss is computed under ``vmap``
+    on the autograd tape and differentiated by one backward pass (as a hand-written MAML does)."""
     f, t = ident(name), ident(tasked)
-    return [f"    def gradient_{f}(sub, up, i, log, B):",
-            f'        """Total gradient of {name!r}, averaged over the tasks of {tasked!r} (one vmapped computation)."""',
+    lines = [f"    def gradient_{f}(sub, up, i, log, B):",
+             f'        """Total gradient of {name!r}, averaged over the tasks of {tasked!r} (one vmapped computation)."""']
+    if taped:
+        lines += [
+            f"        leaves = rt.tape_tasks({tasked!r}, {name!r}, sub, up)",
+            f"        if leaves is not None:  # the mean task loss on the tape, then one backward pass",
+            f"            sub_ = {{**sub, {name!r}: {{**sub[{name!r}], 'params': leaves}}}}",
+            f"            def task_loss(sub_task, B_task):",
+            f"                s, _ = block_{t}({{**sub_, **sub_task}}, up, i, None, {{**B, **B_task}})",
+            f"                params = {{**up, **rt.params_of({{**sub_, **s}})}}",
+            f"                return rt.evaluate({name!r}, params, B_task[{name!r}][i])[0], rt.restrict(s, [{tasked!r}])",
+            f"            loss, sub_{t} = vmap(task_loss, randomness='different')(",
+            f"                rt.restrict(sub, [{tasked!r}]), {{{tasked!r}: B[{tasked!r}], {name!r}: B[{name!r}]}})",
+            f"            g = rt.tape_gradient(loss.mean(), leaves)",
+            f"            return g, {{**sub, **rt.untaped(sub_{t}, leaves)}}, loss.mean().detach(), {{}}"]
+    return lines + [
             f"        def one_task(sub_task, B_task):",
             f"            g, s, loss, _ = gradient_{f}_one_task({{**sub, **sub_task}}, up, i, None, {{**B, **B_task}})",
             f"            return g, rt.restrict(s, [{tasked!r}]), loss",
@@ -181,7 +198,9 @@ def generate(plan: Plan, levels: dict, methods: dict, title: str) -> str:
         out += _partials_fn(name, _wrt(name, lowers, taken, plan.subtree))
         out += _gradient_fn(name, children, has_shared, lowers, taken, plan.subtree, suffix)
         if tasked:
-            out += _tasks_fn(name, tasked[0])
+            taped = (list(lowers) == tasked[:1] and not plan.lowers[tasked[0]]
+                     and getattr(methods[tasked[0]], "records_tape", False))
+            out += _tasks_fn(name, tasked[0], taped)
         out += _update_fn(name) if not lowers else _advance_fn(name, has_shared)
 
     out += ["    def step(state, B):",

@@ -283,6 +283,22 @@ class Runtime:
         leaves = {u: {k: v.detach().requires_grad_() for k, v in up[u].items()} for u in uppers if u in up}
         return {**up, **leaves}, leaves
 
+    def tape_tasks(self, tasked: str, name: str, sub: dict, up: dict) -> dict | None:
+        """Level ``name``'s parameters as fresh leaves that require grad, when its gradient through
+        the tasks of ``tasked`` can be one backward pass over the vmapped tasks' mean loss: the
+        tasked level's method records the tape (``Unroll``), nothing else is differentiating, and
+        the gradient needs no fp16 loss scale or data-parallel average of cotangents. Else None."""
+        if (not getattr(self.methods[tasked], "records_tape", False) or self.reduce is not None
+                or name in self.loss_scales or not autodiff.on_tape() or not is_plain((sub, up))):
+            return None
+        return {k: v.detach().requires_grad_() for k, v in sub[name]["params"].items()}
+
+    @staticmethod
+    def tape_gradient(loss: torch.Tensor, leaves: dict) -> dict:
+        """∇ loss in ``leaves``, by one backward pass over the tape."""
+        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+        return {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads)}
+
     @staticmethod
     def recording(tape):
         """The context the block's updates run in: while a tape is recorded, every product inside

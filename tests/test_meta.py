@@ -67,10 +67,14 @@ def maml_reference(meta, support, query, first_order=False):
     return dict(zip(params, grads))
 
 
-@pytest.mark.parametrize("method,first_order", [(ml.hypergrad.Unroll(), False), (ml.hypergrad.Forward(), False),
-                                                (ml.hypergrad.FirstOrder(), True)], ids=["maml", "forward", "fomaml"])
+@pytest.mark.parametrize("method,first_order", [(ml.hypergrad.Unroll(), False), (ml.hypergrad.Unroll(checkpoint=1), False),
+                                                (ml.hypergrad.Forward(), False), (ml.hypergrad.FirstOrder(), True)],
+                         ids=["maml", "maml_replayed", "forward", "fomaml"])
 def test_maml_over_a_task_batch_equals_a_hand_written_loop(method, first_order):
+    """Plain Unroll takes the tasks' mean loss under vmap on the autograd tape and one backward pass;
+    Unroll(checkpoint=1) replays every update's VJP inside the vmapped per-task gradient."""
     prog, meta, support, query = maml_program(method)
+    assert ("leaves = rt.tape_tasks('inner', 'outer', sub, up)" in prog.code) == (method.__repr__() == "Unroll()")
     expected = maml_reference(meta, support, query, first_order)
     got = prog.hypergradient("outer")
     for k in expected:
