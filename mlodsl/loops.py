@@ -41,9 +41,6 @@ class StackedPath:
     def __getitem__(self, k: int):
         return self.final if k == self.steps else pytree.tree_map(lambda x: x[k], self.before)
 
-    def __contains__(self, k) -> bool:
-        return 0 <= k <= self.steps
-
 
 def stacked_batches(batches: list):
     """``(xs, fixed)`` for the scan: the K batches stacked on a new leading dimension and

@@ -338,10 +338,9 @@ class Runtime:
             return None
         final, path, losses, norms, metrics = out
         if log is not None:
-            log["_finite"].setdefault(loop.name, []).append(losses + norms)
             self.record(log, loop.name, losses[-1], metrics, norms[-1])
-            log["_finite"][loop.name].pop()  # (record appended the last update's again)
-        return final, (path if keep_path else None)
+            log["_finite"][loop.name][-1] = losses + norms  # every update's health, not the last's alone
+        return final, path
 
     @staticmethod
     def new_log() -> dict:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 from torch.utils import _pytree as pytree
 
-tree_map = pytree.tree_map
 tree_leaves = pytree.tree_leaves
 
 
@@ -55,13 +54,33 @@ def detached(tree):
     return pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, tree)
 
 
+def _map(fn, tree, rest):
+    if isinstance(tree, torch.Tensor):
+        return fn(tree, *rest)
+    kind = type(tree)
+    if kind is dict and all(type(r) is dict and r.keys() == tree.keys() for r in rest):
+        return {k: _map(fn, v, [r[k] for r in rest]) for k, v in tree.items()}
+    if (kind is list or kind is tuple) and all(type(r) is kind and len(r) == len(tree) for r in rest):
+        return kind([_map(fn, v, [r[i] for r in rest]) for i, v in enumerate(tree)])
+    raise _NotPlain
+
+
+def tree_map(fn, tree, *rest):
+    """``pytree.tree_map(fn, tree, *rest)``, by a direct path for a step's trees (dicts, lists and
+    tuples of tensors, matched by key); anything else, or trees that differ, through pytree."""
+    try:
+        return _map(fn, tree, rest)
+    except _NotPlain:
+        return pytree.tree_map(fn, tree, *rest)
+
+
 def tree_add(a, b):
     """Leafwise a + b over two trees of the same structure."""
-    return pytree.tree_map(lambda x, y: x + y, a, b)
+    return tree_map(lambda x, y: x + y, a, b)
 
 
 def tree_zeros_like(tree):
-    return pytree.tree_map(torch.zeros_like, tree)
+    return tree_map(torch.zeros_like, tree)
 
 
 def tree_vdot(a, b) -> torch.Tensor:

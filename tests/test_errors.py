@@ -84,7 +84,7 @@ def test_non_scalar_loss_is_named_at_build_time():
         ml.Program(vec)
 
 
-def _nan_program(mode="raise"):
+def _nan_program(mode="raise", compile=False):
     calls = {"n": 0}
     x = torch.ones(3, dtype=DT)
 
@@ -100,7 +100,7 @@ def _nan_program(mode="raise"):
     def outer(m, batch, inner):
         return ((inner.w - 2.0) ** 2).sum()
 
-    return ml.Program(outer, nonfinite=mode)
+    return ml.Program(outer, nonfinite=mode, compile=compile)
 
 
 def _snapshot(prog):
@@ -108,8 +108,11 @@ def _snapshot(prog):
             for k, v in torch.utils._pytree.tree_flatten_with_path(prog.state_dict()["levels"])[0]}
 
 
-def test_non_finite_step_raises_naming_level_and_step_and_changes_nothing():
-    prog = _nan_program()
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_non_finite_step_raises_naming_level_and_step_and_changes_nothing(compile):
+    """Compiled, the inner updates run as one loop region, which hands the check every update's
+    loss and gradient norm."""
+    prog = _nan_program(compile=compile)
     prog.step()
     prog.step()
     before = _snapshot(prog)
@@ -120,6 +123,9 @@ def test_non_finite_step_raises_naming_level_and_step_and_changes_nothing():
     for k in before:
         assert torch.equal(before[k], after[k]), k
     assert prog.step_count == 2
+    if compile:
+        loops = [r for r in prog.compiler.regions if "loop of updates" in r.label]
+        assert loops and all(r.compiled_calls == 3 and r.reason is None for r in loops)
 
 
 def test_non_finite_step_can_be_skipped_and_counted():

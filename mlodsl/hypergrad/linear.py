@@ -11,23 +11,22 @@ import inspect
 from functools import partial
 
 import torch
-from torch.utils import _pytree as pytree
 
-from ..tree import tree_add, tree_vdot
+from ..tree import tree_add, tree_map, tree_vdot
 
 
 def tree_scale(a, x):
     """Leafwise a · x (a is a number or a 0-d tensor)."""
-    return pytree.tree_map(lambda t: a * t, x)
+    return tree_map(lambda t: a * t, x)
 
 
 def tree_axpy(a, x, y):
     """Leafwise a · x + y."""
-    return pytree.tree_map(lambda s, t: a * s + t, x, y)
+    return tree_map(lambda s, t: a * s + t, x, y)
 
 
 def tree_sub(x, y):
-    return pytree.tree_map(lambda s, t: s - t, x, y)
+    return tree_map(lambda s, t: s - t, x, y)
 
 
 def tree_norm(x) -> torch.Tensor:
@@ -50,7 +49,7 @@ def conjugate_gradient(matvec, b, *, iters: int, tol: float | None = None, info:
     iteration, and a graph break under torch.compile); without it, runs ``iters`` iterations with no
     data-dependent branch (a zero residual gives zero steps, not 0/0).
     """
-    x = pytree.tree_map(torch.zeros_like, b)
+    x = tree_map(torch.zeros_like, b)
     r, p = b, b
     rr = tree_vdot(r, r)
     for _ in range(iters):
