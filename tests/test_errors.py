@@ -4,6 +4,7 @@ import torch
 
 import mlodsl as ml
 from helpers import DT
+from mlodsl.loops import scan
 
 
 def hyper(v=0.0):
@@ -123,7 +124,7 @@ def test_non_finite_step_raises_naming_level_and_step_and_changes_nothing(compil
     for k in before:
         assert torch.equal(before[k], after[k]), k
     assert prog.step_count == 2
-    if compile:
+    if compile and scan is not None:  # torch's scan (absent from older torch, e.g. 2.4)
         loops = [r for r in prog.compiler.regions if "loop of updates" in r.label]
         assert loops and all(r.compiled_calls == 3 and r.reason is None for r in loops)
 
