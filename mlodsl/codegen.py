@@ -125,7 +125,7 @@ def _gradient_fn(name, children, shared, lowers, taken, subtree, suffix="") -> l
     for c in lowers:
         record = f"block_{ident(c)}_" if c in children else f"shared[{c!r}]"
         ct = ", ".join(f"{n!r}: g[{n!r}]" for n in subtree[c] if n in below)
-        lines.append(f"        g_{f} = rt.add(g_{f}, method[{c!r}].vjp({record}.toward({name!r}), {{{ct}}}))")
+        lines.append(f"        g_{f} = rt.add(g_{f}, rt.best_response_vjp({c!r}, {name!r}, {record}, {{{ct}}}))")
     lines += [f"        return g_{f}, sub, loss, metrics", ""]
     return lines
 

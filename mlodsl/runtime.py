@@ -187,6 +187,7 @@ class Runtime:
         self.restrict, self.outside, self.params_of = restrict, outside, params_of
         self.buffer_state = None              # trace.BufferState: staged running statistics
         self.compiler = compiler or Compiler(None)  # compile=True: the step's compiled regions
+        self._products: dict = {}             # (lower, upper) -> compiled region of a products_only vjp
 
     def region(self, name: str, what: str, fn: Callable, trailing: int = 0) -> Callable:
         """``fn`` as a compiled region of level ``name`` under ``compile=True`` (``mlodsl.compiled``)."""
@@ -325,6 +326,43 @@ class Runtime:
               update_vjp=None, tape=None, loop=None, batches=None) -> BlockRecord:
         return BlockRecord(level, steps, start, final, path, up, advance, last_batch, self, begin, log, update_vjp,
                            tape, loop, batches)
+
+    def best_response_vjp(self, lower: str, upper_name: str, record: BlockRecord, cotangent: dict) -> dict:
+        """``vᵀ dθ_L/dθ_U`` of level ``lower`` through its block ``record`` toward ``upper_name``, by
+        the lower level's method. A method whose ``vjp`` takes products of the lower loss alone
+        (``products_only``) runs as one compiled region under ``compile=True``: its trajectory is
+        rebuilt inside the region from plain tensors (final state, parameters, batch), and what it
+        reports comes back as outputs for the log."""
+        method = self.methods[lower]
+        if not getattr(method, "products_only", False) or not self.compiler.compiles(lower):
+            return method.vjp(record.toward(upper_name), cotangent)
+        key = (lower, upper_name)
+        if key not in self._products:
+            def products(final, up, batch, cotangent_):
+                reports = {}
+                traj = self._products_trajectory(lower, upper_name, final, up, batch, reports)
+                return method.vjp(traj, cotangent_), reports
+
+            self._products[key] = self.region(lower, f"hypergradient products toward '{upper_name}'", products)
+        g, reports = self._products[key](record.final, record.up, record.last_batch, cotangent)
+        if record.log is not None:
+            for k, v in reports.items():
+                record.log[f"{lower}/{k}"] = v.detach() if isinstance(v, torch.Tensor) else v
+        return g
+
+    def _products_trajectory(self, lower, upper_name, final, up, batch, reports) -> Trajectory:
+        """The part of a ``Trajectory`` that a ``products_only`` method uses, from plain values."""
+        final_params = params_of(final)
+
+        def loss(own, upper):
+            return self.evaluate(lower, {**up, **final_params, lower: own, upper_name: upper}, batch)[0]
+
+        def unavailable(*args):
+            raise LevelError(f"level '{lower}': a products_only method used more of its trajectory than "
+                             f"the loss at the block's end")
+
+        return Trajectory(lower, 0, final, final, None, upper_name, up[upper_name], unavailable, loss,
+                          unavailable, unavailable, False, reports.__setitem__)
 
     def update_loop(self, name: str, update: Callable) -> UpdateLoop:
         """The K updates of level ``name`` (a level with no lower levels) as one compiled region."""

@@ -83,7 +83,8 @@ def compiled_vjps(used: dict) -> int:
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_compiled_step_equals_eager_for_every_method(name):
-    eager = run(float32_hpo(METHODS[name](), False))
+    eager_prog = float32_hpo(METHODS[name](), False)
+    eager = run(eager_prog)
     with warnings.catch_warnings():
         warnings.simplefilter("error", CompileWarning)  # nothing falls back here
         prog = float32_hpo(METHODS[name](), True)
@@ -91,7 +92,12 @@ def test_compiled_step_equals_eager_for_every_method(name):
     for a, b in zip(eager, compiled):
         assert a.dtype == b.dtype == torch.float32
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    for key in ("inner/cg_residual", "inner/neumann_change"):  # what a method reports reaches the log
+        if key in eager_prog.history[-1]:
+            assert abs(prog.history[-1][key] - eager_prog.history[-1][key]) < 1e-4
     used = regions(prog)
+    if name in ("cg", "neumann", "finite_diff", "sama"):  # the hypergradient's products: one region
+        assert used["hypergradient products toward 'outer'"].compiled_calls == 2
     assert compiled_updates(used) >= 2 * 4  # every inner update ran compiled (checkpoints rerun some)
     assert regions(prog, "outer")["partial gradients"].compiled_calls == 2
     if name.startswith("unroll"):

@@ -41,7 +41,7 @@ def test_generated_code_is_the_code_that_runs():
         sys.settrace(None)
     ran = {lines[n - 1].strip() for n in executed}
     assert any(line.startswith("s = advance_inner(") for line in ran)
-    assert any("method['inner'].vjp(" in line for line in ran)
+    assert any("rt.best_response_vjp('inner', 'outer', block_inner_" in line for line in ran)
     assert any(line.startswith("return rt.apply_update('outer'") for line in ran)
     # The loop over inner updates is a loop in the source, not 3 inlined copies.
     assert prog.code.count("advance_inner(") == 3  # definition, forward loop, reverse-pass closure

@@ -3,6 +3,10 @@
 A hypergradient method is any object with
 
 * ``keeps_path: bool`` -- whether the block must store every iterate (``Unroll`` does);
+* ``products_only: bool`` (optional) -- whether ``vjp`` uses nothing of the trajectory but
+  ``level``, ``final``, ``own``, ``upper``, ``loss`` and ``report`` (derivative products of the
+  lower loss at the block's end: the implicit methods); under ``compile=True`` such a ``vjp`` is
+  one compiled region;
 * ``records_tape: bool`` (optional) -- whether the block should record its forward updates on the
   autograd tape when it can (``Trajectory.taped_vjp``; ``keeps_path`` is the fallback where it
   cannot: under ``torch.compile``, ``vmap``, or a level above differentiating through the block);

@@ -39,6 +39,7 @@ class FiniteDiff:
 
     keeps_path = False
     replays_updates = False  # uses the loss alone, not the updates
+    products_only = True  # products of the loss at the final point: one compiled region under compile=True
 
     def __init__(self, eps: float = 0.01):
         if not eps > 0:
