@@ -14,6 +14,7 @@ graph (a level above is differentiating through this product), the product is bu
 from __future__ import annotations
 
 import torch
+from torch.utils import _pytree as pytree
 
 from .tree import detached, flatten
 
@@ -64,7 +65,7 @@ def _grads(outputs, inputs, grad_outputs, create_graph, retain_graph=None):
 def grad_with_aux(fn, primals):
     """``(∇ fn(primals), aux)`` for ``fn(primals) -> (scalar, aux)``; primals is a pytree."""
     if not _tape():
-        return torch.func.grad(fn, has_aux=True)(primals)
+        return _func_grad_with_aux(fn, primals)
     leaves, unflatten = flatten(primals)
     with torch.enable_grad():
         inputs, nested = _inputs(leaves)
@@ -74,6 +75,23 @@ def grad_with_aux(fn, primals):
     if not nested:
         aux = detached(aux)
     return unflatten(grads), aux
+
+
+def _func_grad_with_aux(fn, primals):
+    """``torch.func.grad(fn, has_aux=True)``, for an ``aux`` that may hold non-tensors (a metric
+    that is a Python number): torch.func carries the tensors, the rest is put back after."""
+    kept = []
+
+    def tensors_only(p):
+        out, aux = fn(p)
+        leaves, spec = pytree.tree_flatten(aux)
+        kept.append((spec, [None if isinstance(x, torch.Tensor) else x for x in leaves]))
+        return out, [x for x in leaves if isinstance(x, torch.Tensor)]
+
+    grads, tensors = torch.func.grad(tensors_only, has_aux=True)(primals)
+    spec, others = kept[-1]
+    it = iter(tensors)
+    return grads, pytree.tree_unflatten([next(it) if x is None else x for x in others], spec)
 
 
 def vjp(fn, primals: tuple, cotangent):

@@ -92,9 +92,10 @@ class Region:
             self.reason = f"{type(err).__name__}: {_first_reason(err)}"
             warnings.warn(f"{self.label} could not be compiled ({self.reason}); {self.instead}",
                           CompileWarning, stacklevel=2)
-            return self.fn(*args)
         finally:
             autodiff.use_torch_func(previous)
+        if self.reason is not None:  # eagerly, as if never compiled (the tape, not torch.func)
+            return self.fn(*args)
         self.compiled_calls += 1
         return out
 

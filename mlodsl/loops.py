@@ -138,11 +138,13 @@ class UpdateLoop:
     def _scan(self, sub, up, xs, fixed, keep_path):
         def body(s, x):
             new, loss, metrics, norm = self.update(s, up, fixed if fixed is not None else x, None)
+            # a scan's outputs are tensors: a metric that is a Python number goes through as one
+            # (the history stores numbers either way)
+            metrics = {k: v if isinstance(v, torch.Tensor) else torch.tensor(v) for k, v in metrics.items()}
             return new, (loss, norm, metrics, _fresh(s) if keep_path else ())
 
         final, (losses, norms, metrics, before) = scan(body, sub, xs)
-        last = pytree.tree_map(lambda m: m[-1], metrics)
-        return final, losses, norms, last, before
+        return final, losses, norms, pytree.tree_map(lambda m: m[-1], metrics), before
 
 
 def _vjp_of_update(update, upper_name, s, up, batch, lam):

@@ -259,3 +259,33 @@ def test_batches_of_different_shapes_run_one_compiled_update_at_a_time():
     used = regions(prog)
     assert "loop of updates (keeping iterates)" not in used  # never asked for: the batches do not stack
     assert used["update"].compiled_calls == 2 * 3 and used["update's VJP"].compiled_calls == 2 * 3
+
+
+def test_metrics_that_are_python_numbers_compile_and_reach_the_history():
+    """A level may report a metric that is a Python number beside tensor metrics: the compiled loop
+    carries it (as a tensor) and the history holds the eager numbers."""
+    def build(compile):
+        torch.manual_seed(0)
+        net, hyper = nn.Linear(3, 1), ml.Hyper(scale=torch.ones(()))
+        x, y = torch.randn(8, 3), torch.randn(8)
+
+        @ml.level(net, optimizer=ml.optim.sgd(lr=0.1), data=(x, y), steps=3)
+        def inner(net, batch, outer):
+            err = net(batch[0]).squeeze(-1) - batch[1]
+            return (outer.scale * err ** 2).mean(), {"const": 0.5, "mae": err.abs().mean()}
+
+        @ml.level(hyper, optimizer=ml.optim.sgd(lr=0.1), data=(x, y), depends_on=[inner])
+        def outer(hyper, batch, inner):
+            return ((inner(batch[0]).squeeze(-1) - batch[1]) ** 2).mean()
+
+        return ml.Program(outer, compile=compile)
+
+    eager, prog = build(False), build(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileWarning)
+        for _ in range(2):
+            want, got = eager.step(), prog.step()
+    assert got["inner/const"] == want["inner/const"] == 0.5
+    assert abs(got["inner/mae"] - want["inner/mae"]) < 1e-6 and abs(got["outer"] - want["outer"]) < 1e-6
+    if loops.scan is not None:
+        assert [r.compiled_calls for w, r in regions(prog).items() if w.startswith("loop of updates")] == [2]
