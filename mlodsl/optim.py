@@ -119,13 +119,17 @@ def sgd(lr, momentum=0.0, weight_decay=0.0, nesterov=False, dampening=0.0) -> Op
         new_params, new_state = {}, {"count": count}
         if use_momentum:
             new_state["momentum"] = {}
+        first = None
         for k, p in params.items():
             g = grads[k]
             if not (isinstance(wd, float) and wd == 0.0):
                 g = g + wd * p
             if use_momentum:
-                first = (state["count"] == 0).to(p.dtype)
-                b = first * g + (1 - first) * (mu * state["momentum"][k] + (1 - dampening) * g)
+                if dampening == 0.0:  # b = g at the first update: the buffer starts at zero
+                    b = mu * state["momentum"][k] + g
+                else:  # the first update takes g undamped (torch.optim.SGD), without a branch
+                    first = (state["count"] == 0).to(p.dtype) if first is None else first
+                    b = first * g + (1 - first) * (mu * state["momentum"][k] + (1 - dampening) * g)
                 new_state["momentum"][k] = b
                 g = g + mu * b if nesterov else b
             new_params[k] = p - eta * g

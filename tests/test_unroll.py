@@ -96,6 +96,9 @@ def test_optimizers_match_torch_optim():
     grads = [torch.randn(7, dtype=DT) for _ in range(5)]
     pairs = [(ml.optim.sgd(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
               lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
+             (ml.optim.sgd(lr=0.1, momentum=0.9), lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)),
+             (ml.optim.sgd(lr=0.1, momentum=0.9, dampening=0.3),  # the first update is not damped
+              lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.3)),
              (ml.optim.adam(lr=0.01, weight_decay=0.1, eps_root=0.0),
               lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=0.1)),
              (ml.optim.adamw(lr=0.01, weight_decay=0.1, eps_root=0.0),
