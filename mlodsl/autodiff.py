@@ -56,7 +56,8 @@ class evaluating:
         _DIFFERENTIATING[0] -= 1
 
 
-def _grads(outputs, inputs, grad_outputs, create_graph, retain_graph=None):
+def tape_grads(outputs, inputs, grad_outputs, create_graph, retain_graph=None):
+    """``torch.autograd.grad`` of ``outputs`` in ``inputs``, zeros for inputs they do not reach."""
     grads = torch.autograd.grad(outputs, inputs, grad_outputs, create_graph=create_graph,
                                 retain_graph=retain_graph, allow_unused=True)
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
@@ -71,7 +72,7 @@ def grad_with_aux(fn, primals):
         inputs, nested = _inputs(leaves)
         with evaluating():
             out, aux = fn(unflatten(inputs))
-        grads = _grads([out], inputs, None, nested)
+        grads = tape_grads([out], inputs, None, nested)
     if not nested:
         aux = detached(aux)
     return unflatten(grads), aux
@@ -107,7 +108,7 @@ def vjp(fn, primals: tuple, cotangent):
         outs, cts = flatten(out)[0], flatten(cotangent)[0]
         pairs = [(o, c) for o, c in zip(outs, cts) if o.requires_grad]
         if pairs:
-            grads = _grads([o for o, _ in pairs], inputs, [c for _, c in pairs], nested)
+            grads = tape_grads([o for o, _ in pairs], inputs, [c for _, c in pairs], nested)
         else:
             grads = [torch.zeros_like(x) for x in inputs]
     if not nested:
@@ -156,7 +157,7 @@ def vjp_fn(fn, *primals):
         wanted = range(len(primals)) if argnums is None else argnums
         wrt = [x for i in wanted for x in inputs[starts[i]:starts[i] + sizes[i]]]
         with torch.enable_grad():
-            grads = (_grads([o for o, _ in pairs], wrt, [c for _, c in pairs], nested, retain_graph=True)
+            grads = (tape_grads([o for o, _ in pairs], wrt, [c for _, c in pairs], nested, retain_graph=True)
                      if pairs else [torch.zeros_like(x) for x in wrt])
         if argnums is None:
             return tuple(unflatten(grads))

@@ -23,6 +23,7 @@ from torch.utils import _pytree as pytree
 
 from .compiled import Compiler, is_plain
 from .hypergrad.base import state_vjp
+from .tree import tree_add
 
 try:
     from torch._higher_order_ops.scan import scan
@@ -157,7 +158,7 @@ def _reverse_loop(update, upper_name, before, up, xs, fixed, lam, total):
         batch = fixed if fixed is not None else pytree.tree_map(lambda x: x[k], xs)
         s = pytree.tree_map(lambda x: x[k], before)
         lam, ct = _vjp_of_update(update, upper_name, s, up, batch, lam)
-        total = {n: total[n] + ct[n] for n in total}
+        total = tree_add(total, ct)
     return lam, total
 
 
@@ -166,7 +167,7 @@ def _reverse_scan(update, upper_name, before, up, xs, fixed, lam, total):
         lam_, total_ = carry
         s, batch = x
         lam_, ct = _vjp_of_update(update, upper_name, s, up, fixed if fixed is not None else batch, lam_)
-        return (lam_, {n: total_[n] + ct[n] for n in total_}), ()
+        return (lam_, tree_add(total_, ct)), ()
 
     (lam, total), _ = scan(body, (lam, total), (before, xs), reverse=True)
     return lam, total

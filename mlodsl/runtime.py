@@ -81,12 +81,11 @@ class BlockRecord:
         def vjp(cotangent: dict) -> dict:
             pairs = [(final[n]["params"][k], c) for n, ct in cotangent.items() for k, c in ct.items()
                      if final[n]["params"][k].requires_grad]
-            names = list(leaves)
             if not pairs:
-                return {k: torch.zeros_like(leaves[k]) for k in names}
-            grads = torch.autograd.grad([o for o, _ in pairs], [leaves[k] for k in names], [c for _, c in pairs],
-                                        retain_graph=several, allow_unused=True)
-            return {k: torch.zeros_like(leaves[k]) if g is None else g for k, g in zip(names, grads)}
+                return {k: torch.zeros_like(v) for k, v in leaves.items()}
+            grads = autodiff.tape_grads([o for o, _ in pairs], list(leaves.values()), [c for _, c in pairs],
+                                    create_graph=False, retain_graph=several)
+            return dict(zip(leaves, grads))
 
         return vjp
 
@@ -97,12 +96,7 @@ class BlockRecord:
         def advance(state, upper, k):
             return self.advance(state, {**up, upper_name: upper}, k)
 
-        def loss(own, upper):
-            if rt.replicate is not None:  # data parallel: every product of this loss is the ranks' mean
-                both = rt.replicate({level: own, upper_name: upper})
-                own, upper = both[level], both[upper_name]
-            params = {**up, **final_params, level: own, upper_name: upper}
-            return rt.evaluate(level, params, self.last_batch)[0]
+        loss = rt.lower_loss(level, upper_name, up, final_params, self.last_batch)
 
         def update_map(own, upper):
             g = autodiff.grad(loss)(own, upper)
@@ -297,8 +291,7 @@ class Runtime:
     @staticmethod
     def tape_gradient(loss: torch.Tensor, leaves: dict) -> dict:
         """∇ loss in ``leaves``, by one backward pass over the tape."""
-        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-        return {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads)}
+        return dict(zip(leaves, autodiff.tape_grads([loss], list(leaves.values()), None, create_graph=False)))
 
     @staticmethod
     def recording(tape):
@@ -350,12 +343,21 @@ class Runtime:
                 record.log[f"{lower}/{k}"] = v.detach() if isinstance(v, torch.Tensor) else v
         return g
 
+    def lower_loss(self, level: str, upper_name: str, up: dict, final_params: dict, batch) -> Callable:
+        """``(own, upper) ↦`` level ``level``'s loss on ``batch`` as a function of its own parameters
+        and those of ``upper_name``, every other level held at ``up`` / ``final_params``: the L of a
+        trajectory, whose products the hypergradient methods take."""
+        def loss(own, upper):
+            if self.replicate is not None:  # data parallel: every product of this loss is the ranks' mean
+                both = self.replicate({level: own, upper_name: upper})
+                own, upper = both[level], both[upper_name]
+            return self.evaluate(level, {**up, **final_params, level: own, upper_name: upper}, batch)[0]
+
+        return loss
+
     def _products_trajectory(self, lower, upper_name, final, up, batch, reports) -> Trajectory:
         """The part of a ``Trajectory`` that a ``products_only`` method uses, from plain values."""
-        final_params = params_of(final)
-
-        def loss(own, upper):
-            return self.evaluate(lower, {**up, **final_params, lower: own, upper_name: upper}, batch)[0]
+        loss = self.lower_loss(lower, upper_name, up, params_of(final), batch)
 
         def unavailable(*args):
             raise LevelError(f"level '{lower}': a products_only method used more of its trajectory than "

@@ -81,7 +81,7 @@ class Unroll:
                 states[j + 1] = traj.advance(states[j], traj.upper, j)
             for k in reversed(range(max(seg, first), end)):
                 lam_floats, upper_ct = traj.update_vjp(states[k], k, lam_floats)
-                total = {name: total[name] + upper_ct[name] for name in total}  # θ_U's parameters: one flat dict
+                total = tree_add(total, upper_ct)
             end = seg
         if first == 0 and traj.starts_from_upper:  # MAML: the start itself is θ_U's
             lam_start = split_differentiable(traj.path[0])[1](lam_floats)
