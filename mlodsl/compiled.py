@@ -10,7 +10,10 @@ step's Python loops:
 * ``update_vjp``: the VJP of that update, ``(λ, S_k) ↦ (∂S_{k+1}/∂S_k ᵀ λ, ∂S_{k+1}/∂θ_U ᵀ λ)``,
   called K times by ``Unroll``'s reverse loop (the "two-pass" form: a forward loop keeps the
   iterates, a reverse loop of compiled VJPs carries the cotangent);
-* ``partials``: a level's loss and partial gradients, once per update of an upper level.
+* ``partials``: a level's loss and partial gradients, once per update of an upper level;
+* a level's K updates, and ``Unroll``'s reverse pass over them, as one ``scan`` each
+  (``mlodsl.loops``; where they can run that way, they replace the K calls above);
+* an implicit method's hypergradient products (``Runtime.best_response_vjp``).
 
 Each region returns plain tensors (every derivative it needs is taken inside it), so nothing ever
 differentiates *through* a compiled region. When something must (a level above unrolls through

@@ -166,9 +166,10 @@ class Program:
     Args:
         *tops: the top levels; every level reachable from them is included.
         compile: ``True`` (or a dict of ``torch.compile`` keyword arguments) compiles the regions the
-            step repeats (``mlodsl.compiled``): each bottom level's update and its VJP, and every level's
-            partial gradients; loops stay Python loops. Same numbers as eager; a region that cannot be
-            compiled warns (``CompileWarning``) and runs eagerly.
+            step repeats (``mlodsl.compiled``): each bottom level's K updates as one compiled loop (and
+            Unroll's reverse pass as another; one update and its VJP where the loop cannot run), every
+            level's partial gradients, and the implicit methods' products. Same numbers as eager; a
+            region that cannot be compiled warns (``CompileWarning``) and runs eagerly.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: autocast around every level's loss (a level's
             own ``precision=`` overrides it); fp16 levels get a dynamic loss scale each, and a step in
             which one overflows is skipped with every state unchanged and that scale backed off.
