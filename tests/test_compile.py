@@ -130,24 +130,34 @@ def test_compile_options_are_checked_and_passed_to_torch_compile():
     assert all(r.compiled_calls > 0 for r in prog.compiler.regions if "loop" in r.label)
 
 
+def scaled_regression(inner, compile, *, net=lambda: nn.Linear(3, 1), points=8, split=None, **options):
+    """A program of two levels for the tests below: the lower level ``inner(net, batch, outer)`` (3
+    SGD steps of lr 0.1 unless ``options`` say otherwise) fits ``net()`` on ``points`` random
+    points with 3 features (``split(x, y)``: its data, default the whole set as a fixed batch); the
+    upper level learns ``outer.scale`` from the regression error at the lower solution. Returns
+    ``(program, the lower level's module)``."""
+    torch.manual_seed(0)
+    module, hyper = net(), ml.Hyper(scale=torch.ones(()))
+    x, y = torch.randn(points, 3), torch.randn(points)
+    lower = ml.level(module, **{"optimizer": ml.optim.sgd(lr=0.1), "steps": 3, **options},
+                     data=(x, y) if split is None else split(x, y))(inner)
+
+    @ml.level(hyper, optimizer=ml.optim.sgd(lr=0.1), data=(x, y), depends_on=[lower])
+    def outer(hyper, batch, inner):
+        return F.mse_loss(inner(batch[0]).squeeze(-1), batch[1])
+
+    return ml.Program(outer, compile=compile), module
+
+
 def test_a_level_that_cannot_be_compiled_warns_why_and_runs_eagerly():
+    def inner(net, batch, outer):
+        err = net(batch[0]).squeeze(-1) - batch[1]
+        if err.abs().max() > 1e3:  # a branch on a tensor's value: a graph break, so not one graph
+            err = err.clamp(-1e3, 1e3)
+        return (outer.scale * err ** 2).mean()
+
     def build(compile):
-        torch.manual_seed(0)
-        net, hyper = nn.Linear(3, 1), ml.Hyper(scale=torch.ones(()))
-        x, y = torch.randn(8, 3), torch.randn(8)
-
-        @ml.level(net, optimizer=ml.optim.sgd(lr=0.1), data=(x, y), steps=3)
-        def inner(net, batch, outer):
-            err = net(batch[0]).squeeze(-1) - batch[1]
-            if err.abs().max() > 1e3:  # a branch on a tensor's value: a graph break, so not one graph
-                err = err.clamp(-1e3, 1e3)
-            return (outer.scale * err ** 2).mean()
-
-        @ml.level(hyper, optimizer=ml.optim.sgd(lr=0.1), data=(x, y), depends_on=[inner])
-        def outer(hyper, batch, inner):
-            return F.mse_loss(inner(batch[0]).squeeze(-1), batch[1])
-
-        return ml.Program(outer, compile=compile)
+        return scaled_regression(inner, compile)[0]
 
     eager = build(False)
     eager.step()
@@ -167,21 +177,12 @@ def test_a_level_that_cannot_be_compiled_warns_why_and_runs_eagerly():
 
 
 def test_batchnorm_levels_run_eagerly_under_compile_with_a_warning():
+    def inner(net, batch, outer):
+        return outer.scale * F.mse_loss(net(batch[0]).squeeze(-1), batch[1])
+
     def build(compile):
-        torch.manual_seed(0)
-        net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
-        hyper = ml.Hyper(scale=torch.ones(()))
-        x, y = torch.randn(8, 3), torch.randn(8)
-
-        @ml.level(net, optimizer=ml.optim.sgd(lr=0.1), data=(x, y), steps=2)
-        def inner(net, batch, outer):
-            return outer.scale * F.mse_loss(net(batch[0]).squeeze(-1), batch[1])
-
-        @ml.level(hyper, optimizer=ml.optim.sgd(lr=0.1), data=(x, y), depends_on=[inner])
-        def outer(hyper, batch, inner):
-            return F.mse_loss(inner(batch[0]).squeeze(-1), batch[1])
-
-        return ml.Program(outer, compile=compile), net
+        return scaled_regression(inner, compile, steps=2,
+                                 net=lambda: nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)))
 
     eager, net_e = build(False)
     eager.step()
@@ -232,22 +233,13 @@ def test_a_second_process_reuses_the_compile_caches(tmp_path):
 def test_batches_of_different_shapes_run_one_compiled_update_at_a_time():
     """The K updates run as one compiled loop when their batches stack; a smaller last batch in the
     block means they cannot, and the updates run one compiled region each, with the eager numbers."""
+    def inner(net, batch, outer):
+        return (outer.scale * (net(batch[0]).squeeze(-1) - batch[1]) ** 2).mean()
+
     def build(compile):
-        torch.manual_seed(0)
-        net, hyper = nn.Linear(3, 1), ml.Hyper(scale=torch.ones(()))
-        x, y = torch.randn(14, 3), torch.randn(14)
-        batches = [(x[:5], y[:5]), (x[5:10], y[5:10]), (x[10:], y[10:])]  # 5, 5, 4 points
-
-        @ml.level(net, optimizer=ml.optim.sgd(lr=0.1, momentum=0.9), data=batches, steps=3,
-                  hypergrad=ml.hypergrad.Unroll())
-        def inner(net, batch, outer):
-            return (outer.scale * (net(batch[0]).squeeze(-1) - batch[1]) ** 2).mean()
-
-        @ml.level(hyper, optimizer=ml.optim.sgd(lr=0.1), data=(x, y), depends_on=[inner])
-        def outer(hyper, batch, inner):
-            return ((inner(batch[0]).squeeze(-1) - batch[1]) ** 2).mean()
-
-        return ml.Program(outer, compile=compile)
+        return scaled_regression(inner, compile, points=14, optimizer=ml.optim.sgd(lr=0.1, momentum=0.9),
+                                 hypergrad=ml.hypergrad.Unroll(), split=lambda x, y: [
+                                     (x[:5], y[:5]), (x[5:10], y[5:10]), (x[10:], y[10:])])[0]  # 5, 5, 4 points
 
     eager, prog = build(False), build(True)
     with warnings.catch_warnings():
@@ -264,21 +256,12 @@ def test_batches_of_different_shapes_run_one_compiled_update_at_a_time():
 def test_metrics_that_are_python_numbers_compile_and_reach_the_history():
     """A level may report a metric that is a Python number beside tensor metrics: the compiled loop
     carries it (as a tensor) and the history holds the eager numbers."""
+    def inner(net, batch, outer):
+        err = net(batch[0]).squeeze(-1) - batch[1]
+        return (outer.scale * err ** 2).mean(), {"const": 0.5, "mae": err.abs().mean()}
+
     def build(compile):
-        torch.manual_seed(0)
-        net, hyper = nn.Linear(3, 1), ml.Hyper(scale=torch.ones(()))
-        x, y = torch.randn(8, 3), torch.randn(8)
-
-        @ml.level(net, optimizer=ml.optim.sgd(lr=0.1), data=(x, y), steps=3)
-        def inner(net, batch, outer):
-            err = net(batch[0]).squeeze(-1) - batch[1]
-            return (outer.scale * err ** 2).mean(), {"const": 0.5, "mae": err.abs().mean()}
-
-        @ml.level(hyper, optimizer=ml.optim.sgd(lr=0.1), data=(x, y), depends_on=[inner])
-        def outer(hyper, batch, inner):
-            return ((inner(batch[0]).squeeze(-1) - batch[1]) ** 2).mean()
-
-        return ml.Program(outer, compile=compile)
+        return scaled_regression(inner, compile)[0]
 
     eager, prog = build(False), build(True)
     with warnings.catch_warnings():
