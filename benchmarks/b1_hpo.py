@@ -101,28 +101,34 @@ class _Floor:
                 w = w.requires_grad_()
                 (g,) = torch.autograd.grad(_inner_loss(w, lam_c, self.train), w)
                 w = (w - INNER_LR * g).detach()
-            self.w = w
-            w = w.requires_grad_()
-            (v,) = torch.autograd.grad(_outer_loss(w, self.val), w)
-            (g,) = torch.autograd.grad(_inner_loss(w, lam, self.train), w, create_graph=True)
-            hg = cg_hypergradient(g, w, lam, v, iters=3)
-            self.w = self.w.detach()
+            hg = self.implicit_hypergradient(w)
+            self.w = w.detach()
+        self.outer_step(hg)
+
+    def implicit_hypergradient(self, w):
+        """CG(3) on Hessian-vector products at the last iterate ``w``, on the tape."""
+        w = w.requires_grad_()
+        (v,) = torch.autograd.grad(_outer_loss(w, self.val), w)
+        (g,) = torch.autograd.grad(_inner_loss(w, self.log_l2, self.train), w, create_graph=True)
+        return cg_hypergradient(g, w, self.log_l2, v, iters=3)
+
+    def outer_step(self, hg):
         self.opt.zero_grad(set_to_none=False)
-        lam.grad = hg
+        self.log_l2.grad = hg
         self.opt.step()
 
     def upper(self):
         return {"log_l2": self.log_l2.detach().clone()}
 
 
-def _floor(method):
+def _floor(method, kind=None):
     def make(data, config):
-        f = _Floor(data, config, method)
+        f = (kind or _Floor)(data, config, method)
         return Contender(f.step, f.upper)
     return make
 
 
-class _CompiledFloor:
+class _CompiledFloor(_Floor):
     """The rows by hand under torch.compile, in the form mlodsl compiles them: the K inner steps
     as one compiled ``scan`` (torch.func.grad inside) keeping the iterates, then (Unroll) the K
     step VJPs as a second scan in reverse, or (CG) CG(3) on the tape at the last iterate; then
@@ -130,11 +136,7 @@ class _CompiledFloor:
 
     def __init__(self, data, config, method):
         from torch._higher_order_ops.scan import scan
-        self.train, self.val = data
-        self.K, self.method = config["inner_steps"], method
-        self.w = torch.zeros(1, hpo_logreg.DATA_DIM)
-        self.log_l2 = torch.zeros(hpo_logreg.DATA_DIM, requires_grad=True)
-        self.opt = torch.optim.Adam([self.log_l2], lr=OUTER_LR)
+        super().__init__(data, config, method)
         train, K = self.train, self.K
 
         def update(w, lam):
@@ -163,24 +165,9 @@ class _CompiledFloor:
         if self.method == "unroll":
             hg = self.reverse(path, lam, self.outer_grad(w_final, self.val))
         else:
-            w = w_final.requires_grad_()
-            (v,) = torch.autograd.grad(_outer_loss(w, self.val), w)
-            (g,) = torch.autograd.grad(_inner_loss(w, self.log_l2, self.train), w, create_graph=True)
-            hg = cg_hypergradient(g, w, self.log_l2, v, iters=3)
+            hg = self.implicit_hypergradient(w_final)
         self.w = w_final.detach()
-        self.opt.zero_grad(set_to_none=False)
-        self.log_l2.grad = hg
-        self.opt.step()
-
-    def upper(self):
-        return {"log_l2": self.log_l2.detach().clone()}
-
-
-def _compiled_floor(method):
-    def make(data, config):
-        f = _CompiledFloor(data, config, method)
-        return Contender(f.step, f.upper)
-    return make
+        self.outer_step(hg)
 
 
 CONTENDERS = {
@@ -191,8 +178,8 @@ CONTENDERS = {
     "betty-cg": _betty("cg"),
     "mlodsl-unroll-compiled": _mlodsl("unroll", compile=True),
     "mlodsl-cg-compiled": _mlodsl("cg", compile=True),
-    "floor-unroll-compiled": _compiled_floor("unroll"),
-    "floor-cg-compiled": _compiled_floor("cg"),
+    "floor-unroll-compiled": _floor("unroll", _CompiledFloor),
+    "floor-cg-compiled": _floor("cg", _CompiledFloor),
 }
 
 # (contender, reference, bound): time(contender) <= bound * time(reference)
