@@ -19,6 +19,7 @@ inlined per step. ``make_step(rt)`` binds the runtime (traced losses, optimizers
 from __future__ import annotations
 
 import hashlib
+import keyword
 import linecache
 import os
 import re
@@ -27,17 +28,28 @@ import tempfile
 from .plan import Plan
 
 
-def ident(name: str) -> str:
-    out = re.sub(r"\W", "_", name)
-    return out if out.isidentifier() else "_" + out
+def level_identifiers(names) -> dict:
+    """A unique Python identifier for every level name: ``low-a`` and ``low_a`` must not both
+    become ``low_a`` (the second level's functions would silently replace the first's)."""
+    out, taken = {}, set()
+    for name in names:
+        base = re.sub(r"\W", "_", name)
+        if not base.isidentifier() or keyword.iskeyword(base):
+            base = "_" + base
+        candidate, n = base, 1
+        while candidate in taken:
+            candidate, n = f"{base}_{n}", n + 1
+        out[name] = candidate
+        taken.add(candidate)
+    return out
 
 
-def _block_fn(name, steps, subtree, method, restarts, leaf, uppers) -> list:
+def _block_fn(ids, name, steps, subtree, method, restarts, leaf, uppers) -> list:
     """``method``: the lower level's hypergradient method (it says which iterates to keep); ``leaf``:
     the level has no lower levels (its update is one compiled region, and so is the update's VJP);
     ``uppers``: the levels whose hypergradients go through this block (``rt.tape`` records the
     block on the autograd tape from their parameters when the method asks for it)."""
-    f = ident(name)
+    f = ids[name]
     stride = method.path_stride(steps) if hasattr(method, "path_stride") else 1
     lines = [
         f"    def block_{f}(state, up, i, log, B):",
@@ -83,16 +95,16 @@ def _wrt(name, lowers, taken, subtree) -> tuple:
     return (name,) + tuple(dict.fromkeys(n for c in lowers for n in subtree[c] if n in taken or n == c))
 
 
-def _partials_fn(name, wrt) -> list:
-    f = ident(name)
+def _partials_fn(ids, name, wrt) -> list:
+    f = ids[name]
     return [f"    partials_{f} = rt.region({name!r}, 'partial gradients', lambda params, batch, log: rt.partials(",
             f"        {name!r}, params, batch, {wrt!r}, log), trailing=1)",
             ""]
 
 
-def _update_fn(name) -> list:
+def _update_fn(ids, name) -> list:
     """One update of a level with no lower levels, from its batch: one compiled region, and its VJP another."""
-    f = ident(name)
+    f = ids[name]
     return [f"    def update_{f}(sub, up, batch, log):",
             f'        """One update of {name!r} from its batch: (new state, loss, metrics, gradient norm)."""',
             f"        loss, metrics, g = rt.partials({name!r}, {{**up, **rt.params_of(sub)}}, batch, ({name!r},), log)",
@@ -110,32 +122,32 @@ def _update_fn(name) -> list:
             ""]
 
 
-def _gradient_fn(name, children, shared, lowers, taken, subtree, suffix="") -> list:
+def _gradient_fn(ids, name, children, shared, lowers, taken, subtree, suffix="") -> list:
     """``taken``: the levels X's loss takes; ``subtree``: level -> the levels its block runs."""
-    f = ident(name)
+    f = ids[name]
     sig = "sub, up, i, log, B" + (", shared" if shared else "")
     below = _wrt(name, lowers, taken, subtree)[1:]
     lines = [f"    def gradient_{f}{suffix}({sig}):",
              f'        """Total gradient of {name!r} at its update i (its lower levels run first)."""']
     for c in children:
-        lines += [f"        s, block_{ident(c)}_ = block_{ident(c)}(sub, up, i, log, B)",
+        lines += [f"        s, block_{ids[c]}_ = block_{ids[c]}(sub, up, i, log, B)",
                   f"        sub = {{**sub, **s}}"]
     lines += [f"        loss, metrics, g = partials_{f}({{**up, **rt.params_of(sub)}}, B[{name!r}][i], log)",
               f"        g_{f} = g[{name!r}]"]
     for c in lowers:
-        record = f"block_{ident(c)}_" if c in children else f"shared[{c!r}]"
+        record = f"block_{ids[c]}_" if c in children else f"shared[{c!r}]"
         ct = ", ".join(f"{n!r}: g[{n!r}]" for n in subtree[c] if n in below)
         lines.append(f"        g_{f} = rt.add(g_{f}, rt.best_response_vjp({c!r}, {name!r}, {record}, {{{ct}}}))")
     lines += [f"        return g_{f}, sub, loss, metrics", ""]
     return lines
 
 
-def _tasks_fn(name, tasked, taped) -> list:
+def _tasks_fn(ids, name, tasked, taped) -> list:
     """The upper level of a level batched over tasks: its gradient, vmapped over the tasks, averaged.
     ``taped``: the tasked level is the only lower level and its method may record the tape
     (``Unroll``): where ``rt.tape_tasks`` allows, the tasks' mean loss is computed under ``vmap``
     on the autograd tape and differentiated by one backward pass (as a hand-written MAML does)."""
-    f, t = ident(name), ident(tasked)
+    f, t = ids[name], ids[tasked]
     lines = [f"    def gradient_{f}(sub, up, i, log, B):",
              f'        """Total gradient of {name!r}, averaged over the tasks of {tasked!r} (one vmapped computation)."""']
     if taped:
@@ -161,8 +173,8 @@ def _tasks_fn(name, tasked, taped) -> list:
             ""]
 
 
-def _advance_fn(name, shared) -> list:
-    f = ident(name)
+def _advance_fn(ids, name, shared) -> list:
+    f = ids[name]
     extra = ", shared" if shared else ""
     return [f"    def advance_{f}(sub, up, i, log, B{extra}):",
             f'        """One update of {name!r}: a pure function of the block state."""',
@@ -176,6 +188,7 @@ def generate(plan: Plan, levels: dict, methods: dict, title: str) -> str:
     """The source of ``make_step(rt) -> (step, hypergradient)`` for ``plan``."""
     shared = {n for n, p in plan.parent.items() if p is None and any(n in lw for lw in plan.lowers.values())}
     tops = [b.level for b in plan.blocks if b.level not in shared]
+    ids = level_identifiers(plan.subtree)
     out = [f"# The fused step of {title}, generated by mlodsl from its plan.",
            "# State: {level: {'params': {...}, 'opt': {...}}}; B: {level: [its batch for each update]}.",
            "",
@@ -190,29 +203,29 @@ def generate(plan: Plan, levels: dict, methods: dict, title: str) -> str:
         has_shared = any(c in shared for c in lowers)
         if plan.parent[name] is not None or name in shared:
             uppers = [u for u in plan.subtree if name in plan.lowers[u]]
-            out += _block_fn(name, levels[name].steps, list(plan.subtree[name]), methods[name],
+            out += _block_fn(ids, name, levels[name].steps, list(plan.subtree[name]), methods[name],
                             levels[name].start_from is not None, not lowers, uppers)
         taken = {name, *levels[name].level_args}
         tasked = [c for c in lowers if levels[c].tasks]
         suffix = "_one_task" if tasked else ""
-        out += _partials_fn(name, _wrt(name, lowers, taken, plan.subtree))
-        out += _gradient_fn(name, children, has_shared, lowers, taken, plan.subtree, suffix)
+        out += _partials_fn(ids, name, _wrt(name, lowers, taken, plan.subtree))
+        out += _gradient_fn(ids, name, children, has_shared, lowers, taken, plan.subtree, suffix)
         if tasked:
             taped = (list(lowers) == tasked[:1] and not plan.lowers[tasked[0]]
                      and getattr(methods[tasked[0]], "records_tape", False))
-            out += _tasks_fn(name, tasked[0], taped)
-        out += _update_fn(name) if not lowers else _advance_fn(name, has_shared)
+            out += _tasks_fn(ids, name, tasked[0], taped)
+        out += _update_fn(ids, name) if not lowers else _advance_fn(ids, name, has_shared)
 
     out += ["    def step(state, B):",
             f'        """One step of {title}: (state, batches) -> (new state, log)."""',
             "        log = rt.new_log()"] + (["        shared = {}"] if shared else [])
     for n in shared:
-        out += [f"        s, shared[{n!r}] = block_{ident(n)}(state, {{}}, 0, log, B)",
+        out += [f"        s, shared[{n!r}] = block_{ids[n]}(state, {{}}, 0, log, B)",
                 "        state = {**state, **s}"]
     for t in tops:
         has_shared = any(c in shared for c in plan.lowers[t])
         out += [f"        for t in range({levels[t].steps}):",
-                f"            sub = advance_{ident(t)}(rt.restrict(state, {list(plan.subtree[t])!r}), "
+                f"            sub = advance_{ids[t]}(rt.restrict(state, {list(plan.subtree[t])!r}), "
                 f"rt.outside(state, {{}}, {list(plan.subtree[t])!r}), t, log, B{', shared' if has_shared else ''})",
                 "            state = {**state, **sub}"]
     out += ["        return state, log", ""]
@@ -222,13 +235,13 @@ def generate(plan: Plan, levels: dict, methods: dict, title: str) -> str:
     out += ["        shared = {}"] if shared else []
     for n in shared:
         out += [f"        if name != {n!r} and name not in {list(plan.subtree[n])!r}:",
-                f"            s, shared[{n!r}] = block_{ident(n)}(state, {{}}, 0, None, B)",
+                f"            s, shared[{n!r}] = block_{ids[n]}(state, {{}}, 0, None, B)",
                 "            state = {**state, **s}"]
     for name in plan.subtree:
         has_shared = any(c in shared for c in plan.lowers[name])
         sub = list(plan.subtree[name])
         out += [f"        if name == {name!r}:",
-                f"            return gradient_{ident(name)}(rt.restrict(state, {sub!r}), rt.outside(state, {{}}, {sub!r}), "
+                f"            return gradient_{ids[name]}(rt.restrict(state, {sub!r}), rt.outside(state, {{}}, {sub!r}), "
                 f"0, None, B{', shared' if has_shared else ''})[::2]"]
     out += ["        raise KeyError(name)", "", "    return step, hypergradient", ""]
     return "\n".join(out)
