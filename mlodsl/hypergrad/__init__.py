@@ -9,10 +9,13 @@ from .cg import CG
 from .finite_diff import FiniteDiff
 from .fixed_point import FixedPoint
 from .implicit import Implicit
+from .linear import cg_solver, neumann_solver
 from .neumann import Neumann
+from .nystrom import Nystrom, nystrom_solver
 from .sama import SAMA
 from .unroll import FirstOrder, Forward, Unroll
 from .zero_order import ZeroOrder
 
 __all__ = ["Trajectory", "Unroll", "Forward", "FirstOrder", "Implicit", "CG", "Neumann", "FixedPoint",
-           "FiniteDiff", "SAMA", "ZeroOrder"]
+           "FiniteDiff", "SAMA", "ZeroOrder",
+           "Nystrom", "cg_solver", "neumann_solver", "nystrom_solver"]
