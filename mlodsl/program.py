@@ -161,7 +161,7 @@ def _learnable(module) -> dict:
 
 
 class Program:
-    """A multilevel program built from its top level(s); see DESIGN §1.
+    """A multilevel program built from its top level(s); see docs/design.md.
 
     Args:
         *tops: the top levels; every level reachable from them is included.
