@@ -1,8 +1,9 @@
 """prog.explain() prints small programs in readable units and defines its columns."""
 import re
 
-from mlodsl.explain import LEGEND, LevelMemory, MemoryReport, human_bytes
 from helpers import make_hpo
+
+from mlodsl.explain import LEGEND, LevelMemory, MemoryReport, human_bytes
 
 
 def test_human_bytes_picks_a_binary_unit_per_value():
