@@ -7,7 +7,7 @@ Contenders (one outer step = 100 inner steps + one hypergradient + one upper upd
 * ``betty-cg``: ``benchmarks/betty_hello.make_engine`` (Betty 0.2.1's own hello world, CG(3),
   cg_alpha 0.1): 100 calls of ``engine.train_step()``.
 * ``floor-unroll`` / ``floor-cg``: the same math as the mlodsl rows written by hand with
-  ``torch.autograd`` (the tape; faster than ``torch.func`` eagerly, DESIGN §5): a create_graph loop
+  ``torch.autograd`` (the tape; faster than ``torch.func`` eagerly, see mlodsl/autodiff.py): a create_graph loop
   and one backward; 100 plain SGD steps then CG(3) on Hessian-vector products at the last iterate.
 """
 from __future__ import annotations

@@ -1,12 +1,21 @@
 """Memory accounting: what a program keeps, per level, in bytes.
 
-For each level: its parameters and optimizer state; for a lower level, the iterates its
-hypergradient method keeps (``Unroll`` keeps every ``path_stride``-th state of its block, the
-level and everything below it, plus one recomputed segment when checkpointing) and the method's
-workspace (``method.workspace(state_bytes, param_bytes)`` where a method defines it: the
-cotangents and the one update being differentiated); and the activations of the level's loss:
-the bytes autograd saves for one evaluation of the loss and its gradient with ``create_graph``
-(what a VJP through one update holds), measured on the next step's batch.
+``prog.explain()`` returns a ``MemoryReport``, one ``LevelMemory`` per level, whose columns are:
+
+* ``params``: the level's learnable parameters;
+* ``optimizer``: its optimizer state (moments, momentum buffers, the update count);
+* ``iterates``: for a lower level, what its hypergradient method keeps of the level's block (the
+  level and every level below it) for the reverse pass: ``Unroll`` keeps every
+  ``path_stride``-th state of the block, plus one recomputed segment when checkpointing, or, when
+  the block is recorded on the autograd tape, the graph of each of its updates;
+* ``workspace``: the method's other buffers (``method.workspace(state_bytes, param_bytes)`` where a
+  method defines it: the cotangents and the one update being differentiated);
+* ``activations``: the bytes autograd saves for one evaluation of the level's loss and its gradient
+  with ``create_graph`` (what a VJP through one update holds), measured on the next step's batch;
+* ``total``: their sum.
+
+Printed, every value is in bytes with a binary unit (B, KiB, MiB, GiB) chosen per value, and a
+legend under the table defines the columns.
 """
 from __future__ import annotations
 
@@ -37,22 +46,37 @@ class LevelMemory:
         return self.params + self.optimizer + self.iterates + self.workspace + self.activations
 
 
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+
+LEGEND = ("params: learnable parameters. optimizer: optimizer state. iterates: the block states (or taped\n"
+          "update graphs) a lower level's hypergradient method keeps. workspace: the method's other buffers.\n"
+          "activations: what autograd saves for one evaluation of the loss and its gradient. total: their sum.\n"
+          "Units: B, KiB = 1024 B, MiB, GiB.")
+
+
+def human_bytes(n: int) -> str:
+    """``n`` bytes with a binary unit: ``"0 B"``, ``"812 B"``, ``"1.5 KiB"``, ``"12.0 MiB"``."""
+    value, unit = float(n), 0
+    while abs(value) >= 1024 and unit < len(_UNITS) - 1:
+        value, unit = value / 1024, unit + 1
+    return f"{int(value)} B" if unit == 0 else f"{value:.1f} {_UNITS[unit]}"
+
+
 class MemoryReport(list):
-    """One ``LevelMemory`` per level; prints as a table (MiB)."""
+    """One ``LevelMemory`` per level (bytes); prints as a table in human-readable units with a
+    legend defining its columns."""
 
     @property
     def total(self) -> int:
         return sum(r.total for r in self)
 
     def __str__(self) -> str:
-        mib = 2 ** 20
-        rows = [f"{'level':<16}{'params':>10}{'optimizer':>11}{'iterates':>10}{'workspace':>11}"
-                f"{'activations':>13}{'total':>10}  (MiB)"]
+        columns = ("params", "optimizer", "iterates", "workspace", "activations", "total")
+        rows = [f"{'level':<16}" + "".join(f"{c:>12}" for c in columns)]
         for r in self:
-            rows.append(f"{r.level:<16}{r.params / mib:>10.2f}{r.optimizer / mib:>11.2f}{r.iterates / mib:>10.2f}"
-                        f"{r.workspace / mib:>11.2f}{r.activations / mib:>13.2f}{r.total / mib:>10.2f}")
-        rows.append(f"{'all levels':<16}{'':>55}{self.total / mib:>10.2f}")
-        return "\n".join(rows)
+            rows.append(f"{r.level:<16}" + "".join(f"{human_bytes(getattr(r, c)):>12}" for c in columns))
+        rows.append(f"{'all levels':<16}{'':>{12 * (len(columns) - 1)}}{human_bytes(self.total):>12}")
+        return "\n".join(rows + [LEGEND])
 
     __repr__ = __str__
 

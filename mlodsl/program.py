@@ -161,7 +161,7 @@ def _learnable(module) -> dict:
 
 
 class Program:
-    """A multilevel program built from its top level(s); see DESIGN §1.
+    """A multilevel program built from its top level(s); see docs/design.md.
 
     Args:
         *tops: the top levels; every level reachable from them is included.
@@ -421,8 +421,8 @@ class Program:
 
     # -- inspection ---------------------------------------------------------------------------
     def explain(self):
-        """Memory per level (parameters, optimizer state, kept iterates, method workspace), in bytes;
-        prints as a table in MiB. See ``mlodsl.explain``."""
+        """Memory per level (parameters, optimizer state, kept iterates, method workspace, activations),
+        in bytes; prints as a table in B/KiB/MiB/GiB with a legend of its columns. See ``mlodsl.explain``."""
         from .explain import explain, saved_activation_bytes, taped_update_bytes
         if self._pending is None:
             self._pending = self._draw_batches()

@@ -263,7 +263,7 @@ def test_three_levels_implicit_in_the_middle_is_betty_semantics_and_close_to_the
     program gradient is its total gradient Φ, zero there, so a step leaves both in place. The true
     derivative of F(a) = loss_a(a, u**(a)) is by the implicit function theorem on Φ(u, a) = 0,
     with Φ the middle's *total* gradient (through w*). The implicit method in the middle linearizes
-    its *partial* stationarity ∇_u loss_b with the bottom held (DESIGN §2), so it equals
+    its *partial* stationarity ∇_u loss_b with the bottom held (docs/hypergradients.md), so it equals
     ∂F/∂a - ∂²loss_b/∂a∂u (∂²loss_b/∂u²)⁻¹ ∂F/∂u at fixed w (to 1e-8), and differs from the true
     derivative by the bottom's response to u, here 0.206 relative (documented in docs/hypergradients.md)."""
     u, a = joint_solution(A0), A0

@@ -12,7 +12,7 @@ so the best-response VJP with the upper level's cotangent v = ∂f_U/∂θ_L is
 Only the linear solve differs between methods: ``solve(matvec, v) -> x`` with ``matvec(w) = H w``.
 Both products are taken at the block's final point θ_L^K, which stands in for θ_L*; the levels
 below the lower level are held where the block ended, and a cotangent on them (an upper loss that
-also takes a deeper level) is not used (Betty's choice; DESIGN §2). The block's start, even when it
+also takes a deeper level) is not used (Betty's choice; see docs/hypergradients.md). The block's start, even when it
 depends on θ_U (``start_from=<upper>``), does not enter: at a true solution it does not matter.
 """
 from __future__ import annotations
