@@ -329,21 +329,25 @@ def _write_atomically(payload: dict, path: str) -> None:
             os.remove(tmp)
 
 
-def read(path) -> dict:
-    """The state stored in checkpoint ``path``, after checking that it is plain data and intact."""
-    path = os.fspath(path)
+def _unpickle(f, path: str):
+    """``torch.load`` of plain data only; any failure is a refusal naming ``path``."""
     try:
-        payload = torch.load(path, weights_only=True, map_location="cpu")
+        return torch.load(f, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as err:
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
+        if "Unsupported global" in str(err) or "GLOBAL" in str(err):
             raise CheckpointError(f"refused checkpoint '{path}': it holds objects other than plain data "
                                   f"(tensors, numbers, strings, lists, tuples, dicts), which loading could run "
                                   f"as code; it was not written by mlodsl or was tampered with") from None
         raise CheckpointError(f"checkpoint '{path}' is corrupted or truncated: {err}") from None
-    except OSError:
-        raise  # a missing or unreadable file: the OS's message names it
-    except Exception as err:  # a damaged file fails in many ways, each a refusal
+    except Exception as err:  # a damaged file fails in many ways (zip, pickle, storage), each a refusal
         raise CheckpointError(f"checkpoint '{path}' is corrupted or truncated: {type(err).__name__}: {err}") from None
+
+
+def read(path) -> dict:
+    """The state stored in checkpoint ``path``, after checking that it is plain data and intact."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:  # a missing or unreadable file fails here, with the OS's message
+        payload = _unpickle(f, path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"'{path}' is not an mlodsl checkpoint (no '{FORMAT}' header)")
     if payload.get("version") != VERSION:
