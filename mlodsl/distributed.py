@@ -15,8 +15,15 @@ group (gloo for CPU modules, nccl for CUDA ones; timeout ``MLODSL_DIST_TIMEOUT``
   (``Trajectory.loss``): every gradient, Hessian-vector product and mixed product formed from it is
   the ranks' mean where it is formed, so a CG solve runs on the averaged Hessian.
 
-Every rank runs the same program, so the collectives are issued in the same order everywhere. Shards
-are assumed to hold equally many examples (a ``DistributedSampler`` with ``drop_last=True``).
+* ``weigh(loss, batch)``: shards may hold different numbers of examples. ``Runtime.evaluate``
+  multiplies every loss a rank computes by ``world · n_r / Σ_r n_r``, where ``n_r`` is the leading
+  dimension of the rank's batch (its first tensor) and the sum one scalar all-reduce; for a loss
+  that is a mean over the batch, the ranks' mean of the weighted losses is the mean loss over the
+  union of their batches, so every average above (and the logged loss) is the union's, as if one
+  process had the concatenated batch. Equal shards give a weight of exactly 1 (the loss is returned
+  as it is). Metrics other than the loss are averaged unweighted.
+
+Every rank runs the same program, so the collectives are issued in the same order everywhere.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.utils._pytree import tree_leaves
 
 
 class DistributedError(RuntimeError):
@@ -118,6 +126,14 @@ def _apply_bucketed(fn, tree: dict) -> dict:
     return out
 
 
+def examples(batch) -> int | None:
+    """The examples in a batch: its first tensor's leading dimension (None: a batch without tensors)."""
+    first = next((x for x in tree_leaves(batch) if isinstance(x, torch.Tensor)), None)
+    if first is None:
+        return None
+    return first.shape[0] if first.dim() > 0 else 1
+
+
 class DataParallel:
     """The process group as the generated step and the Program see it."""
 
@@ -137,6 +153,19 @@ class DataParallel:
     def replicate(self, params: dict) -> dict:
         """``{level: {name: tensor}}`` unchanged, whose gradients are averaged over ranks."""
         return _apply_bucketed(Replicated.apply, params)
+
+    def weigh(self, loss: torch.Tensor, batch) -> torch.Tensor:
+        """``loss`` times this rank's share of the examples, ``world · n_r / Σ_r n_r``: the ranks' mean
+        of the weighted mean losses is the mean loss over the union of their batches."""
+        n = examples(batch)
+        if n is None:  # no data: the same loss on every rank
+            return loss
+        total = torch.tensor([float(n)], dtype=torch.float64, device=self.device)
+        _all_reduce_(total)
+        total = float(total.item())
+        if total == n * self.world_size:  # equal shards: exactly the plain mean
+            return loss
+        return loss * (self.world_size * n / total)
 
     def mean_log(self, log: dict, finite: dict) -> tuple:
         """Losses and metrics (scalar tensors) averaged over ranks, and ``finite[level]`` true only

@@ -244,6 +244,7 @@ class Program:
                                 autocast={n: Autocast(p, devices[n]) for n, p in self.precision.items() if p != "fp32"},
                                 loss_scales=self.scalers,
                                 reduce=dp and dp.reduce, replicate=dp and dp.replicate,
+                                weigh=dp and dp.weigh,
                                 clip={n: lvl.clip_grad_norm for n, lvl in levels.items() if lvl.clip_grad_norm},
                                 compiler=Compiler(compile_options, self._eager_levels(compile_options)))
         self.compiler = self._runtime.compiler
