@@ -30,6 +30,7 @@ import torch
 
 from .data import BatchStream
 from .runtime import MicroBatches
+from .tree import tree_map
 
 FORMAT, VERSION = "mlodsl-checkpoint", 1
 PLAIN = (bool, int, float, str, type(None))  # the scalars a checkpoint may hold
@@ -171,36 +172,30 @@ def _data_mismatches(prog, name: str, position) -> list:
     return []
 
 
-def _keys_mismatch(saved, mine, what: str) -> list:
+def _per_level(saved, known, what: str, check) -> list:
+    """``saved`` (a dict by level) against the program's levels ``known``: the levels missing or
+    extra, then ``check(name, entry)`` of each level both have, prefixed with the level's name."""
     if not isinstance(saved, dict):
-        return [f"its {what} are {_describe(saved)}, not a dict"]
-    missing, extra = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine))
-    return ([f"{what} of levels {missing} are missing from the checkpoint"] if missing else []) + \
-           ([f"the checkpoint has {what} of levels {extra}, which the program does not have"] if extra else [])
+        return [f"its {what} are {_describe(saved)}, not a dict by level"]
+    missing, extra = sorted(set(known) - set(saved)), sorted(set(saved) - set(known))
+    out = [f"{what} of levels {missing} are missing from the checkpoint"] if missing else []
+    out += [f"the checkpoint has {what} of levels {extra}, which the program does not have"] if extra else []
+    return out + [f"level '{n}': {m}" for n in known if n in saved for m in check(n, saved[n])]
 
 
 def mismatches(prog, sd) -> list:
     """Every way ``sd`` does not fit ``prog``, as messages naming the level; empty when it fits."""
     if not isinstance(sd, dict):
         return [f"the state is {_describe(sd)}, not a dict"]
-    needed = ("step", "levels", "buffers", "data", "loss_scales", "rng", "history")
-    missing = [k for k in needed if k not in sd]
+    missing = [k for k in ("step", "levels", "buffers", "data", "loss_scales", "rng", "history") if k not in sd]
     if missing:
         return [f"the state has no {missing} (not a state_dict of this mlodsl version)"]
-    out = _keys_mismatch(sd["levels"], prog._state, "states")
-    out += [f"level '{n}': {m}" for n, s in sd["levels"].items() if n in prog._state
-            for m in _level_mismatches(prog, n, s)] if isinstance(sd["levels"], dict) else []
-    out += _keys_mismatch(sd["buffers"], prog.levels, "buffers")
-    out += [f"level '{n}': {m}" for n, b in sd["buffers"].items() if n in prog.levels
-            for m in _named_mismatches(b, _buffers(prog.levels[n].level.module), "buffer")] \
-        if isinstance(sd["buffers"], dict) else []
-    out += _keys_mismatch(sd["data"], prog._streams, "data positions")
-    out += [f"level '{n}': {m}" for n, pos in sd["data"].items() if n in prog._streams
-            for m in _data_mismatches(prog, n, pos)] if isinstance(sd["data"], dict) else []
-    out += _keys_mismatch(sd["loss_scales"], prog.scalers, "fp16 loss scales")
-    out += [f"level '{n}': {m}" for n, sc in sd["loss_scales"].items() if n in prog.scalers
-            for m in _tree_mismatches(sc, prog.scalers[n].state_dict(), "fp16 loss scale")] \
-        if isinstance(sd["loss_scales"], dict) else []
+    out = _per_level(sd["levels"], prog._state, "states", lambda n, s: _level_mismatches(prog, n, s))
+    out += _per_level(sd["buffers"], prog.levels, "buffers",
+                      lambda n, b: _named_mismatches(b, _buffers(prog.levels[n].level.module), "buffer"))
+    out += _per_level(sd["data"], prog._streams, "data positions", lambda n, pos: _data_mismatches(prog, n, pos))
+    out += _per_level(sd["loss_scales"], prog.scalers, "fp16 loss scales",
+                      lambda n, sc: _tree_mismatches(sc, prog.scalers[n].state_dict(), "its fp16 loss scale"))
     if type(sd["step"]) is not int or sd["step"] < 0:
         out.append(f"its step is {sd['step']!r}, not a count")
     out += _tree_mismatches(sd["rng"], torch.get_rng_state(), "the RNG state")
@@ -210,31 +205,48 @@ def mismatches(prog, sd) -> list:
 
 
 # -- applying a state that fits ------------------------------------------------------------------
-def _copy_like(saved: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
-    """``saved`` on ``mine``'s device, in memory of its own (the caller's dict may change later)."""
-    return saved.detach().to(mine.device, copy=True)
+def _copy_like(saved, mine):
+    """A saved tensor on ``mine``'s device, in memory of its own (the caller's dict may change later)."""
+    return saved.detach().to(mine.device, copy=True) if isinstance(saved, torch.Tensor) else saved
 
 
 def _restored_opt(saved, mine):
     if isinstance(mine, dict) and "torch" in mine and hasattr(mine["torch"], "optimizer"):
         mine["torch"].optimizer.load_state_dict(saved["torch"])  # the live torch.optim instance
         return {**saved, "torch": mine["torch"], "count": _copy_like(saved["count"], mine["count"])}
-    from .tree import tree_map
     return tree_map(_copy_like, saved, mine)
 
 
-def _restored_streams(prog, positions: dict) -> dict:
+def _positioned_streams(prog, positions: dict) -> dict:
     """Every level's stream at its checkpoint position: the live stream where it already stands
-    there (its pending batches given back), a fresh one fast-forwarded otherwise."""
+    there, a fresh one fast-forwarded otherwise (a one-shot iterator is never: ``mismatches``)."""
     streams = {}
     for name, position in positions.items():
-        live = prog._streams[name]
         if position == _consumed(prog, name):
-            streams[name] = live
+            streams[name] = prog._streams[name]
         else:
             streams[name] = BatchStream(name, prog.levels[name].level.data)
             streams[name].skip_to(position)
     return streams
+
+
+def _use_streams(prog, streams: dict) -> None:
+    """Make ``streams`` the program's; a kept stream gets back its drawn but unused batches."""
+    for name, stream in streams.items():
+        if stream is prog._streams[name] and prog._pending is not None:
+            stream.give_back(_draws(prog._pending[name]))
+    prog._streams, prog._pending = streams, None
+
+
+def _restore_levels(prog, levels: dict, buffers: dict) -> None:
+    prog._state = {n: {"params": {k: _copy_like(v, prog._state[n]["params"][k]) for k, v in s["params"].items()},
+                       "opt": _restored_opt(s["opt"], prog._state[n]["opt"])}
+                   for n, s in levels.items()}
+    with torch.no_grad():
+        for n, named in buffers.items():
+            for k, v in named.items():
+                prog.levels[n].level.module.get_buffer(k).copy_(v)
+    prog._write_back()
 
 
 def load_state_dict(prog, sd: dict, source: str = "the state dict") -> None:
@@ -242,24 +254,14 @@ def load_state_dict(prog, sd: dict, source: str = "the state dict") -> None:
     found = mismatches(prog, sd)
     if found:
         raise CheckpointError(f"{source} does not fit the program; nothing was restored:\n  " + "\n  ".join(found))
-    streams = _restored_streams(prog, sd["data"])  # may draw from the data: before any state changes
-    for name, stream in streams.items():
-        if stream is prog._streams[name] and prog._pending is not None:
-            stream.give_back(_draws(prog._pending[name]))
-    prog._streams, prog._pending = streams, None
-    prog._state = {n: {"params": {k: _copy_like(v, prog._state[n]["params"][k]) for k, v in s["params"].items()},
-                       "opt": _restored_opt(s["opt"], prog._state[n]["opt"])}
-                   for n, s in sd["levels"].items()}
-    with torch.no_grad():
-        for n, bufs in sd["buffers"].items():
-            for k, v in bufs.items():
-                prog.levels[n].level.module.get_buffer(k).copy_(v)
+    streams = _positioned_streams(prog, sd["data"])  # this draws from the data: before any state changes
+    _use_streams(prog, streams)
+    _restore_levels(prog, sd["levels"], sd["buffers"])
     for n, sc in sd["loss_scales"].items():
         prog.scalers[n].load_state_dict(sc)
     prog.step_count = sd["step"]
     prog.history = [dict(r) for r in sd["history"]]
     torch.set_rng_state(sd["rng"])
-    prog._write_back()
 
 
 # -- files ----------------------------------------------------------------------------------------

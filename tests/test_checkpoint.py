@@ -191,3 +191,25 @@ def test_load_state_dict_refuses_a_wrong_step_or_missing_entries_before_changing
                                                                "bias": torch.zeros(1, dtype=DT)}}}}}
         prog.load_state_dict(bad)
     assert_unchanged(prog, before)
+
+
+def test_running_statistics_are_saved_and_restored(tmp_path):
+    def prog():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).to(DT)
+        g = torch.Generator().manual_seed(0)
+        data = [torch.randn(8, 3, generator=g, dtype=DT) for _ in range(3)]
+
+        @ml.level(net, optimizer=ml.optim.sgd(lr=0.1), data=data)
+        def only(m, batch):
+            return (m(batch) ** 2).mean()
+
+        return ml.Program(only)
+
+    run = prog()
+    run.step(), run.step()
+    run.save(tmp_path / "c.pt")
+    resumed = ml.load(tmp_path / "c.pt", prog())
+    run.step(), resumed.step()
+    for k, v in run.levels["only"].level.module.state_dict().items():
+        assert torch.equal(resumed.levels["only"].level.module.state_dict()[k], v), k
