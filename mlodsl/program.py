@@ -282,6 +282,12 @@ class Program:
         batches, self._pending = (self._pending, None) if self._pending is not None else (self._draw_batches(), None)
         return batches
 
+    def _share_examples(self, batches: dict):
+        """Data parallel: every rank's examples in these batches, which weigh the ranks' losses
+        (``mlodsl.distributed``); levels batched over tasks are averaged unweighted."""
+        if self.distributed is not None:
+            self.distributed.share_examples({n: b for n, b in batches.items() if n not in self._tasked_batches})
+
     def _check_losses(self, batches):
         """Evaluate every level's loss once at build time: errors surface here, named."""
         params = {n: (tree_map(lambda x: x[0], s["params"]) if n in self.tasks else s["params"])
@@ -301,6 +307,7 @@ class Program:
     def step(self) -> dict:
         """One step of the top level(s), every lower step included; returns the losses."""
         batches = self._next_batches()
+        self._share_examples(batches)
         self._buffers.begin()
         new_state, log = self._step_fn(self._state, batches)
         finite = self._runtime.finite(log)
@@ -387,6 +394,7 @@ class Program:
             raise ValueError(f"level '{name}' is batched over tasks; ask for its upper level's hypergradient")
         if self._pending is None:
             self._pending = self._draw_batches()
+        self._share_examples(self._pending)
         self._buffers.begin()  # nothing this computes is committed: buffers stay as they are
         g, _ = self._hypergradient_fn(name, self._state, self._pending)
         if self.distributed is not None:
@@ -401,6 +409,7 @@ class Program:
         state = self._state
         if params is not None:
             state = {**state, name: {**state[name], "params": params}}
+        self._share_examples(self._pending)
         with torch.no_grad():
             self._buffers.begin()
             _, loss = self._hypergradient_fn(name, state, self._pending)

@@ -178,7 +178,7 @@ class Runtime:
         self.autocast = autocast or {}        # level -> () -> context manager
         self.loss_scales = loss_scales or {}  # level -> LossScaler (fp16)
         self.reduce, self.replicate = reduce, replicate  # data parallel (None: one process)
-        self.weigh = weigh                    # data parallel: (loss, batch) -> this rank's share of the mean
+        self.weigh = weigh                    # data parallel: (level, loss, batch) -> this rank's share of the mean
         self.clip = clip or {}                # level -> max norm of its total gradient
         self.restrict, self.outside, self.params_of = restrict, outside, params_of
         self.buffer_state = None              # trace.BufferState: staged running statistics
@@ -215,7 +215,7 @@ class Runtime:
                 loss, metrics = split_output(name, self.traced[name](params, batch))
             loss = loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss
         if self.weigh is not None:  # unequal shards: the ranks' mean is then the union's mean loss
-            loss = self.weigh(loss, batch)
+            loss = self.weigh(name, loss, batch)
         return loss, metrics
 
     def partials(self, name: str, params: dict, batch, wrt: tuple, log=None):

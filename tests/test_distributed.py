@@ -180,3 +180,12 @@ def test_when_a_rank_dies_the_others_fail_instead_of_hanging(two_ranks):
 def test_a_single_process_runs_without_a_process_group():
     assert "WORLD_SIZE" not in os.environ or os.environ["WORLD_SIZE"] == "1"
     assert ml.distributed.setup() is None
+
+
+def test_a_batch_size_with_two_weights_in_a_step_makes_its_level_ask_at_every_evaluation():
+    """A rank's weight is tabulated by batch size; where one size has two weights in a step (the
+    ranks' totals differ), the table cannot say which, and the level all-reduces its counts instead."""
+    from mlodsl.distributed import _weights_by_size
+    assert _weights_by_size([(7, 20), (13, 20), (7, 20)], world=2) == {7: 0.7, 13: 1.3}
+    assert _weights_by_size([(10, 20), (10, 30)], world=2) is None
+    assert _weights_by_size([(-1, 0), (5, 10)], world=2) == {5: 1.0}  # a batch without tensors is not weighed
