@@ -272,7 +272,7 @@ def _tensor_bytes(t: torch.Tensor):
 
 def _feed(h, x, where: str):
     if isinstance(x, torch.Tensor):
-        t = x.detach().cpu().contiguous()
+        t = x.detach().cpu().resolve_conj().resolve_neg().contiguous()
         h.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
         h.update(_tensor_bytes(t))
     elif type(x) is dict:
@@ -324,8 +324,9 @@ def _write_atomically(payload: dict, path: str) -> None:
     try:
         torch.save(payload, tmp)
         os.replace(tmp, path)
-    except OSError as err:  # name the checkpoint, not the temporary file
-        raise OSError(f"could not write checkpoint '{path}': {err.strerror or err}") from err
+    except OSError as err:  # name the checkpoint, not the temporary file (same errno, same subclass)
+        message = f"could not write checkpoint '{path}': {err.strerror or err}"
+        raise (OSError(err.errno, message) if err.errno else OSError(message)) from err
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -351,7 +352,8 @@ def read(path) -> dict:
     with open(path, "rb") as f:  # a missing or unreadable file fails here, with the OS's message
         payload = _unpickle(f, path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"'{path}' is not an mlodsl checkpoint (no '{FORMAT}' header)")
+        raise CheckpointError(f"'{path}' is not an mlodsl checkpoint: it has no '{FORMAT}' header (files "
+                              f"written before checkpoints carried a checksum cannot be verified, so are not read)")
     if payload.get("version") != VERSION:
         raise CheckpointError(f"checkpoint '{path}' has format version {payload.get('version')!r}; "
                               f"this mlodsl reads version {VERSION}")
