@@ -8,6 +8,8 @@ and generates one fused training step from torch.func transforms.
 """
 from . import callbacks, constraints, distributed, hypergrad, optim, precision
 from .check import check_hypergradient
+from .checkpoint import CheckpointError
+from .data import DataExhaustedError
 from .graph import ProgramError
 from .hyper import Hyper
 from .level import Level, level
@@ -17,4 +19,4 @@ from .trace import TraceWarning
 __version__ = "0.1.0"
 
 __all__ = ["level", "Level", "Hyper", "Program", "load", "optim", "hypergrad", "constraints", "callbacks", "ProgramError",
-           "NonFiniteError", "TraceWarning", "check_hypergradient"]
+           "NonFiniteError", "TraceWarning", "check_hypergradient", "CheckpointError", "DataExhaustedError"]

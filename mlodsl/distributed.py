@@ -15,8 +15,18 @@ group (gloo for CPU modules, nccl for CUDA ones; timeout ``MLODSL_DIST_TIMEOUT``
   (``Trajectory.loss``): every gradient, Hessian-vector product and mixed product formed from it is
   the ranks' mean where it is formed, so a CG solve runs on the averaged Hessian.
 
-Every rank runs the same program, so the collectives are issued in the same order everywhere. Shards
-are assumed to hold equally many examples (a ``DistributedSampler`` with ``drop_last=True``).
+* ``weigh(level, loss, batch)``: shards may hold different numbers of examples. ``Runtime.evaluate``
+  multiplies every loss a rank computes by ``world · n_r / Σ_r n_r``, where ``n_r`` is the leading
+  dimension of the rank's batch (its first tensor). For a loss that is a mean over the batch, the
+  ranks' mean of the weighted losses is the mean loss over the union of their batches, so every
+  average above (and the logged loss) is the one a single process computes on the concatenated
+  batch; equal shards get a weight of exactly 1. The counts cost one all-reduce per step: the
+  Program hands every batch of the step to ``share_examples`` before running it, which tabulates
+  each level's weight by batch size. (Where one rank's batch size has two weights in a step, that
+  level's losses all-reduce their counts at every evaluation instead.) Levels batched over tasks
+  are averaged unweighted, and metrics other than the loss too.
+
+Every rank runs the same program, so the collectives are issued in the same order everywhere.
 """
 from __future__ import annotations
 
@@ -25,6 +35,9 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.utils._pytree import tree_leaves
+
+from .runtime import MicroBatches
 
 
 class DistributedError(RuntimeError):
@@ -118,6 +131,27 @@ def _apply_bucketed(fn, tree: dict) -> dict:
     return out
 
 
+def examples(batch) -> int | None:
+    """The examples in a batch: its first tensor's leading dimension (None: a batch without tensors)."""
+    first = next((x for x in tree_leaves(batch) if isinstance(x, torch.Tensor)), None)
+    if first is None:
+        return None
+    return first.shape[0] if first.dim() > 0 else 1
+
+
+def _weights_by_size(draws: list, world: int) -> dict | None:
+    """One rank's ``{batch size: weight}`` from ``[(its size, every rank's total), ...]`` over a
+    level's draws; None when one of its sizes has two weights (the level must then ask)."""
+    weights: dict = {}
+    for n, total in draws:
+        if n < 0:  # a batch without tensors: not weighed
+            continue
+        w = world * n / total
+        if weights.setdefault(int(n), w) != w:
+            return None
+    return weights
+
+
 class DataParallel:
     """The process group as the generated step and the Program see it."""
 
@@ -125,6 +159,8 @@ class DataParallel:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         nccl = dist.get_backend() == "nccl"
         self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        self._weights: dict = {}  # level -> {this rank's batch size: weight} for the batches in use
+        self._ask: set = set()    # levels whose weights are all-reduced at every evaluation
 
     @property
     def is_main(self) -> bool:
@@ -137,6 +173,46 @@ class DataParallel:
     def replicate(self, params: dict) -> dict:
         """``{level: {name: tensor}}`` unchanged, whose gradients are averaged over ranks."""
         return _apply_bucketed(Replicated.apply, params)
+
+    def share_examples(self, batches: dict) -> None:
+        """Tabulate this rank's weight ``world · n_r / Σ_r n_r`` for its batches of a step
+        (``{level: [update batch, ...]}``, micro-batches included) by level and batch size: one
+        all-reduce gathers every rank's counts, so every rank decides alike which levels are
+        ambiguous and must ask at every evaluation."""
+        sizes = {n: [examples(b) for u in ups for b in (u if isinstance(u, MicroBatches) else [u])]
+                 for n, ups in batches.items()}  # the same levels and draws on every rank: the same program
+        mine = [-1 if c is None else c for c in sum(sizes.values(), [])]
+        table = torch.zeros(self.world_size, len(mine), dtype=torch.float64, device=self.device)
+        table[self.rank] = torch.tensor(mine, dtype=torch.float64)
+        _all_reduce_(table)  # row r: rank r's counts
+        counts = table.cpu().tolist()
+        totals = [sum(max(c, 0) for c in column) for column in zip(*counts)]
+        self._weights, self._ask, start = {}, set(), 0
+        for name, drawn in sizes.items():
+            draws = range(start, start + len(drawn))
+            start += len(drawn)
+            by_rank = [_weights_by_size([(counts[r][j], totals[j]) for j in draws], self.world_size)
+                       for r in range(self.world_size)]
+            if any(w is None for w in by_rank):
+                self._ask.add(name)
+            else:
+                self._weights[name] = by_rank[self.rank]
+
+    def weigh(self, level: str, loss: torch.Tensor, batch) -> torch.Tensor:
+        """``loss`` times this rank's share of the examples, ``world · n_r / Σ_r n_r``: the ranks' mean
+        of the weighted mean losses is the mean loss over the union of their batches."""
+        n = examples(batch)
+        if n is None or (level not in self._weights and level not in self._ask):
+            return loss  # no data, or batched over tasks: the plain mean
+        if level in self._weights:
+            w = self._weights[level].get(n)
+            if w is None:
+                raise DistributedError(f"rank {self.rank}: level '{level}' evaluated a batch of {n} examples, "
+                                       f"a size none of its batches in this step has")
+            return loss if w == 1.0 else loss * w
+        total = torch.tensor([float(n)], dtype=torch.float64, device=self.device)
+        _all_reduce_(total)
+        return loss * (self.world_size * n / float(total.item()))
 
     def mean_log(self, log: dict, finite: dict) -> tuple:
         """Losses and metrics (scalar tensors) averaged over ranks, and ``finite[level]`` true only

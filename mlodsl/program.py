@@ -8,15 +8,13 @@ the learned parameters back into the user's modules.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx
 
-from . import codegen, distributed
+from . import checkpoint, codegen, distributed
 from .data import BatchStream
 from .draw import LevelDiagram
 from .graph import ProgramError, build_graph, collect_levels
@@ -114,10 +112,6 @@ def _starts(levels: dict, graph, state: dict) -> dict:
 def _one(batch):
     """The first micro-batch of an update's batch (the batch itself without accumulation)."""
     return batch[0] if isinstance(batch, MicroBatches) else batch
-
-
-def _drawn(batches: list) -> int:
-    return sum(len(b) if isinstance(b, MicroBatches) else 1 for b in batches)
 
 
 def _check_in_place(levels: dict, graph, methods: dict):
@@ -250,6 +244,7 @@ class Program:
                                 autocast={n: Autocast(p, devices[n]) for n, p in self.precision.items() if p != "fp32"},
                                 loss_scales=self.scalers,
                                 reduce=dp and dp.reduce, replicate=dp and dp.replicate,
+                                weigh=dp and dp.weigh,
                                 clip={n: lvl.clip_grad_norm for n, lvl in levels.items() if lvl.clip_grad_norm},
                                 compiler=Compiler(compile_options, self._eager_levels(compile_options)))
         self.compiler = self._runtime.compiler
@@ -287,6 +282,12 @@ class Program:
         batches, self._pending = (self._pending, None) if self._pending is not None else (self._draw_batches(), None)
         return batches
 
+    def _share_examples(self, batches: dict):
+        """Data parallel: every rank's examples in these batches, which weigh the ranks' losses
+        (``mlodsl.distributed``); levels batched over tasks are averaged unweighted."""
+        if self.distributed is not None:
+            self.distributed.share_examples({n: b for n, b in batches.items() if n not in self._tasked_batches})
+
     def _check_losses(self, batches):
         """Evaluate every level's loss once at build time: errors surface here, named."""
         params = {n: (tree_map(lambda x: x[0], s["params"]) if n in self.tasks else s["params"])
@@ -306,6 +307,7 @@ class Program:
     def step(self) -> dict:
         """One step of the top level(s), every lower step included; returns the losses."""
         batches = self._next_batches()
+        self._share_examples(batches)
         self._buffers.begin()
         new_state, log = self._step_fn(self._state, batches)
         finite = self._runtime.finite(log)
@@ -392,6 +394,7 @@ class Program:
             raise ValueError(f"level '{name}' is batched over tasks; ask for its upper level's hypergradient")
         if self._pending is None:
             self._pending = self._draw_batches()
+        self._share_examples(self._pending)
         self._buffers.begin()  # nothing this computes is committed: buffers stay as they are
         g, _ = self._hypergradient_fn(name, self._state, self._pending)
         if self.distributed is not None:
@@ -406,6 +409,7 @@ class Program:
         state = self._state
         if params is not None:
             state = {**state, name: {**state[name], "params": params}}
+        self._share_examples(self._pending)
         with torch.no_grad():
             self._buffers.begin()
             _, loss = self._hypergradient_fn(name, state, self._pending)
@@ -451,57 +455,23 @@ class Program:
     def __repr__(self) -> str:
         return f"Program({', '.join(self.levels)}; step {self.step_count})\n{self.schedule}"
 
-    # -- checkpoints --------------------------------------------------------------------------
+    # -- checkpoints (mlodsl.checkpoint) ------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"step": self.step_count,
-                "levels": {n: {"params": dict(s["params"]), "opt": s["opt"]} for n, s in self._state.items()},
-                "data": {n: s.position - (_drawn(self._pending[n]) if self._pending is not None else 0)
-                         for n, s in self._streams.items()},
-                "loss_scales": {n: sc.state_dict() for n, sc in self.scalers.items()},
-                "rng": torch.get_rng_state()}
+        """The program's state as plain data (parameters, optimizer states, buffers, data positions,
+        loss scales, RNG state, step count, history)."""
+        return checkpoint.state_dict(self)
 
     def load_state_dict(self, sd: dict):
-        if set(sd["levels"]) != set(self._state):
-            raise ValueError(f"checkpoint levels {sorted(sd['levels'])} differ from the program's "
-                             f"{sorted(self._state)}")
-        for n, s in sd["levels"].items():
-            mine = self._state[n]["params"]
-            for k, v in s["params"].items():
-                if k not in mine or mine[k].shape != v.shape:
-                    raise ValueError(f"level '{n}': checkpoint parameter '{k}' does not match the program")
-        self._state = {n: {"params": dict(s["params"]), "opt": s["opt"]} for n, s in sd["levels"].items()}
-        self.step_count = sd["step"]
-        self._streams = {n: BatchStream(n, pl.level.data) for n, pl in self.levels.items()}
-        for n, pos in sd.get("data", {}).items():
-            self._streams[n].skip_to(pos)
-        self._pending = None
-        if "rng" in sd:
-            torch.set_rng_state(sd["rng"])
-        for n, sc in sd.get("loss_scales", {}).items():
-            if n in self.scalers:
-                self.scalers[n].load_state_dict(sc)
-        self._write_back()
+        """Restore a ``state_dict()``; raises ``ml.CheckpointError``, changing nothing, if it does not fit."""
+        checkpoint.load_state_dict(self, sd)
 
     def save(self, path):
-        """Write a checkpoint atomically (a temporary file, then a rename); under data parallel,
-        rank 0 writes it and every rank waits until it is written."""
-        if self.distributed is not None and not self.distributed.is_main:
-            self.distributed.barrier()
-            return
-        path = os.fspath(path)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(self.state_dict(), tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            if self.distributed is not None:
-                self.distributed.barrier()
+        """Write a checkpoint atomically (a temporary file, then a rename), with a checksum; under
+        data parallel, rank 0 writes it and every rank waits until it is written."""
+        checkpoint.save(self, path)
 
 
 def load(path, prog: Program) -> Program:
-    """Restore ``prog`` from a checkpoint written by ``prog.save(path)``."""
-    prog.load_state_dict(torch.load(os.fspath(path), weights_only=False))
-    return prog
+    """Restore ``prog`` from a checkpoint written by ``prog.save(path)``: plain data only
+    (``weights_only``), checksum verified, checked against the program before anything changes."""
+    return checkpoint.load(path, prog)

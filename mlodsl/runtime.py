@@ -169,7 +169,8 @@ class Runtime:
     def __init__(self, traced: dict, optimizers: dict, methods: dict, starts: dict | None = None,
                  init_params: dict | None = None, projections: dict | None = None, *,
                  autocast: dict | None = None, loss_scales: dict | None = None, reduce: Callable | None = None,
-                 replicate: Callable | None = None, clip: dict | None = None, compiler: Compiler | None = None):
+                 replicate: Callable | None = None, clip: dict | None = None, compiler: Compiler | None = None,
+                 weigh: Callable | None = None):
         self.traced, self.optimizers, self.methods = traced, optimizers, methods
         self.starts = starts or {}            # level -> None | "init" | upper level name
         self.init_params = init_params or {}  # level -> its initial parameters
@@ -177,6 +178,7 @@ class Runtime:
         self.autocast = autocast or {}        # level -> () -> context manager
         self.loss_scales = loss_scales or {}  # level -> LossScaler (fp16)
         self.reduce, self.replicate = reduce, replicate  # data parallel (None: one process)
+        self.weigh = weigh                    # data parallel: (level, loss, batch) -> this rank's share of the mean
         self.clip = clip or {}                # level -> max norm of its total gradient
         self.restrict, self.outside, self.params_of = restrict, outside, params_of
         self.buffer_state = None              # trace.BufferState: staged running statistics
@@ -207,10 +209,14 @@ class Runtime:
             return _mean_outputs([self.evaluate(name, params, b) for b in batch])
         ctx = self.autocast.get(name)
         if ctx is None:
-            return split_output(name, self.traced[name](params, batch))
-        with ctx():
             loss, metrics = split_output(name, self.traced[name](params, batch))
-        return (loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss), metrics
+        else:
+            with ctx():
+                loss, metrics = split_output(name, self.traced[name](params, batch))
+            loss = loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss
+        if self.weigh is not None:  # unequal shards: the ranks' mean is then the union's mean loss
+            loss = self.weigh(name, loss, batch)
+        return loss, metrics
 
     def partials(self, name: str, params: dict, batch, wrt: tuple, log=None):
         """Loss of level ``name`` and its partial gradients w.r.t. the levels in ``wrt``.

@@ -30,9 +30,12 @@ PROBLEM = textwrap.dedent("""
         y = (X @ w + 0.5 * torch.randn(160, generator=g, dtype=torch.float64) > 0).double()
         return [(X[i:i + 20], y[i:i + 20]) for i in range(0, 160, 20)]
 
-    def build(method, rank=0, world=1, seed=0):
+    def build(method, rank=0, world=1, seed=0, unequal=False):
         batches = data()
         shard = [(x[rank::world], y[rank::world]) for x, y in batches]  # every rank: its half of each batch
+        if unequal:  # two ranks: 7 + i of batch i's 20 examples to rank 0, the rest to rank 1
+            shard = [(x[:7 + i], y[:7 + i]) if rank == 0 else (x[7 + i:], y[7 + i:])
+                     for i, (x, y) in enumerate(batches)]
         torch.manual_seed(seed + rank)  # different initial values per rank: rank 0's are broadcast
         net = nn.Linear(5, 1).double()
         hyper = ml.Hyper(log_l2=torch.full((5,), -2.0, dtype=torch.float64))
@@ -66,6 +69,10 @@ WORKER = PROBLEM + textwrap.dedent("""
             result[name] = {n: prog.params(n) for n in prog.levels}
             result[name + "/loss"] = prog.history[-1]["outer"]
             prog.save(out + f".{name}.ckpt")  # rank 0 writes, every rank waits
+            prog = build(method, rank, world, unequal=True)
+            prog.fit(3, progress=False)
+            result[name + "/unequal"] = {n: prog.params(n) for n in prog.levels}
+            result[name + "/unequal/loss"] = prog.history[-1]["outer"]
         torch.save(result, out + f".rank{rank}")
     if True:  # then rank 1 dies: rank 0 must fail, not hang
         prog = build(METHODS["unroll"], rank, world)
@@ -141,9 +148,25 @@ def test_two_ranks_equal_one_process_on_the_union_of_their_shards(two_ranks):
                     torch.testing.assert_close(r[name][n][k], v, rtol=1e-6, atol=1e-9)
         # losses in the history are the ranks' mean: the union's loss (mean loss, equal shards)
         assert ranks[0][name + "/loss"] == pytest.approx(ref[name + "/loss"], rel=1e-9)
-        ckpt = torch.load(f"{out}.{name}.ckpt", weights_only=False)  # written by rank 0
+        ckpt = torch.load(f"{out}.{name}.ckpt", weights_only=True)["state"]  # written by rank 0
         torch.testing.assert_close(ckpt["levels"]["outer"]["params"]["log_l2"], ref[name]["outer"]["log_l2"])
     assert not list(tmp.glob("*.tmp"))
+
+
+def test_unequal_shards_are_weighted_by_examples_as_one_process_on_the_concatenated_batches(two_ranks):
+    """Rank 0 holds 7..14 of each batch's 20 examples, rank 1 the rest: an unweighted mean of the
+    ranks' mean losses would be off by percents; weighted by examples it is the union's."""
+    tmp, _, logs, _ = two_ranks
+    out = str(tmp / "result")
+    assert all(Path(f"{out}.rank{r}").exists() for r in range(2)), "\n".join(logs)
+    ref = _reference()
+    ranks = [torch.load(f"{out}.rank{r}") for r in range(2)]
+    for name in ("unroll", "cg"):
+        for n, params in ref[name].items():
+            for k, v in params.items():
+                for r in ranks:
+                    torch.testing.assert_close(r[name + "/unequal"][n][k], v, rtol=1e-10, atol=1e-10)
+        assert ranks[0][name + "/unequal/loss"] == pytest.approx(ref[name + "/loss"], rel=1e-10)
 
 
 def test_when_a_rank_dies_the_others_fail_instead_of_hanging(two_ranks):
@@ -157,3 +180,12 @@ def test_when_a_rank_dies_the_others_fail_instead_of_hanging(two_ranks):
 def test_a_single_process_runs_without_a_process_group():
     assert "WORLD_SIZE" not in os.environ or os.environ["WORLD_SIZE"] == "1"
     assert ml.distributed.setup() is None
+
+
+def test_a_batch_size_with_two_weights_in_a_step_makes_its_level_ask_at_every_evaluation():
+    """A rank's weight is tabulated by batch size; where one size has two weights in a step (the
+    ranks' totals differ), the table cannot say which, and the level all-reduces its counts instead."""
+    from mlodsl.distributed import _weights_by_size
+    assert _weights_by_size([(7, 20), (13, 20), (7, 20)], world=2) == {7: 0.7, 13: 1.3}
+    assert _weights_by_size([(10, 20), (10, 30)], world=2) is None
+    assert _weights_by_size([(-1, 0), (5, 10)], world=2) == {5: 1.0}  # a batch without tensors is not weighed
