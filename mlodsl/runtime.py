@@ -101,7 +101,7 @@ class BlockRecord:
         def update_map(own, upper):
             g = autodiff.grad(loss)(own, upper)
             reads = {**up, **final_params, level: own, upper_name: upper}
-            new = rt.optimizers[level].update(own, g, self.final[level]["opt"], reads)[0]
+            new = rt.optimizers[level].update(own, rt.mark_absent(level, g), self.final[level]["opt"], reads)[0]
             return rt.projections[level](new) if level in rt.projections else new
 
         def begin(upper):
@@ -120,6 +120,62 @@ class BlockRecord:
         return Trajectory(level, self.steps, self.start, self.final, self.path, upper_name,
                           up[upper_name], advance, loss, update_map, begin, from_upper, report, advance_vjp,
                           self.taped_vjp(upper_name), self.reverse_vjp(upper_name))
+
+
+_NO_GRADIENT = {"detach", "detach_", "requires_grad_", "size", "dim", "numel"}
+
+
+def reached_params(traced) -> set | None:
+    """``{(level, parameter)}`` that the loss of a traced level reaches in its fx graph (through
+    ops other than ``detach``), or None when that cannot be read off (an opaque level: all count)."""
+    if getattr(traced, "opaque", True):
+        return None
+    output = next(n for n in traced.graph.graph.nodes if n.op == "output")
+    value = output.args[0]
+    loss = value[0] if isinstance(value, (tuple, list)) else value  # (loss, metrics): the loss only
+    if not isinstance(loss, torch.fx.Node):
+        return set()
+    seen, stack = set(), [loss]
+    while stack:
+        node = stack.pop()
+        if node in seen or (node.op in ("call_function", "call_method")
+                            and getattr(node.target, "__name__", node.target) in _NO_GRADIENT):
+            continue
+        seen.add(node)
+        stack.extend(node.all_input_nodes)
+    return {traced.inputs[n.name] for n in seen if n.op == "placeholder" and n.name in traced.inputs}
+
+
+def absent_params(traced: dict, lowers: dict, optimizers: dict, starts: dict) -> dict:
+    """``{level: names of its parameters whose gradient is structurally absent}``, decided once.
+
+    A level's total gradient is its own loss plus the hypergradients through the levels below it,
+    so a parameter of X has a gradient when X's loss or the loss of any level below X reaches it
+    (or when an optimizer hyperparameter or a ``start_from`` of a level below takes X). Only
+    levels whose graphs can be read count; where one cannot, nothing of X is absent."""
+    def below(name, out):
+        for c in lowers.get(name, ()):
+            if c not in out:
+                out.add(c)
+                below(c, out)
+        return out
+
+    absent = {}
+    for name in optimizers:
+        mine = {p for lvl, p in traced[name].inputs.values() if lvl == name}
+        related = {name} | below(name, set())
+        if any(name in getattr(optimizers[r], "reads", ()) or starts.get(r) == name for r in related):
+            continue
+        reached = set()
+        for r in related:
+            found = reached_params(traced[r])
+            if found is None:
+                reached = mine
+                break
+            reached |= {p for lvl, p in found if lvl == name}
+        if mine - reached:
+            absent[name] = frozenset(mine - reached)
+    return absent
 
 
 def _mean_outputs(outs: list):
@@ -169,7 +225,8 @@ class Runtime:
     def __init__(self, traced: dict, optimizers: dict, methods: dict, starts: dict | None = None,
                  init_params: dict | None = None, projections: dict | None = None, *,
                  autocast: dict | None = None, loss_scales: dict | None = None, reduce: Callable | None = None,
-                 replicate: Callable | None = None, clip: dict | None = None, compiler: Compiler | None = None):
+                 replicate: Callable | None = None, clip: dict | None = None, compiler: Compiler | None = None,
+                 lowers: dict | None = None):
         self.traced, self.optimizers, self.methods = traced, optimizers, methods
         self.starts = starts or {}            # level -> None | "init" | upper level name
         self.init_params = init_params or {}  # level -> its initial parameters
@@ -182,6 +239,9 @@ class Runtime:
         self.buffer_state = None              # trace.BufferState: staged running statistics
         self.compiler = compiler or Compiler(None)  # compile=True: the step's compiled regions
         self._products: dict = {}             # (lower, upper) -> compiled region of a products_only vjp
+        # level -> parameters no loss it is differentiated through reaches: their gradient is absent
+        # (None to the optimizer, as torch.optim's p.grad), so decay and moments leave them alone
+        self.absent = absent_params(traced, lowers, optimizers, self.starts) if lowers is not None else {}
 
     def region(self, name: str, what: str, fn: Callable, trailing: int = 0) -> Callable:
         """``fn`` as a compiled region of level ``name`` under ``compile=True`` (``mlodsl.compiled``)."""
@@ -257,10 +317,18 @@ class Runtime:
         if name in self.clip:
             grad = clip_norm(grad, self.clip[name])
         reads = {**up, **params_of(sub)}
-        p, o = self.optimizers[name].update(sub[name]["params"], grad, sub[name]["opt"], reads)
+        p, o = self.optimizers[name].update(sub[name]["params"], self.mark_absent(name, grad), sub[name]["opt"], reads)
         if name in self.projections:
             p = self.projections[name](p)
         return {**sub, name: {"params": p, "opt": o}}
+
+    def mark_absent(self, name: str, grad: dict) -> dict:
+        """``grad`` with None for the parameters of ``name`` that no loss reaches (``absent``), for
+        an optimizer that takes None there (the built-ins: they leave those parameters alone)."""
+        absent = self.absent.get(name)
+        if not absent or not getattr(self.optimizers[name], "absent_grads", False):
+            return grad
+        return {k: None if k in absent else g for k, g in grad.items()}
 
     def tape(self, name: str, state: dict, up: dict, uppers: list) -> tuple:
         """Record the block of ``name`` on the autograd tape, when its method differentiates the
