@@ -7,6 +7,7 @@ the generated step stays differentiable and traceable.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -14,7 +15,7 @@ import torch
 
 from . import autodiff
 from .compiled import Compiler, is_plain
-from .hypergrad.base import Trajectory, state_vjp
+from .hypergrad.base import DivergenceError, DivergenceWarning, Trajectory, state_vjp
 from .loops import StackedPath, UpdateLoop
 from .tree import detached
 
@@ -114,8 +115,7 @@ class BlockRecord:
                 return self.update_vjp(state, up, upper_name, k, lam)
 
         def report(key, value):
-            if self.log is not None:
-                self.log[f"{level}/{key}"] = value.detach() if isinstance(value, torch.Tensor) else value
+            Runtime.report(self.log, level, key, value)
 
         return Trajectory(level, self.steps, self.start, self.final, self.path, upper_name,
                           up[upper_name], advance, loss, update_map, begin, from_upper, report, advance_vjp,
@@ -176,6 +176,42 @@ def absent_params(traced: dict, lowers: dict, optimizers: dict, starts: dict) ->
         if mine - reached:
             absent[name] = frozenset(mine - reached)
     return absent
+
+
+_RANDOM_PREFIXES = ("rand", "bernoulli", "normal_", "multinomial", "poisson", "uniform_", "exponential_",
+                    "cauchy_", "geometric_", "log_normal_", "random_", "rrelu")
+
+
+def draws_random(traced) -> bool:
+    """Whether a level's loss draws random numbers (dropout, ``torch.rand``...): an fx node of a
+    random op, or an opaque level (which cannot be read)."""
+    if getattr(traced, "opaque", True):
+        return True
+    for node in traced.graph.graph.nodes:
+        if node.op in ("call_function", "call_method"):
+            name = str(getattr(node.target, "__name__", node.target)).lower()
+            if "dropout" in name or name == "normal" or name.startswith(_RANDOM_PREFIXES):
+                return True
+    return False
+
+
+@dataclass(frozen=True)
+class SeededBatch:
+    """One update's batch with the seed of its random draws: every evaluation of that update's loss
+    (the update itself, Unroll's replays of it, a finite difference's two sides, an implicit
+    method's products at the block's end) sees the same dropout masks."""
+
+    batch: object
+    seed: int
+
+
+@contextlib.contextmanager
+def fixed_rng(seed: int):
+    """torch's generators seeded with ``seed`` inside, as they were outside (``fork_rng``)."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def _mean_outputs(outs: list):
@@ -242,6 +278,8 @@ class Runtime:
         # level -> parameters no loss it is differentiated through reaches: their gradient is absent
         # (None to the optimizer, as torch.optim's p.grad), so decay and moments leave them alone
         self.absent = absent_params(traced, lowers, optimizers, self.starts) if lowers is not None else {}
+        # lower levels whose losses draw random numbers: each of their updates gets a seed per step
+        self.stochastic = tuple(n for n in methods if draws_random(traced[n]))
 
     def region(self, name: str, what: str, fn: Callable, trailing: int = 0) -> Callable:
         """``fn`` as a compiled region of level ``name`` under ``compile=True`` (``mlodsl.compiled``)."""
@@ -261,8 +299,27 @@ class Runtime:
 
         return self.region(name, "update's VJP", vjp)
 
+    def seeded(self, B: dict, exclude=()) -> dict:
+        """The step's batches with a seed for each update of a lower level whose loss draws random
+        numbers (``SeededBatch``), drawn here from torch's generator: that update's loss is evaluated
+        under that seed every time (a finite difference's two sides, every replay) and so sees the
+        same dropout mask. ``exclude``: levels batched over tasks (``vmap`` draws their masks)."""
+        levels = [n for n in self.stochastic if n not in exclude and n in B]
+        if not levels:
+            return B
+        out = dict(B)
+        for n in levels:
+            def seed(batch):
+                return SeededBatch(batch, int(torch.randint(0, 2 ** 62, ())))
+
+            out[n] = [MicroBatches(seed(mb) for mb in b) if isinstance(b, MicroBatches) else seed(b) for b in B[n]]
+        return out
+
     def evaluate(self, name: str, params: dict, batch):
         """``(loss, metrics)`` of level ``name`` under its precision; the mean over micro-batches."""
+        if isinstance(batch, SeededBatch):  # the same random draws at every evaluation of one update
+            with fixed_rng(batch.seed):
+                return self.evaluate(name, params, batch.batch)
         if isinstance(batch, MicroBatches):
             return _mean_outputs([self.evaluate(name, params, b) for b in batch])
         ctx = self.autocast.get(name)
@@ -406,9 +463,8 @@ class Runtime:
 
             self._products[key] = self.region(lower, f"hypergradient products toward '{upper_name}'", products)
         g, reports = self._products[key](record.final, record.up, record.last_batch, cotangent)
-        if record.log is not None:
-            for k, v in reports.items():
-                record.log[f"{lower}/{k}"] = v.detach() if isinstance(v, torch.Tensor) else v
+        for k, v in reports.items():
+            self.report(record.log, lower, k, v)
         return g
 
     def lower_loss(self, level: str, upper_name: str, up: dict, final_params: dict, batch) -> Callable:
@@ -452,7 +508,38 @@ class Runtime:
 
     @staticmethod
     def new_log() -> dict:
-        return {"_finite": {}}
+        return {"_finite": {}, "_reports": {}}
+
+    @staticmethod
+    def report(log, level: str, key: str, value):
+        """A method's diagnostic (a CG residual) as the level's metric; every value of the step is
+        kept for ``check_divergence`` (a block may run several times a step; the metric is the last)."""
+        if log is None:
+            return
+        value = value.detach() if isinstance(value, torch.Tensor) else value
+        log[f"{level}/{key}"] = value
+        log.setdefault("_reports", {}).setdefault(level, {}).setdefault(key, []).append(value)
+
+    def check_divergence(self, reports: dict):
+        """Raise ``DivergenceError`` (or warn, for a method with ``on_divergence="warn"``) when a
+        method's diagnostics in this step say its solve diverged (the method's ``diverged``). Runs
+        after the step, outside every transform and before anything is committed."""
+        for level, values in reports.items():
+            method = self.methods.get(level)
+            judge = getattr(method, "diverged", None)
+            if judge is None:
+                continue
+            worst = {k: float(torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in vs]).max())
+                     for k, vs in values.items()}  # every diagnostic is "larger is worse"
+            problem = judge(worst)
+            if problem is None:
+                continue
+            message = (f"level '{level}': the hypergradient by {method!r} {problem}. The program's parameters "
+                       f"and optimizer states are unchanged (on_divergence='warn' on the method goes on instead)")
+            if getattr(method, "on_divergence", "raise") == "warn":
+                warnings.warn(message, DivergenceWarning, stacklevel=4)
+            else:
+                raise DivergenceError(message)
 
     @staticmethod
     def grad_norm(grad: dict) -> torch.Tensor:
@@ -473,9 +560,10 @@ class Runtime:
         for k, v in metrics.items():
             log[f"{name}/{k}"] = v.detach() if isinstance(v, torch.Tensor) else v
 
-    @staticmethod
-    def finite(log) -> dict:
-        """``{level: True when every loss and gradient it logged in the step was finite}``; pops them."""
+    def finite(self, log) -> dict:
+        """``{level: True when every loss and gradient it logged in the step was finite}``; pops them.
+        First raises ``DivergenceError`` when a hypergradient solve in the step diverged."""
+        self.check_divergence(log.pop("_reports", {}))
         return {n: bool(torch.isfinite(torch.cat([x.reshape(-1) for x in v])).all())
                 for n, v in log.pop("_finite").items()}
 
