@@ -61,11 +61,11 @@ def diverged(diagnostics: dict, growth_fix: str) -> str | None:
     when a Neumann-type iteration grows."""
     indefinite = diagnostics.get("cg_indefinite", 0.0)
     if indefinite > 0:
-        return (f"met non-positive curvature pᵀHp ≤ 0 in {int(indefinite)} conjugate-gradient iteration(s): "
-                f"the lower loss's Hessian (plus damping) is not positive definite at the block's end (a "
-                f"non-convex lower level, or one not at a minimum), so H⁻¹v is meaningless there. Add "
-                f"damping= above the magnitude of H's most negative eigenvalue (CG(iters, damping=...); "
-                f"see docs/hypergradients.md), or differentiate the updates instead (Unroll)")
+        return (f"met negative curvature pᵀHp < 0 in {int(indefinite)} conjugate-gradient iteration(s): the "
+                f"lower loss's Hessian (plus damping) is not positive definite at the block's end (a non-convex "
+                f"lower level, or one not at a minimum), while CG and the implicit hypergradient assume a "
+                f"minimum there. Add damping= above the magnitude of H's most negative eigenvalue "
+                f"(CG(iters, damping=...); see docs/hypergradients.md), or differentiate the updates (Unroll)")
     residual = diagnostics.get("cg_residual", 0.0)
     if residual > 1.0:
         return (f"did not converge: its final residual ‖r‖/‖v‖ = {residual:.3g} is above its initial "

@@ -11,7 +11,7 @@ class CG(Implicit):
     Exact after d iterations on a d-parameter lower level when H + damping·I is positive definite
     (to rounding). ``tol``: stop once ‖r‖ ≤ tol (one host synchronisation per iteration).
     ``damping`` > 0 regularizes an indefinite or ill-conditioned H (the solution then has a bias).
-    A step whose solve meets pᵀHp ≤ 0 or ends with a residual above the initial one raises
+    A step whose solve meets pᵀHp < 0 or ends with a residual above the initial one raises
     ``DivergenceError`` (``on_divergence="warn"``: warns and goes on). Cost: ``iters`` Hessian-vector products, one mixed VJP and two linearizations; memory O(d).
     """
 

@@ -50,8 +50,8 @@ def conjugate_gradient(matvec, b, *, iters: int, tol: float | None = None, info:
     data-dependent branch (a zero residual gives zero steps, not 0/0).
 
     ``info`` gets ``cg_residual`` = ‖r‖/‖b‖ at the end (above 1: it did not converge) and
-    ``cg_indefinite``, the number of iterations that met pᵀA p ≤ 0 with p ≠ 0 (A is not positive
-    definite there and the step is meaningless); both are tensors, counted without a branch.
+    ``cg_indefinite``, the number of iterations that met pᵀA p < 0 (A is not positive definite: CG
+    is no longer minimizing anything); both are tensors, counted without a branch.
     """
     x = tree_map(torch.zeros_like, b)
     r, p = b, b
@@ -62,8 +62,8 @@ def conjugate_gradient(matvec, b, *, iters: int, tol: float | None = None, info:
             break
         Ap = matvec(p)
         pAp = tree_vdot(p, Ap)
-        if info is not None:  # p = 0 (an exact solution, or b = 0) is no curvature at all
-            indefinite = indefinite + ((pAp <= 0) & (tree_vdot(p, p) > 0)).to(rr.dtype)
+        if info is not None:  # pᵀAp = 0 exactly: p = 0 or a direction the loss does not depend on (α = 0 then)
+            indefinite = indefinite + (pAp < 0).to(rr.dtype)
         alpha = _ratio(rr, pAp)
         x = tree_axpy(alpha, p, x)
         r = tree_axpy(-alpha, Ap, r)
