@@ -307,12 +307,12 @@ class Runtime:
         levels = [n for n in self.stochastic if n not in exclude and n in B]
         if not levels:
             return B
+        sizes = {n: sum(len(b) if isinstance(b, MicroBatches) else 1 for b in B[n]) for n in levels}
+        seeds = iter(torch.randint(0, 2 ** 62, (sum(sizes.values()),)).tolist())  # one draw for the step
         out = dict(B)
         for n in levels:
-            def seed(batch):
-                return SeededBatch(batch, int(torch.randint(0, 2 ** 62, ())))
-
-            out[n] = [MicroBatches(seed(mb) for mb in b) if isinstance(b, MicroBatches) else seed(b) for b in B[n]]
+            out[n] = [MicroBatches(SeededBatch(mb, next(seeds)) for mb in b) if isinstance(b, MicroBatches)
+                      else SeededBatch(b, next(seeds)) for b in B[n]]
         return out
 
     def evaluate(self, name: str, params: dict, batch):
