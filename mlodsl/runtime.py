@@ -562,10 +562,14 @@ class Runtime:
 
     def finite(self, log) -> dict:
         """``{level: True when every loss and gradient it logged in the step was finite}``; pops them.
-        First raises ``DivergenceError`` when a hypergradient solve in the step diverged."""
-        self.check_divergence(log.pop("_reports", {}))
-        return {n: bool(torch.isfinite(torch.cat([x.reshape(-1) for x in v])).all())
-                for n, v in log.pop("_finite").items()}
+        First raises ``DivergenceError`` when a hypergradient solve in the step diverged (not in an
+        fp16 step that overflowed: the Program skips that one and backs its loss scale off)."""
+        finite = {n: bool(torch.isfinite(torch.cat([x.reshape(-1) for x in v])).all())
+                  for n, v in log.pop("_finite").items()}
+        reports = log.pop("_reports", {})
+        if all(finite.values()) or not self.loss_scales:
+            self.check_divergence(reports)
+        return finite
 
     @staticmethod
     def mean_over_tasks(g: dict) -> dict:
