@@ -529,17 +529,17 @@ class Runtime:
             judge = getattr(method, "diverged", None)
             if judge is None:
                 continue
-            worst = {k: float(torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in vs]).max())
-                     for k, vs in values.items()}  # every diagnostic is "larger is worse"
-            problem = judge(worst)
+            # every diagnostic is "larger is worse"; a few scalars per step (one per hypergradient)
+            problem = judge({k: max(float(v) for v in vs) for k, vs in values.items()})
             if problem is None:
                 continue
-            message = (f"level '{level}': the hypergradient by {method!r} {problem}. The program's parameters "
-                       f"and optimizer states are unchanged (on_divergence='warn' on the method goes on instead)")
+            message = f"level '{level}': the hypergradient by {method!r} {problem}."
             if getattr(method, "on_divergence", "raise") == "warn":
-                warnings.warn(message, DivergenceWarning, stacklevel=4)
+                warnings.warn(message + " The step is taken all the same (on_divergence='warn').",
+                              DivergenceWarning, stacklevel=4)
             else:
-                raise DivergenceError(message)
+                raise DivergenceError(message + " The program's parameters and optimizer states are unchanged "
+                                      "(on_divergence='warn' on the method warns and goes on instead).")
 
     @staticmethod
     def grad_norm(grad: dict) -> torch.Tensor:
