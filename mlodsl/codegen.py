@@ -208,7 +208,7 @@ def generate(plan: Plan, levels: dict, methods: dict, title: str) -> str:
     out += ["    def step(state, B):",
             f'        """One step of {title}: (state, batches) -> (new state, log)."""',
             "        log = rt.new_log()",
-            f"        B = rt.seeded(B, {tasked!r})  # one seed per update of a lower level that draws random numbers"] + (
+            f"        B = rt.seeded(state, B, {tasked!r})  # one seed per update of a lower level that draws random numbers"] + (
             ["        shared = {}"] if shared else [])
     for n in shared:
         out += [f"        s, shared[{n!r}] = block_{ident(n)}(state, {{}}, 0, log, B)",
@@ -223,7 +223,7 @@ def generate(plan: Plan, levels: dict, methods: dict, title: str) -> str:
 
     out += ["    def hypergradient(name, state, B):",
             '        """(total gradient, loss) of level `name` at its next update; changes nothing."""',
-            f"        B = rt.seeded(B, {tasked!r})"]
+            f"        B = rt.seeded(state, B, {tasked!r})"]
     out += ["        shared = {}"] if shared else []
     for n in shared:
         out += [f"        if name != {n!r} and name not in {list(plan.subtree[n])!r}:",

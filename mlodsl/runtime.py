@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from . import autodiff
 from .compiled import Compiler, is_plain
 from .hypergrad.base import DivergenceError, DivergenceWarning, Trajectory, state_vjp
@@ -182,17 +184,27 @@ _RANDOM_PREFIXES = ("rand", "bernoulli", "normal_", "multinomial", "poisson", "u
                     "cauchy_", "geometric_", "log_normal_", "random_", "rrelu")
 
 
-def draws_random(traced) -> bool:
+def draws_random(traced) -> bool | None:
     """Whether a level's loss draws random numbers (dropout, ``torch.rand``...): an fx node of a
-    random op, or an opaque level (which cannot be read)."""
+    random op; None for an opaque level, whose graph cannot be read (``Runtime.seeded`` runs it once)."""
     if getattr(traced, "opaque", True):
-        return True
+        return None
     for node in traced.graph.graph.nodes:
         if node.op in ("call_function", "call_method"):
             name = str(getattr(node.target, "__name__", node.target)).lower()
             if "dropout" in name or name == "normal" or name.startswith(_RANDOM_PREFIXES):
                 return True
     return False
+
+
+class _RandomOps(TorchDispatchMode):
+    """Notes whether any operation that runs under it draws from a generator."""
+
+    found = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.found = self.found or torch.Tag.nondeterministic_seeded in func.tags
+        return func(*args, **(kwargs or {}))
 
 
 @dataclass(frozen=True)
@@ -278,8 +290,9 @@ class Runtime:
         # level -> parameters no loss it is differentiated through reaches: their gradient is absent
         # (None to the optimizer, as torch.optim's p.grad), so decay and moments leave them alone
         self.absent = absent_params(traced, lowers, optimizers, self.starts) if lowers is not None else {}
-        # lower levels whose losses draw random numbers: each of their updates gets a seed per step
-        self.stochastic = tuple(n for n in methods if draws_random(traced[n]))
+        # lower level -> whether its loss draws random numbers (then each of its updates gets a seed
+        # per step); None until an opaque level's loss has run once (``seeded``)
+        self.stochastic = {n: draws_random(traced[n]) for n in methods}
 
     def region(self, name: str, what: str, fn: Callable, trailing: int = 0) -> Callable:
         """``fn`` as a compiled region of level ``name`` under ``compile=True`` (``mlodsl.compiled``)."""
@@ -299,12 +312,15 @@ class Runtime:
 
         return self.region(name, "update's VJP", vjp)
 
-    def seeded(self, B: dict, exclude=()) -> dict:
+    def seeded(self, state: dict, B: dict, exclude=()) -> dict:
         """The step's batches with a seed for each update of a lower level whose loss draws random
         numbers (``SeededBatch``), drawn here from torch's generator: that update's loss is evaluated
         under that seed every time (a finite difference's two sides, every replay) and so sees the
         same dropout mask. ``exclude``: levels batched over tasks (``vmap`` draws their masks)."""
-        levels = [n for n in self.stochastic if n not in exclude and n in B]
+        for n, random in self.stochastic.items():
+            if random is None and n not in exclude and n in B:  # an opaque level: run it once and see
+                self.stochastic[n] = self._draws_random_when_run(n, state, B[n][0])
+        levels = [n for n, random in self.stochastic.items() if random and n not in exclude and n in B]
         if not levels:
             return B
         sizes = {n: sum(len(b) if isinstance(b, MicroBatches) else 1 for b in B[n]) for n in levels}
@@ -314,6 +330,17 @@ class Runtime:
             out[n] = [MicroBatches(SeededBatch(mb, next(seeds)) for mb in b) if isinstance(b, MicroBatches)
                       else SeededBatch(b, next(seeds)) for b in B[n]]
         return out
+
+    def _draws_random_when_run(self, name: str, state: dict, batch) -> bool:
+        """Whether level ``name``'s loss draws random numbers, seen by evaluating it once (the
+        generators as they were afterwards); True where the evaluation fails here."""
+        params = {n: s["params"] for n, s in state.items()}
+        try:
+            with fixed_rng(0), torch.no_grad(), _RandomOps() as mode:
+                self.evaluate(name, params, batch[0] if isinstance(batch, MicroBatches) else batch)
+        except Exception:  # noqa: BLE001 - the step itself will report it; seeding is then harmless
+            return True
+        return mode.found
 
     def evaluate(self, name: str, params: dict, batch):
         """``(loss, metrics)`` of level ``name`` under its precision; the mean over micro-batches."""
