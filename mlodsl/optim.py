@@ -19,7 +19,8 @@ A hyperparameter (``lr``, ``momentum``, ``weight_decay``, ...) is a number or a 
 A gradient may be ``None``: the parameter does not reach the level's loss (torch.optim sees
 ``p.grad is None`` there). The built-in optimizers then leave that parameter and its state (momentum
 buffer, Adam moments) exactly as they were, as torch.optim does; the Program decides which
-parameters these are once, when it is built, so the update stays static.
+parameters these are once, when it is built, so the update stays static. A user-defined optimizer
+gets None only when it says it takes it (``absent_grads = True``), else zeros.
 
 A user-defined optimizer is any object with the same ``init``/``update`` and a ``reads`` attribute
 (the level names its hyperparameters need); the built-ins use nothing more.

@@ -14,5 +14,5 @@ from .sama import SAMA
 from .unroll import FirstOrder, Forward, Unroll
 from .zero_order import ZeroOrder
 
-__all__ = ["Trajectory", "DivergenceError", "DivergenceWarning", "Unroll", "Forward", "FirstOrder", "Implicit", "CG", "Neumann", "FixedPoint",
-           "FiniteDiff", "SAMA", "ZeroOrder"]
+__all__ = ["Trajectory", "DivergenceError", "DivergenceWarning", "Unroll", "Forward", "FirstOrder", "Implicit",
+           "CG", "Neumann", "FixedPoint", "FiniteDiff", "SAMA", "ZeroOrder"]

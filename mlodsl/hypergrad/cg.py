@@ -12,7 +12,8 @@ class CG(Implicit):
     (to rounding). ``tol``: stop once ‖r‖ ≤ tol (one host synchronisation per iteration).
     ``damping`` > 0 regularizes an indefinite or ill-conditioned H (the solution then has a bias).
     A step whose solve meets pᵀHp < 0 or ends with a residual above the initial one raises
-    ``DivergenceError`` (``on_divergence="warn"``: warns and goes on). Cost: ``iters`` Hessian-vector products, one mixed VJP and two linearizations; memory O(d).
+    ``DivergenceError`` (``on_divergence="warn"``: warns and goes on).
+    Cost: ``iters`` Hessian-vector products, one mixed VJP and two linearizations; memory O(d).
     """
 
     def __init__(self, iters: int, tol: float | None = None, damping: float = 0.0, on_divergence: str = "raise"):

@@ -35,7 +35,9 @@ class Implicit:
     """The implicit hypergradient with any linear solver ``solve(matvec, b) -> x`` (see ``linear``).
 
     ``Implicit(my_solver)`` is a complete method; ``CG`` and ``Neumann`` are this class with the
-    solvers of ``mlodsl.hypergrad.linear``.
+    solvers of ``mlodsl.hypergrad.linear``. A solver that writes the diagnostics of those solvers
+    into its ``info`` (``cg_indefinite``, ``cg_residual``, ``neumann_growth``) is checked for
+    divergence after the step (``base.diverged``; ``on_divergence="warn"`` warns instead of raising).
     """
 
     keeps_path = False
