@@ -16,6 +16,12 @@ A hyperparameter (``lr``, ``momentum``, ``weight_decay``, ...) is a number or a 
 
 ``reads`` maps level names to their current parameters; only callables use it.
 
+A gradient may be ``None``: the parameter does not reach the level's loss (torch.optim sees
+``p.grad is None`` there). The built-in optimizers then leave that parameter and its state (momentum
+buffer, Adam moments) exactly as they were, as torch.optim does; the Program decides which
+parameters these are once, when it is built, so the update stays static. A user-defined optimizer
+gets None only when it says it takes it (``absent_grads = True``), else zeros.
+
 A user-defined optimizer is any object with the same ``init``/``update`` and a ``reads`` attribute
 (the level names its hyperparameters need); the built-ins use nothing more.
 """
@@ -37,6 +43,9 @@ class Optimizer(NamedTuple):
     hyperparams: dict
     reads: tuple  # level names that callable hyperparameters take
     in_place: bool = False  # True for ml.optim.from_torch: nothing may differentiate its updates
+    # update() accepts grads[k] = None for a parameter the loss does not reach (and leaves it and its
+    # state alone); a user-defined optimizer without this flag gets zeros there instead
+    absent_grads: bool = False
 
     def __repr__(self) -> str:
         def show(v):
@@ -94,7 +103,7 @@ def _count(state):
 
 
 def _make(name, init, update, hyperparams):
-    return Optimizer(name, init, update, hyperparams, level_reads(hyperparams))
+    return Optimizer(name, init, update, hyperparams, level_reads(hyperparams), absent_grads=True)
 
 
 def sgd(lr, momentum=0.0, weight_decay=0.0, nesterov=False, dampening=0.0) -> Optimizer:
@@ -122,6 +131,11 @@ def sgd(lr, momentum=0.0, weight_decay=0.0, nesterov=False, dampening=0.0) -> Op
         first = None
         for k, p in params.items():
             g = grads[k]
+            if g is None:  # not reached by the loss: no decay, no momentum (torch.optim skips it)
+                new_params[k] = p
+                if use_momentum:
+                    new_state["momentum"][k] = state["momentum"][k]
+                continue
             if not (isinstance(wd, float) and wd == 0.0):
                 g = g + wd * p
             if use_momentum:
@@ -152,6 +166,9 @@ def _adam(name, lr, betas, eps, weight_decay, decoupled, eps_root):
         new_params, m_new, v_new = {}, {}, {}
         for k, p in params.items():
             g = grads[k]
+            if g is None:  # not reached by the loss: no decay, moments unchanged (torch.optim skips it)
+                new_params[k], m_new[k], v_new[k] = p, state["m"][k], state["v"][k]
+                continue
             if not decoupled and not (isinstance(wd, float) and wd == 0.0):
                 g = g + wd * p
             m = b1 * state["m"][k] + (1 - b1) * g
@@ -211,15 +228,15 @@ def from_torch(cls, **kwargs) -> Optimizer:
 
     def update(params, grads, state, reads=None):
         handle = state["torch"]
-        if not all(bool(torch.isfinite(g).all()) for g in grads.values()):
+        if not all(bool(torch.isfinite(g).all()) for g in grads.values() if g is not None):
             return params, state  # the Program sees the non-finite gradient and raises or skips
         with torch.no_grad():
             for k, leaf in handle.leaves.items():
                 if leaf.data_ptr() != params[k].data_ptr():
                     leaf.copy_(params[k])
-                leaf.grad = grads[k].detach()
+                leaf.grad = None if grads[k] is None else grads[k].detach()
         handle.optimizer.step()
         return {k: leaf.detach() for k, leaf in handle.leaves.items()}, {"count": state["count"] + 1,
                                                                         "torch": handle}
 
-    return Optimizer(f"from_torch:{cls.__name__}", init, update, hp, (), in_place=True)
+    return Optimizer(f"from_torch:{cls.__name__}", init, update, hp, (), in_place=True, absent_grads=True)

@@ -246,7 +246,8 @@ class Program:
                                 reduce=dp and dp.reduce, replicate=dp and dp.replicate,
                                 weigh=dp and dp.weigh,
                                 clip={n: lvl.clip_grad_norm for n, lvl in levels.items() if lvl.clip_grad_norm},
-                                compiler=Compiler(compile_options, self._eager_levels(compile_options)))
+                                compiler=Compiler(compile_options, self._eager_levels(compile_options)),
+                                lowers=self.plan.lowers)
         self.compiler = self._runtime.compiler
         self.code = codegen.generate(self.plan, levels, methods, title)
         (self._step_fn, self._hypergradient_fn), self.code_filename = codegen.build(self.code, self._runtime)

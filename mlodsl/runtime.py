@@ -7,14 +7,17 @@ the generated step stays differentiable and traceable.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from . import autodiff
 from .compiled import Compiler, is_plain
-from .hypergrad.base import Trajectory, state_vjp
+from .hypergrad.base import DivergenceError, DivergenceWarning, Trajectory, state_vjp
 from .loops import StackedPath, UpdateLoop
 from .tree import detached
 
@@ -101,7 +104,7 @@ class BlockRecord:
         def update_map(own, upper):
             g = autodiff.grad(loss)(own, upper)
             reads = {**up, **final_params, level: own, upper_name: upper}
-            new = rt.optimizers[level].update(own, g, self.final[level]["opt"], reads)[0]
+            new = rt.optimizers[level].update(own, rt.mark_absent(level, g), self.final[level]["opt"], reads)[0]
             return rt.projections[level](new) if level in rt.projections else new
 
         def begin(upper):
@@ -114,12 +117,113 @@ class BlockRecord:
                 return self.update_vjp(state, up, upper_name, k, lam)
 
         def report(key, value):
-            if self.log is not None:
-                self.log[f"{level}/{key}"] = value.detach() if isinstance(value, torch.Tensor) else value
+            Runtime.report(self.log, level, key, value)
 
         return Trajectory(level, self.steps, self.start, self.final, self.path, upper_name,
                           up[upper_name], advance, loss, update_map, begin, from_upper, report, advance_vjp,
                           self.taped_vjp(upper_name), self.reverse_vjp(upper_name))
+
+
+_NO_GRADIENT = {"detach", "detach_", "requires_grad_", "size", "dim", "numel"}
+
+
+def reached_params(traced) -> set | None:
+    """``{(level, parameter)}`` that the loss of a traced level reaches in its fx graph (through
+    ops other than ``detach``), or None when that cannot be read off (an opaque level: all count)."""
+    if getattr(traced, "opaque", True):
+        return None
+    output = next(n for n in traced.graph.graph.nodes if n.op == "output")
+    value = output.args[0]
+    loss = value[0] if isinstance(value, (tuple, list)) else value  # (loss, metrics): the loss only
+    if not isinstance(loss, torch.fx.Node):
+        return set()
+    seen, stack = set(), [loss]
+    while stack:
+        node = stack.pop()
+        if node in seen or (node.op in ("call_function", "call_method")
+                            and getattr(node.target, "__name__", node.target) in _NO_GRADIENT):
+            continue
+        seen.add(node)
+        stack.extend(node.all_input_nodes)
+    return {traced.inputs[n.name] for n in seen if n.op == "placeholder" and n.name in traced.inputs}
+
+
+def absent_params(traced: dict, lowers: dict, optimizers: dict, starts: dict) -> dict:
+    """``{level: names of its parameters whose gradient is structurally absent}``, decided once.
+
+    A level's total gradient is its own loss plus the hypergradients through the levels below it,
+    so a parameter of X has a gradient when X's loss or the loss of any level below X reaches it
+    (or when an optimizer hyperparameter or a ``start_from`` of a level below takes X). Only
+    levels whose graphs can be read count; where one cannot, nothing of X is absent."""
+    def below(name, out):
+        for c in lowers.get(name, ()):
+            if c not in out:
+                out.add(c)
+                below(c, out)
+        return out
+
+    absent = {}
+    for name in optimizers:
+        mine = {p for lvl, p in traced[name].inputs.values() if lvl == name}
+        related = {name} | below(name, set())
+        if any(name in getattr(optimizers[r], "reads", ()) or starts.get(r) == name for r in related):
+            continue
+        reached = set()
+        for r in related:
+            found = reached_params(traced[r])
+            if found is None:
+                reached = mine
+                break
+            reached |= {p for lvl, p in found if lvl == name}
+        if mine - reached:
+            absent[name] = frozenset(mine - reached)
+    return absent
+
+
+_RANDOM_PREFIXES = ("rand", "bernoulli", "normal_", "multinomial", "poisson", "uniform_", "exponential_",
+                    "cauchy_", "geometric_", "log_normal_", "random_", "rrelu")
+
+
+def draws_random(traced) -> bool | None:
+    """Whether a level's loss draws random numbers (dropout, ``torch.rand``...): an fx node of a
+    random op; None for an opaque level, whose graph cannot be read (``Runtime.seeded`` runs it once)."""
+    if getattr(traced, "opaque", True):
+        return None
+    for node in traced.graph.graph.nodes:
+        if node.op in ("call_function", "call_method"):
+            name = str(getattr(node.target, "__name__", node.target)).lower()
+            if "dropout" in name or name == "normal" or name.startswith(_RANDOM_PREFIXES):
+                return True
+    return False
+
+
+class _RandomOps(TorchDispatchMode):
+    """Notes whether any operation that runs under it draws from a generator."""
+
+    found = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.found = self.found or torch.Tag.nondeterministic_seeded in func.tags
+        return func(*args, **(kwargs or {}))
+
+
+@dataclass(frozen=True)
+class SeededBatch:
+    """One update's batch with the seed of its random draws: every evaluation of that update's loss
+    (the update itself, Unroll's replays of it, a finite difference's two sides, an implicit
+    method's products at the block's end) sees the same dropout masks."""
+
+    batch: object
+    seed: int
+
+
+@contextlib.contextmanager
+def fixed_rng(seed: int):
+    """torch's generators seeded with ``seed`` inside, as they were outside (``fork_rng``)."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def _mean_outputs(outs: list):
@@ -170,7 +274,7 @@ class Runtime:
                  init_params: dict | None = None, projections: dict | None = None, *,
                  autocast: dict | None = None, loss_scales: dict | None = None, reduce: Callable | None = None,
                  replicate: Callable | None = None, clip: dict | None = None, compiler: Compiler | None = None,
-                 weigh: Callable | None = None):
+                 weigh: Callable | None = None, lowers: dict | None = None):
         self.traced, self.optimizers, self.methods = traced, optimizers, methods
         self.starts = starts or {}            # level -> None | "init" | upper level name
         self.init_params = init_params or {}  # level -> its initial parameters
@@ -184,6 +288,12 @@ class Runtime:
         self.buffer_state = None              # trace.BufferState: staged running statistics
         self.compiler = compiler or Compiler(None)  # compile=True: the step's compiled regions
         self._products: dict = {}             # (lower, upper) -> compiled region of a products_only vjp
+        # level -> parameters no loss it is differentiated through reaches: their gradient is absent
+        # (None to the optimizer, as torch.optim's p.grad), so decay and moments leave them alone
+        self.absent = absent_params(traced, lowers, optimizers, self.starts) if lowers is not None else {}
+        # lower level -> whether its loss draws random numbers (then each of its updates gets a seed
+        # per step); None until an opaque level's loss has run once (``seeded``)
+        self.stochastic = {n: draws_random(traced[n]) for n in methods}
 
     def region(self, name: str, what: str, fn: Callable, trailing: int = 0) -> Callable:
         """``fn`` as a compiled region of level ``name`` under ``compile=True`` (``mlodsl.compiled``)."""
@@ -203,8 +313,41 @@ class Runtime:
 
         return self.region(name, "update's VJP", vjp)
 
+    def seeded(self, state: dict, B: dict, exclude=()) -> dict:
+        """The step's batches with a seed for each update of a lower level whose loss draws random
+        numbers (``SeededBatch``), drawn here from torch's generator: that update's loss is evaluated
+        under that seed every time (a finite difference's two sides, every replay) and so sees the
+        same dropout mask. ``exclude``: levels batched over tasks (``vmap`` draws their masks)."""
+        for n, random in self.stochastic.items():
+            if random is None and n not in exclude and n in B:  # an opaque level: run it once and see
+                self.stochastic[n] = self._draws_random_when_run(n, state, B[n][0])
+        levels = [n for n, random in self.stochastic.items() if random and n not in exclude and n in B]
+        if not levels:
+            return B
+        sizes = {n: sum(len(b) if isinstance(b, MicroBatches) else 1 for b in B[n]) for n in levels}
+        seeds = iter(torch.randint(0, 2 ** 62, (sum(sizes.values()),)).tolist())  # one draw for the step
+        out = dict(B)
+        for n in levels:
+            out[n] = [MicroBatches(SeededBatch(mb, next(seeds)) for mb in b) if isinstance(b, MicroBatches)
+                      else SeededBatch(b, next(seeds)) for b in B[n]]
+        return out
+
+    def _draws_random_when_run(self, name: str, state: dict, batch) -> bool:
+        """Whether level ``name``'s loss draws random numbers, seen by evaluating it once (the
+        generators as they were afterwards); True where the evaluation fails here."""
+        params = {n: s["params"] for n, s in state.items()}
+        try:
+            with fixed_rng(0), torch.no_grad(), _RandomOps() as mode:
+                self.evaluate(name, params, batch[0] if isinstance(batch, MicroBatches) else batch)
+        except Exception:  # noqa: BLE001 - the step itself will report it; seeding is then harmless
+            return True
+        return mode.found
+
     def evaluate(self, name: str, params: dict, batch):
         """``(loss, metrics)`` of level ``name`` under its precision; the mean over micro-batches."""
+        if isinstance(batch, SeededBatch):  # the same random draws at every evaluation of one update
+            with fixed_rng(batch.seed):
+                return self.evaluate(name, params, batch.batch)
         if isinstance(batch, MicroBatches):
             return _mean_outputs([self.evaluate(name, params, b) for b in batch])
         ctx = self.autocast.get(name)
@@ -263,10 +406,18 @@ class Runtime:
         if name in self.clip:
             grad = clip_norm(grad, self.clip[name])
         reads = {**up, **params_of(sub)}
-        p, o = self.optimizers[name].update(sub[name]["params"], grad, sub[name]["opt"], reads)
+        p, o = self.optimizers[name].update(sub[name]["params"], self.mark_absent(name, grad), sub[name]["opt"], reads)
         if name in self.projections:
             p = self.projections[name](p)
         return {**sub, name: {"params": p, "opt": o}}
+
+    def mark_absent(self, name: str, grad: dict) -> dict:
+        """``grad`` with None for the parameters of ``name`` that no loss reaches (``absent``), for
+        an optimizer that takes None there (the built-ins: they leave those parameters alone)."""
+        absent = self.absent.get(name)
+        if not absent or not getattr(self.optimizers[name], "absent_grads", False):
+            return grad
+        return {k: None if k in absent else g for k, g in grad.items()}
 
     def tape(self, name: str, state: dict, up: dict, uppers: list) -> tuple:
         """Record the block of ``name`` on the autograd tape, when its method differentiates the
@@ -344,9 +495,8 @@ class Runtime:
 
             self._products[key] = self.region(lower, f"hypergradient products toward '{upper_name}'", products)
         g, reports = self._products[key](record.final, record.up, record.last_batch, cotangent)
-        if record.log is not None:
-            for k, v in reports.items():
-                record.log[f"{lower}/{k}"] = v.detach() if isinstance(v, torch.Tensor) else v
+        for k, v in reports.items():
+            self.report(record.log, lower, k, v)
         return g
 
     def lower_loss(self, level: str, upper_name: str, up: dict, final_params: dict, batch) -> Callable:
@@ -390,7 +540,38 @@ class Runtime:
 
     @staticmethod
     def new_log() -> dict:
-        return {"_finite": {}}
+        return {"_finite": {}, "_reports": {}}
+
+    @staticmethod
+    def report(log, level: str, key: str, value):
+        """A method's diagnostic (a CG residual) as the level's metric; every value of the step is
+        kept for ``check_divergence`` (a block may run several times a step; the metric is the last)."""
+        if log is None:
+            return
+        value = value.detach() if isinstance(value, torch.Tensor) else value
+        log[f"{level}/{key}"] = value
+        log.setdefault("_reports", {}).setdefault(level, {}).setdefault(key, []).append(value)
+
+    def check_divergence(self, reports: dict):
+        """Raise ``DivergenceError`` (or warn, for a method with ``on_divergence="warn"``) when a
+        method's diagnostics in this step say its solve diverged (the method's ``diverged``). Runs
+        after the step, outside every transform and before anything is committed."""
+        for level, values in reports.items():
+            method = self.methods.get(level)
+            judge = getattr(method, "diverged", None)
+            if judge is None:
+                continue
+            # every diagnostic is "larger is worse"; a few scalars per step (one per hypergradient)
+            problem = judge({k: max(float(v) for v in vs) for k, vs in values.items()})
+            if problem is None:
+                continue
+            message = f"level '{level}': the hypergradient by {method!r} {problem}."
+            if getattr(method, "on_divergence", "raise") == "warn":
+                warnings.warn(message + " The step is taken all the same (on_divergence='warn').",
+                              DivergenceWarning, stacklevel=4)
+            else:
+                raise DivergenceError(message + " The program's parameters and optimizer states are unchanged "
+                                      "(on_divergence='warn' on the method warns and goes on instead).")
 
     @staticmethod
     def grad_norm(grad: dict) -> torch.Tensor:
@@ -411,11 +592,16 @@ class Runtime:
         for k, v in metrics.items():
             log[f"{name}/{k}"] = v.detach() if isinstance(v, torch.Tensor) else v
 
-    @staticmethod
-    def finite(log) -> dict:
-        """``{level: True when every loss and gradient it logged in the step was finite}``; pops them."""
-        return {n: bool(torch.isfinite(torch.cat([x.reshape(-1) for x in v])).all())
-                for n, v in log.pop("_finite").items()}
+    def finite(self, log) -> dict:
+        """``{level: True when every loss and gradient it logged in the step was finite}``; pops them.
+        First raises ``DivergenceError`` when a hypergradient solve in the step diverged (not in an
+        fp16 step that overflowed: the Program skips that one and backs its loss scale off)."""
+        finite = {n: bool(torch.isfinite(torch.cat([x.reshape(-1) for x in v])).all())
+                  for n, v in log.pop("_finite").items()}
+        reports = log.pop("_reports", {})
+        if all(finite.values()) or not self.loss_scales:
+            self.check_divergence(reports)
+        return finite
 
     @staticmethod
     def mean_over_tasks(g: dict) -> dict:

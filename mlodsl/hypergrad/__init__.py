@@ -4,7 +4,7 @@ Each method is set on the lower level (``@ml.level(..., hypergrad=ml.hypergrad.C
 has the interface documented in ``mlodsl.hypergrad.base``. Costs and measured errors of each are in
 ``docs/hypergradients.md``.
 """
-from .base import Trajectory
+from .base import DivergenceError, DivergenceWarning, Trajectory
 from .cg import CG
 from .finite_diff import FiniteDiff
 from .fixed_point import FixedPoint
@@ -16,6 +16,6 @@ from .sama import SAMA
 from .unroll import FirstOrder, Forward, Unroll
 from .zero_order import ZeroOrder
 
-__all__ = ["Trajectory", "Unroll", "Forward", "FirstOrder", "Implicit", "CG", "Neumann", "FixedPoint",
-           "FiniteDiff", "SAMA", "ZeroOrder",
+__all__ = ["Trajectory", "DivergenceError", "DivergenceWarning", "Unroll", "Forward", "FirstOrder", "Implicit",
+           "CG", "Neumann", "FixedPoint", "FiniteDiff", "SAMA", "ZeroOrder",
            "Nystrom", "cg_solver", "neumann_solver", "nystrom_solver"]

@@ -13,6 +13,10 @@ A hypergradient method is any object with
 * ``replays_updates: bool`` (optional, True when absent) -- whether the method re-runs or
   differentiates the lower level's optimizer updates; only levels under methods that do not may
   use an in-place ``torch.optim`` optimizer (``ml.optim.torch``);
+* ``diverged(diagnostics) -> str | None`` (optional) -- given the worst value in the step of each
+  diagnostic the method reported (``trajectory.report``), what went wrong, or None; the Program
+  checks it after the step, before committing anything, and raises ``DivergenceError`` (or warns,
+  when the method's ``on_divergence`` is ``"warn"``);
 * ``vjp(trajectory, cotangent) -> dict`` -- given the cotangent ``v = ∂f_U/∂θ_L`` of the upper
   level's loss with respect to the lower level's final parameters, return the best-response
   vector-Jacobian product ``vᵀ dθ_L/dθ_U`` with respect to the upper level's parameters
@@ -33,6 +37,45 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+
+class DivergenceError(ArithmeticError):
+    """An iterative hypergradient solve diverged or met a Hessian it cannot invert (see
+    ``diverged``); the message names the level, the method and what to change. Raised after the
+    step, before it is committed: the program's parameters and optimizer states are unchanged."""
+
+
+class DivergenceWarning(RuntimeWarning):
+    """``DivergenceError``'s message, for a method built with ``on_divergence="warn"``."""
+
+
+def check_on_divergence(value: str) -> str:
+    if value not in ("raise", "warn"):
+        raise ValueError(f"on_divergence must be 'raise' or 'warn', got {value!r}")
+    return value
+
+
+def diverged(diagnostics: dict, growth_fix: str) -> str | None:
+    """What the linear solvers' diagnostics (``linear.conjugate_gradient``, ``linear.neumann_series``;
+    the worst value of each in the step) say went wrong, or None. ``growth_fix``: what to change
+    when a Neumann-type iteration grows."""
+    indefinite = diagnostics.get("cg_indefinite", 0.0)
+    if indefinite > 0:
+        return (f"met negative curvature pᵀHp < 0 in {int(indefinite)} conjugate-gradient iteration(s): the "
+                f"lower loss's Hessian (plus damping) is not positive definite at the block's end (a non-convex "
+                f"lower level, or one not at a minimum), while CG and the implicit hypergradient assume a "
+                f"minimum there. Add damping= above the magnitude of H's most negative eigenvalue "
+                f"(CG(iters, damping=...); see docs/hypergradients.md), or differentiate the updates (Unroll)")
+    residual = diagnostics.get("cg_residual", 0.0)
+    if residual > 1.0:
+        return (f"did not converge: its final residual ‖r‖/‖v‖ = {residual:.3g} is above its initial "
+                f"one (H is near-singular or badly conditioned). Add damping= (CG(iters, damping=...)), "
+                f"or more iters=")
+    growth = diagnostics.get("neumann_growth", 0.0)
+    if growth > 1.0:
+        return (f"diverged: its iterates grew by a factor {growth:.3g} (‖last term‖/‖v‖), so the series "
+                f"does not converge. {growth_fix}")
+    return None
 
 
 @dataclass(frozen=True)

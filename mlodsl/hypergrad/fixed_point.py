@@ -6,7 +6,7 @@ from typing import Callable
 import torch
 
 from .. import autodiff
-from .base import Trajectory
+from .base import Trajectory, check_on_divergence, diverged
 from .linear import neumann_solver, solve_with_info
 
 
@@ -39,17 +39,28 @@ class FixedPoint:
     when the update is a contraction (SGD: learning rate below 2/λ_max(H)); the error of w after
     ``iters`` iterations is Aᵀ^{iters+1} (I - Aᵀ)⁻¹ v. ``solve`` replaces the iteration with any
     solver ``solve(matvec, v)`` of (I - Aᵀ) w = v (note that I - Aᵀ is not symmetric for Adam).
+    An iteration whose iterates grow (an expansive update map: the learning rate above 2/λ_max, or
+    a lower loss that is not convex there) raises ``DivergenceError`` (``on_divergence="warn"``:
+    warns and goes on).
     Cost: ``iters`` VJPs of the update map (each one Hessian-vector product), one VJP in θ_U.
     """
 
     keeps_path = False
     replays_updates = True  # re-runs or differentiates the optimizer updates
 
-    def __init__(self, iters: int, solve: Callable | None = None):
+    def __init__(self, iters: int, solve: Callable | None = None, on_divergence: str = "raise"):
         if not isinstance(iters, int) or iters < 0:
             raise ValueError(f"FixedPoint(iters=...) must be an int >= 0, got {iters!r}")
         self.iters = iters
         self.solve = solve if solve is not None else neumann_solver(iters, 1.0)
+        self.on_divergence = check_on_divergence(on_divergence)
+
+    def diverged(self, diagnostics: dict) -> str | None:
+        """What the solver's diagnostics say went wrong (``base.diverged``), or None."""
+        return diverged(diagnostics, "The lower level's update map is expansive at the block's end: use a "
+                                     "smaller learning rate (alpha) in its optimizer, or a solver of "
+                                     "(I - ∂Φ/∂θᵀ) w = v that does not iterate the map (solve=), or "
+                                     "CG(iters, damping=...) for a non-convex lower level")
 
     def __repr__(self) -> str:
         return f"FixedPoint(iters={self.iters})"

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .base import Trajectory
+from .base import Trajectory, check_on_divergence, diverged
 from .linear import solve_with_info
 from .products import linearize, negate
 
@@ -35,17 +35,27 @@ class Implicit:
     """The implicit hypergradient with any linear solver ``solve(matvec, b) -> x`` (see ``linear``).
 
     ``Implicit(my_solver)`` is a complete method; ``CG`` and ``Neumann`` are this class with the
-    solvers of ``mlodsl.hypergrad.linear``.
+    solvers of ``mlodsl.hypergrad.linear``. A solver that writes the diagnostics of those solvers
+    into its ``info`` (``cg_indefinite``, ``cg_residual``, ``neumann_growth``) is checked for
+    divergence after the step (``base.diverged``; ``on_divergence="warn"`` warns instead of raising).
     """
 
     keeps_path = False
     replays_updates = False  # uses the loss alone, not the updates
     products_only = True  # products of the loss at the final point: one compiled region under compile=True
 
-    def __init__(self, solve: Callable, damping: float = 0.0):
+    # what to change when a Neumann-type solve grows (the subclasses name their own options)
+    growth_fix = "Use a solver that converges on this system, or add damping="
+
+    def __init__(self, solve: Callable, damping: float = 0.0, on_divergence: str = "raise"):
         if damping < 0:
             raise ValueError(f"damping must be >= 0, got {damping!r}")
         self.solve, self.damping = solve, damping
+        self.on_divergence = check_on_divergence(on_divergence)
+
+    def diverged(self, diagnostics: dict) -> str | None:
+        """What the solver's diagnostics say went wrong (``base.diverged``), or None."""
+        return diverged(diagnostics, self.growth_fix)
 
     def __repr__(self) -> str:
         return f"Implicit({getattr(self.solve, '__name__', self.solve)!r}, damping={self.damping})"

@@ -48,15 +48,23 @@ def conjugate_gradient(matvec, b, *, iters: int, tol: float | None = None, info:
     One ``matvec`` per iteration. With ``tol``, stops when ‖r‖ ≤ tol (a host synchronisation per
     iteration, and a graph break under torch.compile); without it, runs ``iters`` iterations with no
     data-dependent branch (a zero residual gives zero steps, not 0/0).
+
+    ``info`` gets ``cg_residual`` = ‖r‖/‖b‖ at the end (above 1: it did not converge) and
+    ``cg_indefinite``, the number of iterations that met pᵀA p < 0 (A is not positive definite: CG
+    is no longer minimizing anything); both are tensors, counted without a branch.
     """
     x = tree_map(torch.zeros_like, b)
     r, p = b, b
     rr = tree_vdot(r, r)
+    indefinite = torch.zeros_like(rr)
     for _ in range(iters):
         if tol is not None and float(rr) <= tol * tol:
             break
         Ap = matvec(p)
-        alpha = _ratio(rr, tree_vdot(p, Ap))
+        pAp = tree_vdot(p, Ap)
+        if info is not None:  # pᵀAp = 0 exactly: p = 0 or a direction the loss does not depend on (α = 0 then)
+            indefinite = indefinite + (pAp < 0).to(rr.dtype)
+        alpha = _ratio(rr, pAp)
         x = tree_axpy(alpha, p, x)
         r = tree_axpy(-alpha, Ap, r)
         rr_new = tree_vdot(r, r)
@@ -64,6 +72,7 @@ def conjugate_gradient(matvec, b, *, iters: int, tol: float | None = None, info:
         rr = rr_new
     if info is not None:  # free: CG tracks its residual anyway
         info["cg_residual"] = torch.sqrt(_ratio(rr, tree_vdot(b, b)))
+        info["cg_indefinite"] = indefinite
     return x
 
 
@@ -72,6 +81,8 @@ def neumann_series(matvec, b, *, iters: int, alpha: float, info: dict | None = N
 
     Converges when the spectral radius of I - αA is below 1 (for SPD A: 0 < α < 2/λ_max);
     the error after ``iters`` terms is (I - αA)^{iters+1} A⁻¹ b. One ``matvec`` per term after the first.
+    ``info`` gets ``neumann_change`` (the last term's size relative to the sum) and
+    ``neumann_growth`` = ‖(I - αA)^{iters} b‖/‖b‖: above 1 the terms grow and the series diverges.
     """
     term, total = b, b
     for _ in range(iters):
@@ -79,6 +90,7 @@ def neumann_series(matvec, b, *, iters: int, alpha: float, info: dict | None = N
         total = tree_add(total, term)
     if info is not None:  # the size of the last term relative to the sum: how far from converged
         info["neumann_change"] = _ratio(tree_norm(term), tree_norm(total))
+        info["neumann_growth"] = _ratio(tree_norm(term), tree_norm(b))
     return tree_scale(alpha, total)
 
 

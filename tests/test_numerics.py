@@ -1,0 +1,321 @@
+"""Numerics of the optimizers and hypergradient methods: parameters that no loss reaches, diverging
+solvers, and random state (dropout) shared by the evaluations of one update."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mlodsl as ml
+
+DT = torch.float64
+
+MASKS = []  # what every evaluation of a recording loss drew (record_mask is a leaf of the fx graph)
+
+
+def record_mask(mask):
+    MASKS.append(mask.detach().clone())
+    return mask
+
+
+torch.fx.wrap("record_mask")
+
+
+# -- parameters that the loss does not reach ---------------------------------------------------
+
+class WithUnused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used = nn.Linear(3, 1).to(DT)
+        self.unused = nn.Parameter(torch.randn(4, dtype=DT))
+
+    def forward(self, x):
+        return self.used(x).squeeze(-1)
+
+
+def _regression(seed=0, n=16):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, generator=g, dtype=DT)
+    return x, x @ torch.randn(3, generator=g, dtype=DT) + 0.1 * torch.randn(n, generator=g, dtype=DT)
+
+
+OPTIMIZERS = {
+    "sgd_momentum_decay": (lambda: ml.optim.sgd(lr=0.1, momentum=0.9, weight_decay=0.1),
+                           lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.1)),
+    "sgd_nesterov": (lambda: ml.optim.sgd(lr=0.1, momentum=0.9, weight_decay=0.1, nesterov=True),
+                               lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.1, nesterov=True)),
+    "adam_decay": (lambda: ml.optim.adam(lr=0.05, weight_decay=0.1, eps_root=0.0),
+                   lambda ps: torch.optim.Adam(ps, lr=0.05, weight_decay=0.1)),
+    "adamw": (lambda: ml.optim.adamw(lr=0.05, weight_decay=0.1, eps_root=0.0),
+              lambda ps: torch.optim.AdamW(ps, lr=0.05, weight_decay=0.1)),
+    "from_torch_adamw": (lambda: ml.optim.from_torch(torch.optim.AdamW, lr=0.05, weight_decay=0.1),
+                         lambda ps: torch.optim.AdamW(ps, lr=0.05, weight_decay=0.1)),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_parameter_the_loss_does_not_reach_is_left_alone_as_torch_optim_does(name):
+    """torch.optim skips a parameter whose .grad is None (no decay, no momentum, no moments);
+    torch.func gives zeros there, which decay and Adam would move. mlodsl matches torch.optim."""
+    ours, theirs = OPTIMIZERS[name]
+    torch.manual_seed(0)
+    net = WithUnused()
+    ref = WithUnused()
+    ref.load_state_dict(net.state_dict())
+    unused0 = net.unused.detach().clone()
+    data = _regression()
+
+    @ml.level(net, optimizer=ours(), data=data)
+    def fit(net, batch):
+        x, y = batch
+        return F.mse_loss(net(x), y)
+
+    prog = ml.Program(fit)
+    opt = theirs(list(ref.parameters()))
+    for _ in range(6):
+        prog.step()
+        opt.zero_grad(set_to_none=True)
+        F.mse_loss(ref(data[0]), data[1]).backward()
+        assert ref.unused.grad is None
+        opt.step()
+    mine = prog.params("fit")
+    for k, p in ref.named_parameters():
+        torch.testing.assert_close(mine[k], p.detach(), rtol=0, atol=1e-12)
+    assert torch.equal(mine["unused"], unused0)
+    state = prog.state_dict()["levels"]["fit"]["opt"]
+    for buf in ("momentum", "m", "v"):  # its optimizer state did not advance either
+        if buf in state:
+            assert not state[buf]["unused"].any()
+
+
+def test_an_upper_parameter_reached_only_through_its_lower_level_still_moves():
+    """The upper's loss does not take its parameter, the lower's does: the hypergradient reaches it,
+    so it is no absent parameter (while the upper's parameter no level takes stays put)."""
+    x, y = _regression()
+    w = nn.Linear(3, 1, bias=False).to(DT)
+    hyper = ml.Hyper(log_l2=torch.zeros(3, dtype=DT), spare=torch.ones(2, dtype=DT))
+
+    @ml.level(w, optimizer=ml.optim.sgd(lr=0.1), data=(x, y), steps=3)
+    def inner(w, batch, outer):
+        xb, yb = batch
+        return F.mse_loss(w(xb).squeeze(-1), yb) + (outer.log_l2.exp() * w.weight.squeeze(0) ** 2).sum()
+
+    @ml.level(hyper, optimizer=ml.optim.adamw(lr=0.1, weight_decay=0.5), data=(x, y), depends_on=[inner])
+    def outer(hyper, batch, inner):
+        xb, yb = batch
+        return F.mse_loss(inner(xb).squeeze(-1), yb)
+
+    prog = ml.Program(outer)
+    prog.step()
+    assert not torch.equal(prog.params("outer")["log_l2"], torch.zeros(3, dtype=DT))
+    assert torch.equal(prog.params("outer")["spare"], torch.ones(2, dtype=DT))
+    assert prog._runtime.absent == {"outer": frozenset({"spare"})}
+
+
+# -- diverging iterative solves ------------------------------------------------------------------
+
+A_INDEFINITE = torch.diag(torch.tensor([1.0, 0.5, -0.3], dtype=DT))  # a saddle: not a minimum
+
+
+def _saddle(method, lr=0.5):
+    """Lower loss ½ wᵀA w - θᵀw with A indefinite (a non-convex lower level), upper ½‖w - 1‖²."""
+    low = ml.Hyper(w=torch.tensor([0.3, -0.2, 0.1], dtype=DT))
+    up = ml.Hyper(theta=torch.tensor([0.2, 0.1, 0.4], dtype=DT))
+
+    @ml.level(low, optimizer=ml.optim.sgd(lr=lr), steps=2, hypergrad=method)
+    def inner(low, outer):
+        return 0.5 * low.w @ A_INDEFINITE @ low.w - outer.theta @ low.w
+
+    @ml.level(up, optimizer=ml.optim.sgd(lr=0.1), depends_on=[inner])
+    def outer(up, inner):
+        return 0.5 * ((inner.w - 1.0) ** 2).sum()
+
+    return ml.Program(outer)
+
+
+def _snapshot(prog):
+    return {n: (prog.params(n), {k: v.clone() for k, v in prog.state_dict()["levels"][n]["opt"].items()
+                                 if isinstance(v, torch.Tensor)}) for n in prog.levels}
+
+
+def _assert_unchanged(prog, before):
+    after = _snapshot(prog)
+    for n, (params, opt) in before.items():
+        for k, v in params.items():
+            assert torch.equal(after[n][0][k], v), (n, k)
+        for k, v in opt.items():
+            assert torch.equal(after[n][1][k], v), (n, k)
+    assert prog.step_count == 0
+
+
+@pytest.mark.parametrize("method, names", [
+    (lambda: ml.hypergrad.CG(iters=3), ["CG(iters=3)", "pᵀHp < 0", "damping="]),
+    (lambda: ml.hypergrad.Neumann(iters=60, alpha=0.5), ["Neumann(iters=60", "grew", "alpha=", "damping="]),
+    (lambda: ml.hypergrad.FixedPoint(iters=60), ["FixedPoint(iters=60)", "grew", "expansive", "learning rate",
+                                                 "solve="]),
+])
+def test_a_diverging_solve_raises_naming_level_method_and_fix_and_changes_nothing(method, names):
+    """On a saddle, CG meets negative curvature, and the Neumann series and the fixed-point
+    iteration of an expansive update map (I - ηA has an eigenvalue 1.15) grow without bound, yet
+    stay finite for a while: a finite, meaningless hypergradient (here -2e6 from 100 iterations;
+    -4e38 on the issue's problem). The step raises instead, before committing anything."""
+    prog = _saddle(method())
+    before = _snapshot(prog)
+    with pytest.raises(ml.hypergrad.DivergenceError) as err:
+        prog.step()
+    message = str(err.value)
+    for part in ["level 'inner'", *names, "unchanged"]:
+        assert part in message, (part, message)
+    assert isinstance(err.value, ArithmeticError)
+    _assert_unchanged(prog, before)
+
+
+def test_divergence_can_warn_instead_and_damping_repairs_the_saddle():
+    prog = _saddle(ml.hypergrad.CG(iters=3, on_divergence="warn"))
+    with pytest.warns(ml.hypergrad.DivergenceWarning, match="level 'inner'"):
+        prog.step()
+    assert prog.step_count == 1
+    damped = _saddle(ml.hypergrad.CG(iters=3, damping=0.5))  # H + 0.5 I = diag(1.5, 1, 0.2): exact
+    damped.step()
+    assert damped.history[-1]["inner/cg_residual"] < 1e-10 and damped.history[-1]["inner/cg_indefinite"] == 0
+
+
+def test_cg_ending_further_from_v_than_it_started_did_not_converge():
+    """H = diag(100, 0.01) is positive definite but badly conditioned: one CG step along v = (1, 10)
+    leaves the residual ‖v - Hx‖ 9.9 times ‖v‖ (x = v, against H⁻¹v = (0.01, 1000)). No curvature is
+    negative; the residual says the solve is nowhere near converged."""
+    h = torch.tensor([100.0, 0.01], dtype=DT)
+
+    def build(iters):
+        low = ml.Hyper(w=torch.zeros(2, dtype=DT))
+        up = ml.Hyper(theta=torch.ones(2, dtype=DT))
+
+        @ml.level(low, optimizer=ml.optim.sgd(lr=1e-3), hypergrad=ml.hypergrad.CG(iters=iters))
+        def inner(low, outer):
+            return 0.5 * (h * low.w ** 2).sum() - outer.theta @ low.w
+
+        @ml.level(up, optimizer=ml.optim.sgd(lr=0.1), depends_on=[inner])
+        def outer(up, inner):
+            return inner.w @ torch.tensor([1.0, 10.0], dtype=DT)
+
+        return ml.Program(outer)
+
+    prog = build(1)
+    before = _snapshot(prog)
+    with pytest.raises(ml.hypergrad.DivergenceError, match=r"level 'inner'.*CG\(iters=1\) did not converge.*9\.9.*damping="):
+        prog.step()
+    _assert_unchanged(prog, before)
+    converged = build(2)  # two iterations are exact in two dimensions
+    assert converged.step()["inner/cg_residual"] < 1e-8
+
+
+class LoRA(nn.Module):
+    """A frozen linear map plus a low-rank adapter lora_b @ lora_a, lora_b starting at zero."""
+
+    def __init__(self, base, rank=2):
+        super().__init__()
+        self.register_buffer("base", base)
+        self.lora_a = nn.Parameter(0.1 * torch.randn(rank, base.shape[1], dtype=DT))
+        self.lora_b = nn.Parameter(torch.zeros(base.shape[0], rank, dtype=DT))
+
+    def forward(self, x):
+        return x @ (self.base + self.lora_b @ self.lora_a).T
+
+
+def test_cg_on_lora_adapters_raises_instead_of_returning_a_huge_hypergradient():
+    """Per-example weights for LoRA adapters: the adapters' Hessian is indefinite near lora_b = 0
+    (the product b·a has saddle directions), which CG meets as pᵀHp < 0."""
+    torch.manual_seed(0)
+    n, d_in, d_out = 32, 6, 4
+    x, base = torch.randn(n, d_in, dtype=DT), torch.randn(d_out, d_in, dtype=DT)
+    y = x @ (base + 0.3 * torch.randn(d_out, d_in, dtype=DT)).T
+    xv = torch.randn(n, d_in, dtype=DT)
+    yv = xv @ (base + 0.3 * torch.randn(d_out, d_in, dtype=DT)).T
+    net, hyper = LoRA(base), ml.Hyper(logits=torch.zeros(n, dtype=DT))
+
+    @ml.level(net, optimizer=ml.optim.sgd(lr=0.05), data=(x, y), steps=20, hypergrad=ml.hypergrad.CG(iters=10))
+    def inner(net, batch, outer):
+        xb, yb = batch
+        return (torch.sigmoid(outer.logits) * ((net(xb) - yb) ** 2).sum(-1)).mean()
+
+    @ml.level(hyper, optimizer=ml.optim.sgd(lr=0.1), data=(xv, yv), depends_on=[inner])
+    def outer(hyper, batch, inner):
+        xb, yb = batch
+        return ((inner(xb) - yb) ** 2).sum(-1).mean()
+
+    prog = ml.Program(outer)
+    before = _snapshot(prog)
+    with pytest.raises(ml.hypergrad.DivergenceError, match=r"level 'inner'.*CG\(iters=10\).*damping="):
+        prog.step()
+    _assert_unchanged(prog, before)
+
+
+# -- random state shared by the evaluations of one update --------------------------------------
+
+def _reweighting(method, steps=3, lr=0.1, seed=0):
+    """Per-example weights σ(logits) for a linear regression whose inputs go through dropout."""
+    g = torch.Generator().manual_seed(seed)
+    x, xv = torch.randn(12, 5, generator=g, dtype=DT), torch.randn(12, 5, generator=g, dtype=DT)
+    w_true = torch.randn(5, generator=g, dtype=DT)
+    y, yv = x @ w_true + 0.3 * torch.randn(12, generator=g, dtype=DT), xv @ w_true
+    low = ml.Hyper(w=0.1 * torch.randn(5, generator=g, dtype=DT))
+    up = ml.Hyper(logits=0.5 * torch.randn(12, generator=g, dtype=DT))
+
+    def inner_loss(w, logits, mask):
+        return (torch.sigmoid(logits) * ((x * mask) @ w - y) ** 2).mean()
+
+    def outer_loss(w):
+        return ((xv @ w - yv) ** 2).mean()
+
+    @ml.level(low, optimizer=ml.optim.sgd(lr=lr), data=(x, y), steps=steps, hypergrad=method)
+    def inner(low, batch, outer):
+        xb, yb = batch
+        mask = record_mask(F.dropout(torch.ones_like(xb), p=0.3, training=True))
+        return (torch.sigmoid(outer.logits) * ((xb * mask) @ low.w - yb) ** 2).mean()
+
+    @ml.level(up, optimizer=ml.optim.sgd(lr=0.1), data=(xv, yv), depends_on=[inner])
+    def outer(up, batch, inner):
+        xb, yb = batch
+        return ((xb @ inner.w - yb) ** 2).mean()
+
+    return ml.Program(outer), low.w.detach().clone(), up.logits.detach().clone(), inner_loss, outer_loss
+
+
+def test_finite_difference_sides_see_the_same_dropout_mask_and_match_a_hand_written_difference():
+    """FiniteDiff evaluates the lower loss at θ + ε'v and θ - ε'v; with a fresh dropout mask for
+    each, the difference is dominated by the masks' difference (the issue: seed-to-seed spread
+    1.6 against 0.1 for Unroll). Both sides must see the mask of the block's last update."""
+    prog, w, logits, inner_loss, outer_loss = _reweighting(ml.hypergrad.FiniteDiff(eps=0.01))
+    MASKS.clear()
+    got = prog.hypergradient("outer")["logits"]
+    assert len(MASKS) == 3 + 2  # three updates, then the difference's two sides
+    assert not torch.equal(MASKS[0], MASKS[1])  # every update draws its own mask...
+    assert torch.equal(MASKS[3], MASKS[4])  # ...and both sides of the difference the same one
+    assert torch.equal(MASKS[4], MASKS[2])  # (the last update's: its loss at the block's end)
+
+    for mask in MASKS[:3]:  # the block, by hand, with the masks it drew
+        wr = w.clone().requires_grad_()
+        (gw,) = torch.autograd.grad(inner_loss(wr, logits, mask), wr)
+        w = w - 0.1 * gw
+    wr = w.clone().requires_grad_()
+    (v,) = torch.autograd.grad(outer_loss(wr), wr)
+    eps = 0.01 / v.norm()
+    sides = []
+    for sign in (1, -1):
+        lg = logits.clone().requires_grad_()
+        sides.append(torch.autograd.grad(inner_loss(w + sign * eps * v, lg, MASKS[4]), lg)[0])
+    expected = -(sides[0] - sides[1]) / (2 * eps)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_unroll_replays_under_checkpoint_see_the_masks_of_the_forward_pass():
+    """Unroll(checkpoint=...) replays every update in its reverse pass; the replay must draw the
+    mask the forward update drew, or it differentiates a different update than the one taken."""
+    taped, _, _, _, _ = _reweighting(ml.hypergrad.Unroll(), steps=6)
+    replayed, _, _, _, _ = _reweighting(ml.hypergrad.Unroll(checkpoint=2), steps=6)
+    torch.manual_seed(7)
+    expected = taped.hypergradient("outer")["logits"]
+    torch.manual_seed(7)
+    MASKS.clear()
+    got = replayed.hypergradient("outer")["logits"]
+    assert len(MASKS) > 6 and not torch.equal(MASKS[0], MASKS[1])  # replays happened; masks differ per update
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
