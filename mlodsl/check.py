@@ -59,7 +59,8 @@ def check_hypergradient(prog, name: str, eps: float = 1e-6, *, directions: int =
         dirs = torch.eye(flat.numel(), dtype=flat.dtype, device=flat.device)
     else:
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        dirs = torch.randn(directions, flat.numel(), generator=gen, dtype=flat.dtype).to(flat.device)
+        dirs = torch.randn(directions, flat.numel(), generator=gen, dtype=flat.dtype,  # drawn where gen is
+                           device="cpu").to(flat.device)
         dirs = dirs / dirs.norm(dim=1, keepdim=True)
 
     def unflatten(vec):
