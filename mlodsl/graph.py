@@ -77,22 +77,27 @@ def _unknown(levels, who, what, name):
     if name in defined_levels():  # a real level that the tops do not reach
         if what == "depends_on":
             fix = f"pass the level itself (depends_on=[{name}]) or pass {name} to Program(...)"
-            return ProgramError(f"level '{who}' depends on '{name}', which is not in the program: {fix}")
-        return ProgramError(f"level '{who}' reads '{name}', which is not in the program: add depends_on=[{name}] "
-                            f"to '{who}' (if its loss goes through {name}'s solution) or pass {name} to Program(...)")
+            msg = f"level '{who}' depends on '{name}', which is not in the program: {fix}"
+        elif what == "argument":
+            msg = (f"level '{who}' reads '{name}', which is not in the program: add depends_on=[{name}] to "
+                   f"'{who}' (if its loss goes through {name}'s solution) or pass {name} to Program(...)")
+        else:  # an optimizer hyperparameter reads it: an upper level, never a depends_on
+            msg = f"level '{who}': an {what} reads '{name}', which is not in the program: pass {name} to Program(...)"
+        return ProgramError(f"{msg} ({_known(levels)})")
     close = difflib.get_close_matches(name, set(levels) | set(defined_levels()), n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return ProgramError(f"level '{who}': {what} '{name}' names no level{hint} ({_known(levels)})")
 
 
 def _warn_read_cycles(g: nx.MultiDiGraph, levels: dict):
-    """Two levels that read each other with no depends_on between them see each other as constants:
-    no hypergradient flows either way, which is rarely meant (a game of two top levels is)."""
+    """Two levels that read each other with no depends_on path between them see each other as
+    constants: no hypergradient flows either way, which is rarely meant (a game of two tops is)."""
+    deps = depends_on_dag(g)
     order = list(levels)  # collection order: from the tops down, so the first is the likely upper
-    for a in order:
-        for b in order[order.index(a) + 1:]:
-            edges = {(u, v, k) for u, v, k in g.edges([a, b], data="kind") if {u, v} == {a, b}}
-            if {(a, b, "reads"), (b, a, "reads")} <= edges and not any(k == "depends_on" for *_, k in edges):
+    for i, a in enumerate(order):
+        for b in order[i + 1:]:
+            read_both_ways = b in reads(g, a) and a in reads(g, b)
+            if read_both_ways and not (nx.has_path(deps, a, b) or nx.has_path(deps, b, a)):
                 warnings.warn(
                     f"levels '{a}' and '{b}' read each other and neither depends on the other, so each takes the "
                     f"other's parameters as constants and no hypergradient flows between them; if '{a}''s loss "

@@ -161,7 +161,8 @@ def test_forgotten_depends_on_with_the_lower_level_outside_the_program():
     inner, outer = _forgotten_depends_on(regularise=False)
     with pytest.raises(ml.ProgramError, match=r"level 'outer' reads 'inner', which is not in the program: add "
                                               r"depends_on=\[inner\] to 'outer' \(if its loss goes through "
-                                              r"inner's solution\) or pass inner to Program\(\.\.\.\)"):
+                                              r"inner's solution\) or pass inner to Program\(\.\.\.\) "
+                                              r"\(levels in this program: \['outer'\]; also defined: \[.*'inner'"):
         ml.Program(outer)
 
 
@@ -224,6 +225,21 @@ def test_misspelt_names_suggest_the_closest_defined_level_and_list_every_level_d
                                               r".*'unrelated_level'"):
         ml.Program(top2)
     assert unrelated_level.name  # alive until here
+
+
+def test_optimizer_reading_a_level_outside_the_program_says_to_pass_it():
+    @ml.level(hyper(), optimizer=ml.optim.sgd(lr=lambda upper: upper.w.exp().mean()))
+    def lower(m):
+        return sq(m)
+
+    @ml.level(hyper(), optimizer=ml.optim.sgd(lr=0.1), depends_on=[lower])
+    def upper(m, lower):
+        return sq(lower)
+
+    with pytest.raises(ml.ProgramError, match=r"level 'lower': an optimizer hyperparameter argument reads 'upper', "
+                                              r"which is not in the program: pass upper to Program\(\.\.\.\)"):
+        ml.Program(lower)
+    ml.Program(upper)  # from the top, the optimizer's read is found
 
 
 # -- declarations -------------------------------------------------------------------------------
