@@ -16,7 +16,7 @@ import warnings
 
 import networkx as nx
 
-from .level import Level, defined_levels
+from .level import Level, defined_names
 
 
 class ProgramError(ValueError):
@@ -68,13 +68,13 @@ def collect_levels(tops) -> dict:
 
 def _known(levels) -> str:
     """Every level name the user could have meant: this program's, then the others defined."""
-    others = sorted(set(defined_levels()) - set(levels))
+    others = sorted(defined_names() - set(levels))
     return f"levels in this program: {sorted(levels)}" + (f"; also defined: {others}" if others else "")
 
 
 def _unknown(levels, who, what, name):
     """The error for a name that is no level of the program: left out of it, or misspelt."""
-    if name in defined_levels():  # a real level that the tops do not reach
+    if name in defined_names():  # a real level that the tops do not reach
         if what == "depends_on":
             fix = f"pass the level itself (depends_on=[{name}]) or pass {name} to Program(...)"
             msg = f"level '{who}' depends on '{name}', which is not in the program: {fix}"
@@ -84,7 +84,7 @@ def _unknown(levels, who, what, name):
         else:  # an optimizer hyperparameter reads it: an upper level, never a depends_on
             msg = f"level '{who}': an {what} reads '{name}', which is not in the program: pass {name} to Program(...)"
         return ProgramError(f"{msg} ({_known(levels)})")
-    close = difflib.get_close_matches(name, set(levels) | set(defined_levels()), n=1)
+    close = difflib.get_close_matches(name, set(levels) | defined_names(), n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return ProgramError(f"level '{who}': {what} '{name}' names no level{hint} ({_known(levels)})")
 

@@ -58,12 +58,9 @@ class Level:
 _DEFINED: "weakref.WeakSet[Level]" = weakref.WeakSet()
 
 
-def defined_levels() -> dict:
-    """The levels defined so far and still alive, by name (a name may belong to several)."""
-    out: dict[str, list] = {}
-    for lvl in list(_DEFINED):
-        out.setdefault(lvl.name, []).append(lvl)
-    return out
+def defined_names() -> set:
+    """The names of the levels defined so far and still alive."""
+    return {lvl.name for lvl in list(_DEFINED)}
 
 
 def _check_optimizer(name, optimizer):
@@ -75,8 +72,9 @@ def _check_optimizer(name, optimizer):
 
 def _check_hypergrad(name, method):
     if isinstance(method, type):  # hypergrad=ml.hypergrad.CG: the class, not a method
+        where = "ml.hypergrad." if method.__module__.startswith("mlodsl.hypergrad") else ""
         raise TypeError(f"level '{name}': hypergrad={method.__name__} is the class; use "
-                        f"ml.hypergrad.{method.__name__}() (an instance, with its options)")
+                        f"{where}{method.__name__}() (an instance, with its options)")
     if method is not None and not callable(getattr(method, "vjp", None)):
         raise TypeError(f"level '{name}': hypergrad must be a method with vjp(trajectory, cotangent), "
                         f"e.g. ml.hypergrad.Unroll(); got {method!r}")
