@@ -7,6 +7,12 @@ levels re-solved (the same batches, the same schedule):
 
 along unit directions d: every coordinate when the level has at most ``max_coords`` parameters,
 otherwise ``directions`` random ones. Use float64 for a meaningful comparison.
+
+Finite differences assume a smooth loss. At a kink (a ReLU, max or abs that switches within ε, as in
+unrolled ReLU networks) the one-sided differences (F(θ+εd) - F(θ))/ε and (F(θ) - F(θ-εd))/ε disagree
+by the jump in the derivative, whatever ε; for a smooth loss they differ by about ε·curvature, which
+shrinks with ε. The check compares them, at ε and where they disagree also at ε/10, and says when the
+loss may not be smooth at the point (``smooth``), where finite differences are no reference.
 """
 from __future__ import annotations
 
@@ -22,6 +28,8 @@ class HypergradientCheck:
     numeric: torch.Tensor        # central differences along the same directions
     rel_error: float
     tol: float
+    smooth: bool = True          # False: the one-sided differences disagree whatever ε (a kink)
+    one_sided_gap: float = 0.0   # |forward - backward differences| relative to the gradient's scale
 
     @property
     def ok(self) -> bool:
@@ -29,8 +37,14 @@ class HypergradientCheck:
 
     def __str__(self) -> str:
         verdict = "agrees" if self.ok else "DISAGREES"
-        return (f"hypergradient of '{self.level}' {verdict} with finite differences: relative error "
+        text = (f"hypergradient of '{self.level}' {verdict} with finite differences: relative error "
                 f"{self.rel_error:.2e} over {len(self.numeric)} directions (tolerance {self.tol:.0e})")
+        if not self.smooth:
+            text += (f"; but the loss may not be smooth at this point (forward and backward differences differ by "
+                     f"{self.one_sided_gap:.2e} of the gradient, at ε and at ε/10: a ReLU, max or abs switching "
+                     f"there), so finite differences are unreliable: check at another point or with a smooth "
+                     f"stand-in (softplus for ReLU)")
+        return text
 
 
 def check_hypergradient(prog, name: str, eps: float = 1e-6, *, directions: int = 6, max_coords: int = 32,
@@ -45,7 +59,8 @@ def check_hypergradient(prog, name: str, eps: float = 1e-6, *, directions: int =
         dirs = torch.eye(flat.numel(), dtype=flat.dtype, device=flat.device)
     else:
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        dirs = torch.randn(directions, flat.numel(), generator=gen, dtype=flat.dtype).to(flat.device)
+        dirs = torch.randn(directions, flat.numel(), generator=gen, dtype=flat.dtype,  # drawn where gen is
+                           device="cpu").to(flat.device)
         dirs = dirs / dirs.norm(dim=1, keepdim=True)
 
     def unflatten(vec):
@@ -56,8 +71,27 @@ def check_hypergradient(prog, name: str, eps: float = 1e-6, *, directions: int =
             i += n
         return out
 
-    numeric = torch.stack([(prog.loss_after_lowers(name, unflatten(flat + eps * d))
-                            - prog.loss_after_lowers(name, unflatten(flat - eps * d))) / (2 * eps) for d in dirs])
+    def loss_at(vec):
+        return prog.loss_after_lowers(name, unflatten(vec))
+
+    def around(step):
+        """The loss at θ ± step·d along every direction."""
+        return (torch.stack([loss_at(flat + step * d) for d in dirs]),
+                torch.stack([loss_at(flat - step * d) for d in dirs]))
+
+    def one_sided_gap(plus, minus, step):
+        """|forward - backward differences| over the directions."""
+        return float(((plus - here) / step - (here - minus) / step).norm())
+
+    plus, minus = around(eps)
+    numeric = (plus - minus) / (2 * eps)
     analytic = dirs @ g
     scale = max(float(numeric.norm()), float(analytic.norm()), 1e-30)
-    return HypergradientCheck(name, analytic, numeric, float((numeric - analytic).norm()) / scale, tol)
+    rel_error = float((numeric - analytic).norm()) / scale
+
+    # A gap of a tenth of the gradient is a kink, or curvature over ε: at ε/10 curvature's gap shrinks
+    # tenfold, a kink's does not (1/2 leaves room for rounding).
+    here = loss_at(flat)
+    gap = one_sided_gap(plus, minus, eps)
+    smooth = gap <= 0.1 * scale or one_sided_gap(*around(eps / 10), eps / 10) < 0.5 * gap
+    return HypergradientCheck(name, analytic, numeric, rel_error, tol, smooth, gap / scale)

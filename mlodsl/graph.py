@@ -11,13 +11,20 @@ written.
 """
 from __future__ import annotations
 
+import difflib
+import warnings
+
 import networkx as nx
 
-from .level import Level
+from .level import Level, defined_names
 
 
 class ProgramError(ValueError):
     """A program that cannot be built; the message names the level and what is wrong."""
+
+
+class ReadCycleWarning(UserWarning):
+    """Two levels read each other and neither depends on the other (probably a missing depends_on)."""
 
 
 def _closure_levels(fn) -> dict:
@@ -59,9 +66,44 @@ def collect_levels(tops) -> dict:
     return levels
 
 
+def _known(levels) -> str:
+    """Every level name the user could have meant: this program's, then the others defined."""
+    others = sorted(defined_names() - set(levels))
+    return f"levels in this program: {sorted(levels)}" + (f"; also defined: {others}" if others else "")
+
+
 def _unknown(levels, who, what, name):
-    return ProgramError(f"level '{who}': {what} '{name}' names no level of this program "
-                        f"(known levels: {sorted(levels)})")
+    """The error for a name that is no level of the program: left out of it, or misspelt."""
+    if name in defined_names():  # a real level that the tops do not reach
+        if what == "depends_on":
+            fix = f"pass the level itself (depends_on=[{name}]) or pass {name} to Program(...)"
+            msg = f"level '{who}' depends on '{name}', which is not in the program: {fix}"
+        elif what == "argument":
+            msg = (f"level '{who}' reads '{name}', which is not in the program: add depends_on=[{name}] to "
+                   f"'{who}' (if its loss goes through {name}'s solution) or pass {name} to Program(...)")
+        else:  # an optimizer hyperparameter reads it: an upper level, never a depends_on
+            msg = f"level '{who}': an {what} reads '{name}', which is not in the program: pass {name} to Program(...)"
+        return ProgramError(f"{msg} ({_known(levels)})")
+    close = difflib.get_close_matches(name, set(levels) | defined_names(), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ProgramError(f"level '{who}': {what} '{name}' names no level{hint} ({_known(levels)})")
+
+
+def _warn_read_cycles(g: nx.MultiDiGraph, levels: dict):
+    """Two levels that read each other with no depends_on path between them see each other as
+    constants: no hypergradient flows either way, which is rarely meant (a game of two tops is)."""
+    deps = depends_on_dag(g)
+    order = list(levels)  # collection order: from the tops down, so the first is the likely upper
+    for i, a in enumerate(order):
+        for b in order[i + 1:]:
+            read_both_ways = b in reads(g, a) and a in reads(g, b)
+            if read_both_ways and not (nx.has_path(deps, a, b) or nx.has_path(deps, b, a)):
+                warnings.warn(
+                    f"levels '{a}' and '{b}' read each other and neither depends on the other, so each takes the "
+                    f"other's parameters as constants and no hypergradient flows between them; if '{a}''s loss "
+                    f"goes through {b}'s solution, add depends_on=[{b}] to '{a}' (or depends_on=[{a}] to '{b}' "
+                    f"the other way round). Two levels playing a game against each other may ignore this.",
+                    ReadCycleWarning, stacklevel=4)
 
 
 def build_graph(levels: dict) -> nx.MultiDiGraph:
@@ -99,6 +141,7 @@ def build_graph(levels: dict) -> nx.MultiDiGraph:
     if cycle:
         path = " -> ".join([u for u, _ in cycle] + [cycle[0][0]])
         raise ProgramError(f"depends_on has a cycle: {path}; a level can only depend on levels below it")
+    _warn_read_cycles(g, levels)
     return g
 
 

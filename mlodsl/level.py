@@ -4,11 +4,13 @@ Binding rules of a level function ``fn(own, batch, other, ...)``:
 
 * the first parameter receives the level's own module, called with its current parameters;
 * a parameter named ``batch`` receives the level's current batch;
-* every other parameter names another level and receives that level's module.
+* every other parameter without a default names another level and receives that level's module;
+* a parameter with a default keeps it (``def inner(net, batch, outer, i=i)`` for levels made in a loop).
 """
 from __future__ import annotations
 
 import inspect
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -38,6 +40,9 @@ class Level:
     takes_batch: bool = False
     _position: int = field(default=0, repr=False)
 
+    def __post_init__(self):
+        _DEFINED.add(self)
+
     def __repr__(self) -> str:
         deps = [d if isinstance(d, str) else d.name for d in self.depends_on]
         return (f"Level({self.name!r}, module={type(self.module).__name__}, optimizer={self.optimizer!r}, "
@@ -48,6 +53,16 @@ class Level:
         return tuple(d if isinstance(d, str) else d.name for d in self.depends_on)
 
 
+# Every level created and still alive, so that a name that resolves to no level of a program can be
+# checked against all the levels the user defined (a misspelling, or a level left out of the program).
+_DEFINED: "weakref.WeakSet[Level]" = weakref.WeakSet()
+
+
+def defined_names() -> set:
+    """The names of the levels defined so far and still alive."""
+    return {lvl.name for lvl in list(_DEFINED)}
+
+
 def _check_optimizer(name, optimizer):
     if optimizer is None or not (callable(getattr(optimizer, "init", None))
                                  and callable(getattr(optimizer, "update", None))):
@@ -56,6 +71,10 @@ def _check_optimizer(name, optimizer):
 
 
 def _check_hypergrad(name, method):
+    if isinstance(method, type):  # hypergrad=ml.hypergrad.CG: the class, not a method
+        where = "ml.hypergrad." if method.__module__.startswith("mlodsl.hypergrad") else ""
+        raise TypeError(f"level '{name}': hypergrad={method.__name__} is the class; use "
+                        f"{where}{method.__name__}() (an instance, with its options)")
     if method is not None and not callable(getattr(method, "vjp", None)):
         raise TypeError(f"level '{name}': hypergrad must be a method with vjp(trajectory, cotangent), "
                         f"e.g. ml.hypergrad.Unroll(); got {method!r}")
@@ -109,8 +128,13 @@ def level(module, *, optimizer, data=None, depends_on=(), steps=1, hypergrad=Non
                 raise TypeError(f"level '{level_name}': *args/**kwargs cannot be bound; name each level")
         own, rest = params[0].name, [p.name for p in params[1:]]
         takes_batch = "batch" in rest
+        # A parameter with a default is not a level binding: it keeps its default (the `i=i` idiom).
+        level_args = tuple(p.name for p in params[1:] if p.name != "batch" and p.default is p.empty)
         if data is None and takes_batch:
             raise ValueError(f"level '{level_name}': the function takes `batch` but the level has no data=")
+        if data is not None and not takes_batch:  # the data would be drawn and silently ignored
+            raise ValueError(f"level '{level_name}': data= is given but the function has no `batch` parameter; "
+                             f"add one (def {level_name}({own}, batch, ...)) or drop data=")
         if start_from is not None and start_from != "init" and not isinstance(start_from, (Level, str)):
             raise ValueError(f"level '{level_name}': start_from must be None, 'init' or an upper level")
         if read_mode not in ("train", "eval"):
@@ -125,7 +149,7 @@ def level(module, *, optimizer, data=None, depends_on=(), steps=1, hypergrad=Non
         return Level(fn=fn, module=module, optimizer=optimizer, data=data, depends_on=tuple(depends_on),
                      steps=steps, hypergrad=hypergrad, start_from=start_from, tasks=tasks,
                      project=project, read_mode=read_mode, precision=precision, clip_grad_norm=clip_grad_norm,
-                     name=level_name, own_arg=own, level_args=tuple(a for a in rest if a != "batch"),
+                     name=level_name, own_arg=own, level_args=level_args,
                      takes_batch=takes_batch)
 
     return decorate

@@ -52,7 +52,7 @@ def stacked_batches(batches: list):
     if not all(isinstance(x, torch.Tensor) for x in leaves):
         return None
     if all(b is first for b in batches):
-        return torch.arange(len(batches)), first
+        return torch.arange(len(batches), device=leaves[0].device), first  # the batch's device, not the default
     flat = [pytree.tree_flatten(b) for b in batches]
     if any(s != spec or any(x.shape != y.shape or x.dtype != y.dtype for x, y in zip(ls, leaves)) for ls, s in flat):
         return None
@@ -141,7 +141,8 @@ class UpdateLoop:
             new, loss, metrics, norm = self.update(s, up, fixed if fixed is not None else x, None)
             # a scan's outputs are tensors: a metric that is a Python number goes through as one
             # (the history stores numbers either way)
-            metrics = {k: v if isinstance(v, torch.Tensor) else torch.tensor(v) for k, v in metrics.items()}
+            metrics = {k: v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=loss.dtype, device=loss.device)
+                       for k, v in metrics.items()}
             return new, (loss, norm, metrics, _fresh(s) if keep_path else ())
 
         final, (losses, norms, metrics, before) = scan(body, sub, xs)

@@ -102,6 +102,11 @@ def _count(state):
     return state["count"] + 1
 
 
+def _zero_count(params: dict) -> torch.Tensor:
+    """The update counter, on the parameters' device (a factory without device= follows torch's default)."""
+    return torch.zeros((), dtype=torch.int64, device=next(iter(params.values())).device)
+
+
 def _make(name, init, update, hyperparams):
     return Optimizer(name, init, update, hyperparams, level_reads(hyperparams), absent_grads=True)
 
@@ -117,7 +122,7 @@ def sgd(lr, momentum=0.0, weight_decay=0.0, nesterov=False, dampening=0.0) -> Op
     use_momentum = callable(momentum) or momentum != 0
 
     def init(params):
-        state = {"count": torch.zeros((), dtype=torch.int64)}
+        state = {"count": _zero_count(params)}
         if use_momentum:
             state["momentum"] = {k: torch.zeros_like(p) for k, p in params.items()}
         return state
@@ -156,7 +161,7 @@ def _adam(name, lr, betas, eps, weight_decay, decoupled, eps_root):
     hp = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
     def init(params):
-        return {"count": torch.zeros((), dtype=torch.int64),
+        return {"count": _zero_count(params),
                 "m": {k: torch.zeros_like(p) for k, p in params.items()},
                 "v": {k: torch.zeros_like(p) for k, p in params.items()}}
 
@@ -224,7 +229,7 @@ def from_torch(cls, **kwargs) -> Optimizer:
     hp = dict(kwargs)
 
     def init(params):
-        return {"count": torch.zeros((), dtype=torch.int64), "torch": _TorchOptimizer(cls, params, kwargs)}
+        return {"count": _zero_count(params), "torch": _TorchOptimizer(cls, params, kwargs)}
 
     def update(params, grads, state, reads=None):
         handle = state["torch"]

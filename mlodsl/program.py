@@ -20,6 +20,7 @@ from .draw import LevelDiagram
 from .graph import ProgramError, build_graph, collect_levels
 from .hypergrad import Unroll
 from .level import Level
+from .losscheck import check_losses
 from .compiled import Compiler
 from .plan import make_plan
 from .precision import Autocast, LossScaler, check as check_precision
@@ -293,16 +294,9 @@ class Program:
         """Evaluate every level's loss once at build time: errors surface here, named."""
         params = {n: (tree_map(lambda x: x[0], s["params"]) if n in self.tasks else s["params"])
                   for n, s in self._state.items()}
-        with torch.no_grad():
-            for name, pl in self.levels.items():
-                batch = _one(batches[name][0])
-                if name in self._tasked_batches:
-                    batch = tree_map(lambda x: x[0], batch)
-                try:
-                    split_output(name, pl.traced(params, batch))
-                except Exception as err:
-                    raise ProgramError(f"level '{name}' failed when evaluated at its initial parameters: "
-                                       f"{type(err).__name__}: {err}") from err
+        one = {n: _one(batches[n][0]) for n in self.levels}
+        one = {n: tree_map(lambda x: x[0], b) if n in self._tasked_batches else b for n, b in one.items()}
+        check_losses(self.levels, params, one)
 
     # -- running ------------------------------------------------------------------------------
     def step(self) -> dict:

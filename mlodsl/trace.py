@@ -259,7 +259,7 @@ def _follows_the_function(traced: TracedLevel, modules: dict, owners: dict, exam
     kwargs = {}
     for ph, (lvl, pname) in traced.inputs.items():
         p = dict(module_of[lvl].named_parameters())[pname].detach()
-        kwargs[ph] = p + 0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
+        kwargs[ph] = p + 0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype, device="cpu").to(p.device)
     args = traced.batch_args(example_batch)
     saved = {(lvl, name): module.get_buffer(name).detach().clone() for lvl, module, name in traced.buffers.values()}
     every_buffer = [(b, b.detach().clone()) for m in modules.values() for b in m.buffers()]

@@ -4,6 +4,7 @@ import torch
 
 import mlodsl as ml
 from helpers import DT
+from mlodsl.graph import ReadCycleWarning
 from mlodsl.loops import scan
 
 
@@ -137,3 +138,167 @@ def test_non_finite_step_can_be_skipped_and_counted():
     row = prog.step()
     assert row["skipped"] == 1 and prog.step_count == 2
     assert all(torch.equal(before[k], v) for k, v in _snapshot(prog).items())
+
+
+# -- a forgotten depends_on -----------------------------------------------------------------------
+
+def _forgotten_depends_on(regularise):
+    """``outer`` calls ``inner``'s module but does not depend on it; ``inner`` reads ``outer``."""
+    x = torch.ones(3, dtype=DT)
+
+    @ml.level(hyper(1.0), optimizer=ml.optim.sgd(lr=0.1), data=(x,), steps=2)
+    def inner(m, batch, outer):
+        return ((m.w - batch[0] * outer.w) ** 2).sum()
+
+    @ml.level(hyper(0.5), optimizer=ml.optim.sgd(lr=0.1), data=(x,))
+    def outer(m, batch, inner):
+        return ((inner.w - 2.0) ** 2).sum() + (1e-3 * sq(m) if regularise else 0.0)
+
+    return inner, outer
+
+
+def test_forgotten_depends_on_with_the_lower_level_outside_the_program():
+    inner, outer = _forgotten_depends_on(regularise=False)
+    with pytest.raises(ml.ProgramError, match=r"level 'outer' reads 'inner', which is not in the program: add "
+                                              r"depends_on=\[inner\] to 'outer' \(if its loss goes through "
+                                              r"inner's solution\) or pass inner to Program\(\.\.\.\) "
+                                              r"\(levels in this program: \['outer'\]; also defined: \[.*'inner'"):
+        ml.Program(outer)
+
+
+def test_forgotten_depends_on_loss_without_a_path_from_its_parameters_is_a_build_error():
+    inner, outer = _forgotten_depends_on(regularise=False)
+    with pytest.warns(ReadCycleWarning), \
+            pytest.raises(ml.ProgramError, match=r"level 'outer': its loss has no path from its own parameters.*"
+                                                 r"needs depends_on=\[inner\]"):
+        ml.Program(outer, inner)
+
+
+def test_read_cycle_without_depends_on_warns_naming_the_fix(recwarn):
+    """Regularising its own parameters, outer would train on a zero hypergradient: warned. The same
+    program with depends_on=[inner] is a plain bilevel program: no warning."""
+    inner, outer = _forgotten_depends_on(regularise=True)
+    with pytest.warns(ReadCycleWarning, match=r"'outer' and 'inner' read each other.*add depends_on=\[inner\] "
+                                              r"to 'outer'"):
+        ml.Program(outer, inner)
+    recwarn.clear()
+    fixed = ml.level(hyper(0.5), optimizer=ml.optim.sgd(lr=0.1), data=outer.data, depends_on=[inner])(outer.fn)
+    ml.Program(fixed)
+    assert not [w for w in recwarn if issubclass(w.category, ReadCycleWarning)]
+
+
+def test_detached_loss_is_a_build_error_naming_the_level():
+    @ml.level(hyper(1.0), optimizer=ml.optim.sgd(lr=0.1))
+    def frozen(m):
+        return sq(m).detach()
+
+    with pytest.raises(ml.ProgramError, match=r"level 'frozen': its loss does not require grad.*detached"):
+        ml.Program(frozen)
+
+
+# -- names that resolve to no level ---------------------------------------------------------------
+
+def test_misspelt_names_suggest_the_closest_defined_level_and_list_every_level_defined():
+    @ml.level(hyper(), optimizer=ml.optim.sgd(lr=0.1))
+    def lower_level(m):
+        return sq(m)
+
+    @ml.level(hyper(), optimizer=ml.optim.sgd(lr=0.1))
+    def unrelated_level(m):  # defined, in no program: still listed
+        return sq(m)
+
+    @ml.level(hyper(), optimizer=ml.optim.sgd(lr=0.1), depends_on=["lower_levle"])
+    def top(m):
+        return sq(m)
+
+    with pytest.raises(ml.ProgramError, match=r"level 'top': depends_on 'lower_levle' names no level; did you mean "
+                                              r"'lower_level'\?.*also defined: \[.*'lower_level'.*"
+                                              r"'unrelated_level'.*\]"):
+        ml.Program(top)
+
+    @ml.level(hyper(), optimizer=ml.optim.sgd(lr=0.1), depends_on=[lower_level])
+    def top2(m, lower_levl):
+        return sq(lower_levl)
+
+    with pytest.raises(ml.ProgramError, match=r"level 'top2': argument 'lower_levl' names no level; did you mean "
+                                              r"'lower_level'\?.*levels in this program: \['lower_level', 'top2'\]"
+                                              r".*'unrelated_level'"):
+        ml.Program(top2)
+    assert unrelated_level.name  # alive until here
+
+
+def test_optimizer_reading_a_level_outside_the_program_says_to_pass_it():
+    @ml.level(hyper(), optimizer=ml.optim.sgd(lr=lambda upper: upper.w.exp().mean()))
+    def lower(m):
+        return sq(m)
+
+    @ml.level(hyper(), optimizer=ml.optim.sgd(lr=0.1), depends_on=[lower])
+    def upper(m, lower):
+        return sq(lower)
+
+    with pytest.raises(ml.ProgramError, match=r"level 'lower': an optimizer hyperparameter argument reads 'upper', "
+                                              r"which is not in the program: pass upper to Program\(\.\.\.\)"):
+        ml.Program(lower)
+    ml.Program(upper)  # from the top, the optimizer's read is found
+
+
+# -- declarations -------------------------------------------------------------------------------
+
+def test_data_without_a_batch_parameter_fails_at_decoration():
+    with pytest.raises(ValueError, match=r"level 'nobatch': data= is given but the function has no `batch`"):
+        @ml.level(hyper(), optimizer=ml.optim.sgd(lr=0.1), data=(torch.ones(3, dtype=DT),))
+        def nobatch(m):
+            return sq(m)
+
+
+def test_hypergrad_class_instead_of_an_instance():
+    with pytest.raises(TypeError, match=r"level 'low': hypergrad=CG is the class; use ml.hypergrad.CG\(\) "
+                                        r"\(an instance"):
+        @ml.level(hyper(), optimizer=ml.optim.sgd(lr=0.1), hypergrad=ml.hypergrad.CG)
+        def low(m):
+            return sq(m)
+
+
+def test_parameters_with_defaults_keep_them_so_levels_can_be_made_in_a_loop():
+    """``i=i`` binds the loop variable, not a level named 'i'; each lower level pulls toward its target."""
+    targets = [1.0, -2.0, 3.0]
+    lowers = []
+    for i in range(3):
+        @ml.level(hyper(0.0), optimizer=ml.optim.sgd(lr=0.25), steps=20, name=f"low{i}")
+        def low(m, top, i=i):
+            return ((m.w - targets[i] * top.w) ** 2).sum()
+
+        lowers.append(low)
+
+    @ml.level(hyper(1.0), optimizer=ml.optim.sgd(lr=0.1), depends_on=lowers)
+    def top(m, low0, low1, low2):
+        return sum(((lw.w - 1.0) ** 2).sum() for lw in (low0, low1, low2))
+
+    prog = ml.Program(top)
+    assert sorted(prog.levels) == ["low0", "low1", "low2", "top"]
+    prog.step()
+    for i, t in enumerate(targets):  # 20 steps of lr 0.25 on (w - t)^2 from 0: w = t (1 - 0.5^20)
+        torch.testing.assert_close(prog.params(f"low{i}")["w"], torch.full((3,), t * (1 - 0.5 ** 20), dtype=DT))
+
+
+# -- check_hypergradient where the loss is not smooth -------------------------------------------------
+
+def _relu_program(a0):
+    """inner pulls w toward relu(a) (unrolled); at a = 0 the outer loss has a kink."""
+    @ml.level(hyper(0.0), optimizer=ml.optim.sgd(lr=0.5), steps=3)
+    def inner(m, outer):
+        return ((m.w - torch.relu(outer.w)) ** 2).sum()
+
+    @ml.level(hyper(a0), optimizer=ml.optim.sgd(lr=0.1), depends_on=[inner])
+    def outer(m, inner):
+        return ((inner.w - 1.0) ** 2).sum()
+
+    return ml.Program(outer)
+
+
+def test_check_hypergradient_says_when_the_loss_is_not_smooth_at_the_point():
+    report = ml.check_hypergradient(_relu_program(0.0), "outer")
+    assert not report.ok and not report.smooth
+    assert "may not be smooth" in str(report) and "finite differences are unreliable" in str(report)
+    smooth = ml.check_hypergradient(_relu_program(0.5), "outer")  # away from the kink: a plain check
+    assert smooth.ok and smooth.smooth and "smooth" not in str(smooth)

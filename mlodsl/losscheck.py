@@ -1,0 +1,51 @@
+"""The build-time evaluation of every level's loss: errors surface when the Program is built, named.
+
+Besides running each loss once at the initial parameters, it checks with autograd that the loss
+has a path from the parameters its level learns from: its own, or those of a level it depends on
+(whose solution it goes through). Without one, the level's gradient is zero or undefined, which at
+run time is a raw autograd error or, worse, training that silently does nothing. The usual causes
+are a forgotten ``depends_on`` (the loss calls a lower level's module that it only *reads*) and a
+detached loss.
+"""
+from __future__ import annotations
+
+import torch
+
+from .graph import ProgramError
+from .runtime import split_output
+
+
+def _loss(pl, params: dict, batch, trainable) -> tuple:
+    """The loss with the parameters of the levels in ``trainable`` as fresh leaves that require grad."""
+    leaves = {n: {k: v.detach().requires_grad_(n in trainable) for k, v in p.items()} for n, p in params.items()}
+    with torch.enable_grad():
+        return split_output(pl.level.name, pl.traced(leaves, batch))[0], leaves
+
+
+def check_losses(levels: dict, params: dict, batches: dict):
+    """Evaluate every level's loss (``levels``: name -> ProgramLevel) at ``params`` on ``batches``
+    (one batch per level); raise ``ProgramError`` naming the level when one fails or has no gradient."""
+    for name, pl in levels.items():
+        lvl = pl.level
+        try:
+            loss, _ = _loss(pl, params, batches[name], {name, *lvl.depends_on_names})
+        except Exception as err:
+            raise ProgramError(f"level '{name}' failed when evaluated at its initial parameters: "
+                               f"{type(err).__name__}: {err}") from err
+        if loss.requires_grad:
+            continue
+        # No path from what it learns from: find which levels' parameters the loss does reach.
+        loss, leaves = _loss(pl, params, batches[name], set(params))
+        if not loss.requires_grad:
+            raise ProgramError(f"level '{name}': its loss does not require grad, so no gradient reaches its "
+                               f"parameters: it was detached (.detach(), .item(), torch.no_grad(), a new tensor "
+                               f"made from its value); return the loss as computed from the level's modules")
+        flat = [(n, x) for n, p in leaves.items() for x in p.values()]
+        grads = torch.autograd.grad(loss, [x for _, x in flat], allow_unused=True)
+        read = sorted({n for (n, _), g in zip(flat, grads) if g is not None})
+        deps = ", ".join(read)
+        raise ProgramError(f"level '{name}': its loss has no path from its own parameters, only from those of "
+                           f"{read} (levels it reads, taking their parameters as constants), so '{name}' gets "
+                           f"no gradient; it probably needs depends_on=[{deps}] (its loss then goes through "
+                           f"{deps}'s solution and '{name}' learns through its response), or the loss was "
+                           f"detached from '{name}''s parameters")
