@@ -222,3 +222,69 @@ def test_a_parameter_captured_before_the_build_is_refused():
         with pytest.raises(ml.ProgramError, match=r"level 'inner' reads parameter 'log_l2' of level 'outer' "
                                                   r"through a reference to the nn.Parameter itself \(`log_l2`\)"):
             ml.Program(outer)
+
+
+
+def bottom_loss(w, a):
+    return ((w - a.tanh()) ** 2).sum() + 0.1 * (w ** 4).sum()
+
+
+def mid_loss(a, t, w):
+    return ((a - t) ** 2).sum() + ((w - 1.0) ** 2 * a.exp()).sum()
+
+
+def top_loss(a, w):
+    return ((a - 0.5) ** 2).sum() + ((w + 0.2) ** 2).sum()
+
+
+STARTS = {"bottom": 1.0, "mid": 0.5, "top": -0.3}
+
+
+def three_levels(top_reads, method):
+    """top → mid → bottom; the top's loss also takes the bottom level's module (two levels down),
+    named as an argument or read through a closure."""
+    low, middle, high = (ml.Hyper(v=torch.linspace(-1.0, 1.0, 3, dtype=DT) * s) for s in STARTS.values())
+
+    @ml.level(low, optimizer=ml.optim.sgd(lr=0.3), steps=3)
+    def bottom(m, mid):
+        return bottom_loss(m.v, mid.v)
+
+    @ml.level(middle, optimizer=ml.optim.sgd(lr=0.2), steps=2, depends_on=[bottom], hypergrad=method)
+    def mid(m, top, bottom):
+        return mid_loss(m.v, top.v, bottom.v)
+
+    if top_reads == "closure":
+        def top(m, mid):
+            return top_loss(mid.v, low.v)
+    else:
+        def top(m, mid, bottom):
+            return top_loss(mid.v, bottom.v)
+    return ml.Program(ml.level(high, optimizer=ml.optim.sgd(lr=0.1), depends_on=[mid])(top))
+
+
+def three_level_reference():
+    """d top / d t through mid's 2 updates, each after 3 warm-started bottom updates, by autograd over
+    partial derivatives (torch.func.grad); mid's update takes its total derivative through the bottom
+    block before it."""
+    w, a, t = (torch.linspace(-1.0, 1.0, 3, dtype=DT) * s for s in STARTS.values())
+    t = t.clone().requires_grad_()
+
+    def bottom_block(w, a):
+        for _ in range(3):
+            w = w - 0.3 * torch.func.grad(bottom_loss)(w, a)
+        return w
+
+    for _ in range(2):
+        g = torch.func.grad(lambda a_: mid_loss(a_, t, bottom_block(w, a_)))(a)
+        w, a = bottom_block(w, a), a - 0.2 * g
+    (expected,) = torch.autograd.grad(top_loss(a, w), t)
+    return expected
+
+
+@pytest.mark.parametrize("method", [ml.hypergrad.Unroll(), ml.hypergrad.Forward()], ids=repr)
+def test_a_level_two_below_read_through_a_closure_carries_its_cotangent(method):
+    """The top reads the bottom level's module without naming it: the bottom's cotangent goes through
+    both blocks (the program that names it, three_levels("argument", ...), gives the same numbers)."""
+    prog = three_levels("closure", method)
+    assert ("top", "bottom", "reads") in set(prog.graph.edges(data="kind"))
+    torch.testing.assert_close(prog.hypergradient("top")["v"], three_level_reference(), rtol=1e-10, atol=1e-13)
