@@ -99,8 +99,15 @@ def refuse_sharing(modules: dict):
                     f"copy, or let one level learn it and the other read it through that level's module")
 
 
+def storage_of(t: torch.Tensor) -> int | None:
+    """The address of ``t``'s storage (None for tensors without one: sparse, functional wrappers)."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
 def storages(params: dict) -> set:
     """The storage addresses of ``{level: {name: tensor}}``: a tensor sharing one shares memory with
     a parameter (``.data``, a view of it)."""
-    return {t.untyped_storage().data_ptr() for ps in params.values() for t in ps.values()
-            if isinstance(t, torch.Tensor)}
+    return {storage_of(t) for ps in params.values() for t in ps.values()} - {None}

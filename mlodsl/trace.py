@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .binding import ProgramModules, storages
+from .binding import ProgramModules, storage_of, storages
 from .graph import ProgramError
 
 
@@ -242,22 +242,27 @@ def trace_level(level, program: ProgramModules, example_batch, training: dict | 
     modes = training or {}
     with _modes(program.modules, modes):
         traced = _trace(level, program, example_batch, modes)
-        if not traced.opaque:
-            why = _frozen_constant(level, traced, program)
-            if why is None and not _follows_the_function(traced, program, example_batch):
-                why = ("its outputs differ from the function's at other parameter values: parameters read "
-                       "through .parameters() or Python numbers are frozen by tracing")
-            if why is not None:
-                warnings.warn(
-                    f"level '{level.name}': its traced graph does not change with the parameters the way the "
-                    f"function does ({why}); it runs as an opaque call on the live parameters instead, with "
-                    f"the same numbers but no readable graph. For a readable graph, read parameters as module "
-                    f"attributes (net.weight, net[0].bias, outer.log_l2), best through the level's arguments, "
-                    f"not through .parameters() or variables holding them.", TraceWarning, stacklevel=3)
-                kind, keys, batch_names = _batch_structure(example_batch, level.takes_batch)
-                traced = _opaque_level(level, program, kind, keys, batch_names, modes, "graph not faithful")
+        why = None if traced.opaque else _unfaithful(level, traced, program, example_batch)
+        if why is not None:
+            warnings.warn(
+                f"level '{level.name}': its traced graph does not change with the parameters the way the "
+                f"function does ({why}); it runs as an opaque call on the live parameters instead, with "
+                f"the same numbers but no readable graph. For a readable graph, read parameters as module "
+                f"attributes (net.weight, net[0].bias, outer.log_l2), best through the level's arguments, "
+                f"not through .parameters() or variables holding them.", TraceWarning, stacklevel=3)
+            kind, keys, batch_names = _batch_structure(example_batch, level.takes_batch)
+            traced = _opaque_level(level, program, kind, keys, batch_names, modes, "graph not faithful")
     traced.reads = _probe_reads(level, traced, program, example_batch)
     return traced
+
+
+def _unfaithful(level, traced: TracedLevel, program: ProgramModules, example_batch) -> str | None:
+    """Why the traced graph would not follow the parameters as the function does, else None."""
+    why = _frozen_constant(level, traced, program)
+    if why is None and not _follows_the_function(traced, program, example_batch):
+        why = ("its outputs differ from the function's at other parameter values: parameters read "
+               "through .parameters() or Python numbers are frozen by tracing")
+    return why
 
 
 def _evaluate(traced: TracedLevel, program: ProgramModules, params: dict, batch, through_graph: bool):
@@ -340,7 +345,7 @@ def _frozen_constant(level, traced: TracedLevel, program: ProgramModules) -> str
             for leaf in _autograd_leaves(value):
                 if program.owner(leaf) is None:
                     raise _stray_tensor(level, leaf, program)
-        if value.requires_grad or value.untyped_storage().data_ptr() in shared:
+        if value.requires_grad or storage_of(value) in shared:
             return (f"the tensor `{node.target}` of shape {tuple(value.shape)}, computed from parameters at "
                     f"build time, would be a constant")
     return None
