@@ -288,3 +288,36 @@ def test_a_level_two_below_read_through_a_closure_carries_its_cotangent(method):
     prog = three_levels("closure", method)
     assert ("top", "bottom", "reads") in set(prog.graph.edges(data="kind"))
     torch.testing.assert_close(prog.hypergradient("top")["v"], three_level_reference(), rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("opaque", [False, True], ids=["traced", "opaque"])
+def test_maml_whose_upper_reads_the_task_module_through_a_closure(opaque):
+    """Under vmap over tasks, a closure read of the adapted module sees each task's parameters."""
+    import copy
+
+    from test_meta import INNER_LR, mlp, mse, maml_reference, sinusoid_tasks
+    support, query = sinusoid_tasks()
+    meta = mlp()
+    fast = copy.deepcopy(meta)
+
+    @ml.level(fast, optimizer=ml.optim.sgd(lr=INNER_LR), data=support, steps=3, start_from="outer", tasks=True)
+    def inner(own, batch):
+        x, y = batch
+        return mse(own(x), y)
+
+    @ml.level(meta, optimizer=ml.optim.sgd(lr=0.01), data=query, depends_on=[inner])
+    def outer(own, batch):
+        x, y = batch
+        pred = fast(x)
+        if opaque:  # len() of a proxy: fx cannot trace it (vmap can, unlike data-dependent control flow)
+            pred = pred[: len(x)]
+        return mse(pred, y)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ml.TraceWarning)
+        prog = ml.Program(outer)
+    assert prog.levels["outer"].traced.opaque == opaque
+    expected = maml_reference(meta, support, query)
+    got = prog.hypergradient("outer")
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-10, atol=1e-12)
