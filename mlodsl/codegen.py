@@ -184,8 +184,10 @@ def _advance_fn(ids, name, shared) -> list:
             ""]
 
 
-def generate(plan: Plan, levels: dict, methods: dict, title: str) -> str:
-    """The source of ``make_step(rt) -> (step, hypergradient)`` for ``plan``."""
+def generate(plan: Plan, levels: dict, methods: dict, title: str, taken: dict | None = None) -> str:
+    """The source of ``make_step(rt) -> (step, hypergradient)`` for ``plan``; ``taken`` maps each
+    level to the levels whose parameters its loss takes (default: itself and its arguments; a
+    function may also read levels through closures)."""
     shared = {n for n, p in plan.parent.items() if p is None and any(n in lw for lw in plan.lowers.values())}
     tasked = sorted({n for n in plan.subtree if levels[n].tasks} |  # vmap draws their random numbers
                     {u for u in plan.subtree if any(levels[c].tasks for c in plan.lowers[u])})
@@ -207,11 +209,11 @@ def generate(plan: Plan, levels: dict, methods: dict, title: str) -> str:
             uppers = [u for u in plan.subtree if name in plan.lowers[u]]
             out += _block_fn(ids, name, levels[name].steps, list(plan.subtree[name]), methods[name],
                             levels[name].start_from is not None, not lowers, uppers)
-        taken = {name, *levels[name].level_args}
+        takes = taken[name] if taken is not None else {name, *levels[name].level_args}
         tasked = [c for c in lowers if levels[c].tasks]
         suffix = "_one_task" if tasked else ""
-        out += _partials_fn(ids, name, _wrt(name, lowers, taken, plan.subtree))
-        out += _gradient_fn(ids, name, children, has_shared, lowers, taken, plan.subtree, suffix)
+        out += _partials_fn(ids, name, _wrt(name, lowers, takes, plan.subtree))
+        out += _gradient_fn(ids, name, children, has_shared, lowers, takes, plan.subtree, suffix)
         if tasked:
             taped = (list(lowers) == tasked[:1] and not plan.lowers[tasked[0]]
                      and getattr(methods[tasked[0]], "records_tape", False))

@@ -26,6 +26,7 @@ from .plan import make_plan
 from .precision import Autocast, LossScaler, check as check_precision
 from .runtime import MicroBatches, Runtime, split_output
 from .tree import tree_leaves, tree_map
+from .binding import ProgramModules, learnable
 from .trace import BufferState, TracedLevel, trace_level
 
 
@@ -151,8 +152,23 @@ def _compile_options(compile) -> dict | None:
 
 
 def _learnable(module) -> dict:
-    """The module's learnable tensors, sharing their storage (steps never write into them)."""
-    return {k: p.detach() for k, p in module.named_parameters() if p.requires_grad}
+    """The module's learnable tensors, sharing their storage (steps never write into them); a tied
+    parameter once, under its first name."""
+    return {k: p.detach() for k, p in learnable(module).items()}
+
+
+def _add_unnamed_reads(graph, levels: dict):
+    """``reads`` edges for the levels a function reaches without naming them (a closure, a global):
+    the same dependency information as an argument. Edges carry ``via="closure"``."""
+    for name, pl in levels.items():
+        for other in pl.traced.reads:
+            if other != name and not graph.has_edge(name, other):
+                graph.add_edge(name, other, kind="reads", via="closure")
+
+
+def _levels_taken(levels: dict) -> dict:
+    """``{level: the levels whose parameters its loss takes as inputs}`` (itself included)."""
+    return {n: {n, *(lvl for lvl, _ in pl.traced.inputs.values())} for n, pl in levels.items()}
 
 
 class Program:
@@ -205,16 +221,18 @@ class Program:
         self._pending = first
         self.levels = {}
         self._buffers = BufferState()  # running statistics: staged by a step, committed with it
+        # Every level's function sees every module of the program, however it reaches it (argument,
+        # closure, global), bound to the step's parameters; none is shared between two levels.
+        program_modules = ProgramModules({n: lvl.module for n, lvl in levels.items()})
+        read_in_train = {n: lvl.read_mode == "train" for n, lvl in levels.items()}
         for name, lvl in levels.items():
-            modules = {lvl.own_arg: lvl.module, **{a: levels[a].module for a in lvl.level_args}}
-            owners = {lvl.own_arg: name, **{a: a for a in lvl.level_args}}
-            training = {a: levels[a].read_mode == "train" for a in lvl.level_args}
             example = _one(first[name][0])
             if name in self._tasked_batches:
                 example = tree_map(lambda x: x[0], example)  # one task's batch
-            traced = trace_level(lvl, modules, owners, example, training)
+            traced = trace_level(lvl, program_modules, example, {**read_in_train, name: True})
             traced.buffer_state = self._buffers
             self.levels[name] = ProgramLevel(lvl, traced)
+        _add_unnamed_reads(self.graph, self.levels)
         self._state = {n: {"params": _learnable(lvl.module), "opt": None} for n, lvl in levels.items()}
         for name, lvl in levels.items():
             if not self._state[name]["params"]:
@@ -250,7 +268,7 @@ class Program:
                                 compiler=Compiler(compile_options, self._eager_levels(compile_options)),
                                 lowers=self.plan.lowers)
         self.compiler = self._runtime.compiler
-        self.code = codegen.generate(self.plan, levels, methods, title)
+        self.code = codegen.generate(self.plan, levels, methods, title, _levels_taken(self.levels))
         (self._step_fn, self._hypergradient_fn), self.code_filename = codegen.build(self.code, self._runtime)
         self._runtime.buffer_state = self._buffers
         self.step_count = 0

@@ -1,15 +1,19 @@
 """Trace a level function into a ``torch.fx.GraphModule`` whose inputs are tensors.
 
 The graph's placeholders are the batch (``batch`` for a tensor, ``batch_0, batch_1, ...`` for a
-tuple, ``batch_<key>`` for a dict) and then one placeholder per learnable parameter of every
-module the function touches, named ``<level>_<parameter path>`` (``inner_weight``,
-``outer_log_l2``). Modules are traced into (``nn.Linear`` becomes ``torch._C._nn.linear``), so the
-graph shows the arithmetic the loss does on each parameter.
+tuple, ``batch_<key>`` for a dict) and then one placeholder per learnable parameter of every level
+the function reads, named ``<level>_<parameter path>`` (``inner_weight``, ``outer_log_l2``): its own
+level and its arguments always, and any other level whose module it reaches through a closure, a
+global or another object (the tracer's root holds every module of the program). Modules are traced
+into (``nn.Linear`` becomes ``torch._C._nn.linear``), so the graph shows the arithmetic the loss does
+on each parameter.
 
 A function that symbolic tracing cannot follow (data-dependent Python control flow, modules that
-do not trace) falls back to an *opaque* graph: one node that calls the function with
-``torch.func.functional_call``; it runs the same math, and a warning names the level, the reason
-and what to change to get a readable graph.
+do not trace), or whose graph would freeze a learned tensor as a constant, falls back to an
+*opaque* graph: one node that calls the function on the program's modules, every one bound to the
+step's parameters (``binding.ProgramModules``); it runs the same math, and a warning names the
+level, the reason and what to change to get a readable graph. A tensor that requires grad but
+belongs to no level is refused at build time (``ProgramError``): nothing could learn it.
 """
 from __future__ import annotations
 
@@ -20,6 +24,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 from torch import nn
+
+from .binding import ProgramModules, storage_of, storages
+from .graph import ProgramError
 
 
 class TraceWarning(UserWarning):
@@ -37,9 +44,10 @@ class TracedLevel:
     inputs: dict                    # placeholder -> (level name, parameter name)
     opaque: bool = False
     reason: str = ""
-    direct: object = None           # the user's function called directly (same signature as graph)
+    direct: object = None           # direct(params, batch): the user's function on the bound modules
     buffers: dict = field(default_factory=dict)  # placeholder -> (level, module, buffer name)
     buffer_state: object = None     # the Program's BufferState (staged running statistics)
+    reads: tuple = ()               # levels whose parameters the loss reaches (found at build time)
 
     def batch_args(self, batch) -> tuple:
         if self.batch_kind == "none":
@@ -64,7 +72,7 @@ class TracedLevel:
         except Exception:
             if self.opaque or self.direct is None:
                 raise
-            user_error = _raised(self.direct, args, kwargs)
+            user_error = _raised(self.direct, params, batch)
             if user_error is None:
                 raise
         # The graph's traceback shows generated code; the user's function, re-run directly on the
@@ -129,9 +137,9 @@ class BufferState:
         self.begin()
 
 
-def _raised(fn, args, kwargs):
+def _raised(fn, *args):
     try:
-        fn(*args, **kwargs)
+        fn(*args)
     except Exception as err:  # noqa: BLE001 - returned to be re-raised with the user's traceback
         return err
     return None
@@ -194,8 +202,8 @@ def _rebuild_batch(kind, keys, args):
 
 
 def _call_args(level, modules: dict, batch):
-    """Positional/keyword arguments of the user's function from bound modules and a batch."""
-    args = [modules[level.own_arg]]
+    """Positional/keyword arguments of the user's function from ``{level: module}`` and a batch."""
+    args = [modules[level.name]]
     kwargs = {n: modules[n] for n in level.level_args}
     if level.takes_batch:
         kwargs["batch"] = batch
@@ -219,112 +227,253 @@ class _modes:
                 m.training = flag
 
 
-def trace_level(level, modules: dict, owners: dict, example_batch, training: dict | None = None) -> TracedLevel:
-    """Trace ``level.fn`` with ``modules`` bound to its arguments.
+def trace_level(level, program: ProgramModules, example_batch, training: dict | None = None) -> TracedLevel:
+    """Trace ``level.fn`` with every module of the program reachable, however the function reaches it.
 
-    ``modules`` maps the function's argument names to modules; ``owners`` maps the same names to the
-    level each module belongs to (the own argument maps to the level itself); ``training`` maps
-    them to the mode each module runs in (train by default): fx records ``training`` flags as
-    constants, so the mode is fixed when the level is traced.
+    ``program`` holds every level's module; ``training`` maps level names to the mode their modules
+    run in when this level's function calls them (train by default): fx records ``training`` flags
+    as constants, so the mode is fixed when the level is traced.
+
+    A graph that would not follow the parameters (a tensor computed from them frozen as a constant,
+    or outputs that differ from the function's at perturbed parameters) is replaced by the opaque
+    call, which binds every module to the live parameters; a tensor that requires grad but belongs
+    to no level is refused (``ProgramError``): it would be frozen silently either way.
     """
-    with _modes(modules, training or {}):
-        traced = _trace(level, modules, owners, example_batch)
-        if not traced.opaque and not _follows_the_function(traced, modules, owners, example_batch):
+    modes = training or {}
+    with _modes(program.modules, modes):
+        traced = _trace(level, program, example_batch, modes)
+        why = None if traced.opaque else _unfaithful(level, traced, program, example_batch)
+        if why is not None:
             warnings.warn(
                 f"level '{level.name}': its traced graph does not change with the parameters the way the "
-                f"function does (parameters read through .parameters() or Python numbers are frozen by "
-                f"tracing); it runs as an opaque functional_call instead. Read parameters by name "
-                f"(net.weight, net[0].bias) to get a readable graph.", TraceWarning, stacklevel=3)
+                f"function does ({why}); it runs as an opaque call on the live parameters instead, with "
+                f"the same numbers but no readable graph. For a readable graph, read parameters as module "
+                f"attributes (net.weight, net[0].bias, outer.log_l2), best through the level's arguments, "
+                f"not through .parameters() or variables holding them.", TraceWarning, stacklevel=3)
             kind, keys, batch_names = _batch_structure(example_batch, level.takes_batch)
-            traced = _opaque_level(level, modules, owners, kind, keys, batch_names, "graph not faithful")
-    if traced.opaque:
-        graph_call = traced.graph.forward
-
-        def call_in_mode(*args, **kwargs):
-            with _modes(modules, training or {}):
-                return graph_call(*args, **kwargs)
-
-        traced.graph.forward = call_in_mode
+            traced = _opaque_level(level, program, kind, keys, batch_names, modes, "graph not faithful")
+    traced.reads = _probe_reads(level, traced, program, example_batch)
     return traced
 
 
-def _follows_the_function(traced: TracedLevel, modules: dict, owners: dict, example_batch) -> bool:
-    """Check the graph against the function itself at perturbed parameters (same random seed).
+def _unfaithful(level, traced: TracedLevel, program: ProgramModules, example_batch) -> str | None:
+    """Why the traced graph would not follow the parameters as the function does, else None."""
+    why = _frozen_constant(level, traced, program)
+    if why is None and not _follows_the_function(traced, program, example_batch):
+        why = ("its outputs differ from the function's at other parameter values: parameters read "
+               "through .parameters() or Python numbers are frozen by tracing")
+    return why
 
-    Tracing records what flows through proxies; a parameter reached another way (iterating
-    ``module.parameters()``) is baked in as a constant, and the graph would silently ignore it.
+
+def _evaluate(traced: TracedLevel, program: ProgramModules, params: dict, batch, through_graph: bool):
+    """One evaluation at ``params`` (``{level: {name: tensor}}``), through the graph or the function
+    itself, under a fixed random seed; every module's buffers are as they were afterwards."""
+    every_buffer = [(b, b.detach().clone()) for m in program.modules.values() for b in m.buffers()]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        try:
+            if not through_graph:
+                return traced.direct(params, batch)
+            kwargs = {ph: params[lvl][p] for ph, (lvl, p) in traced.inputs.items()}
+            kwargs.update({ph: module.get_buffer(name).detach().clone()
+                           for ph, (_, module, name) in traced.buffers.items()})
+            return traced.graph.forward(*traced.batch_args(batch), **kwargs)
+        finally:  # a direct call runs the real modules (BatchNorm writes its running statistics)
+            with torch.no_grad():
+                for buffer, value in every_buffer:
+                    buffer.copy_(value)
+
+
+def _tensors(out) -> list:
+    if isinstance(out, (tuple, list)):
+        return [x for x in fx.node.map_aggregate(out, lambda x: x) if isinstance(x, torch.Tensor)]
+    return [out]
+
+
+def _follows_the_function(traced: TracedLevel, program: ProgramModules, example_batch) -> bool:
+    """Check the graph against the function itself with every parameter of the program perturbed.
+
+    Tracing records what flows through proxies; a parameter reached another way is baked in as a
+    constant, and the graph would silently ignore it. The function, called on the modules bound to
+    the perturbed parameters, sees them all, however it reaches them.
     """
-    module_of = {owners[a]: m for a, m in modules.items()}
     gen = torch.Generator().manual_seed(0)
-    kwargs = {}
-    for ph, (lvl, pname) in traced.inputs.items():
-        p = dict(module_of[lvl].named_parameters())[pname].detach()
-        kwargs[ph] = p + 0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype, device="cpu").to(p.device)
-    args = traced.batch_args(example_batch)
-    saved = {(lvl, name): module.get_buffer(name).detach().clone() for lvl, module, name in traced.buffers.values()}
-    every_buffer = [(b, b.detach().clone()) for m in modules.values() for b in m.buffers()]
-    outs = []
-    with torch.no_grad():
-        for fn in (traced.graph, traced.direct):
-            extra = ({ph: saved[(lvl, name)].clone() for ph, (lvl, _, name) in traced.buffers.items()}
-                     if fn is traced.graph else {})
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                try:
-                    outs.append(fn(*args, **kwargs, **extra))
-                except Exception:  # noqa: BLE001 - a failure here is for the build-time check to report
-                    return True
-                finally:  # the direct call ran the real modules: put their buffers back
-                    for buffer, value in every_buffer:
-                        buffer.copy_(value)
-    a = [x for x in fx.node.map_aggregate(outs[0], lambda x: x) if isinstance(x, torch.Tensor)] \
-        if isinstance(outs[0], (tuple, list)) else [outs[0]]
-    b = [x for x in fx.node.map_aggregate(outs[1], lambda x: x) if isinstance(x, torch.Tensor)] \
-        if isinstance(outs[1], (tuple, list)) else [outs[1]]
+    perturbed = {lvl: {k: p.detach() + 0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype,
+                                                   device="cpu").to(p.device)
+                       for k, p in ps.items()} for lvl, ps in program.parameters().items()}
+    try:
+        with torch.no_grad():
+            a, b = (_tensors(_evaluate(traced, program, perturbed, example_batch, through_graph))
+                    for through_graph in (True, False))
+    except Exception:  # noqa: BLE001 - a failure here is for the build-time check to report
+        return True
     return len(a) == len(b) and all(
         isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
         and torch.allclose(x.float(), y.float(), rtol=1e-4, atol=1e-6, equal_nan=True) for x, y in zip(a, b))
 
 
-def _trace(level, modules: dict, owners: dict, example_batch) -> TracedLevel:
+def _autograd_leaves(t: torch.Tensor) -> list:
+    """The tensors that require grad at the leaves of ``t``'s autograd graph."""
+    if t.grad_fn is None:
+        return [t] if t.requires_grad else []
+    out, seen, stack = [], set(), [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):  # AccumulateGrad: a leaf
+            out.append(node.variable)
+        stack += [n for n, _ in node.next_functions]
+    return out
+
+
+def _frozen_constant(level, traced: TracedLevel, program: ProgramModules) -> str | None:
+    """Why the graph holds a tensor constant that should have been an input, else None.
+
+    fx turns a tensor it meets outside its proxies into a constant of the graph. One that requires
+    grad or shares memory with a parameter was computed from something learned: frozen at its
+    build-time value, with a zero gradient. One whose autograd leaves belong to no level is refused.
+    """
+    shared = storages(program.parameters())
+    for node in traced.graph.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        value = _attribute(traced.graph, node.target)
+        if not isinstance(value, torch.Tensor):
+            continue
+        if value.requires_grad:
+            for leaf in _autograd_leaves(value):
+                if program.owner(leaf) is None:
+                    raise _stray_tensor(level, leaf, program)
+        if value.requires_grad or storage_of(value) in shared:
+            return (f"the tensor `{node.target}` of shape {tuple(value.shape)}, computed from parameters at "
+                    f"build time, would be a constant")
+    return None
+
+
+def _attribute(root: nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def _probe_reads(level, traced: TracedLevel, program: ProgramModules, example_batch) -> tuple:
+    """The levels whose parameters the loss reaches on the autograd tape (one evaluation at the
+    build-time parameters, as fresh leaves); a leaf that is none of them is refused."""
+    leaves = {lvl: {k: p.detach().clone().requires_grad_() for k, p in ps.items()}
+              for lvl, ps in program.parameters().items()}
+    try:
+        with torch.enable_grad():
+            loss = _tensors(_evaluate(traced, program, leaves, example_batch, through_graph=True))[0]
+    except Exception:  # noqa: BLE001 - the build-time check evaluates the loss again and reports it
+        return ()
+    if not isinstance(loss, torch.Tensor):
+        return ()
+    level_of = {id(t): lvl for lvl, ps in leaves.items() for t in ps.values()}
+    reads = set()
+    for leaf in _autograd_leaves(loss):
+        if id(leaf) not in level_of:
+            raise _stray_tensor(level, leaf, program)
+        reads.add(level_of[id(leaf)])
+    return tuple(lvl for lvl in program.modules if lvl in reads)
+
+
+def _stray_tensor(level, tensor, program: ProgramModules) -> ProgramError:
+    """The error for a loss that reaches a tensor requiring grad that the program does not bind."""
+    name = _name_in(level.fn, tensor)
+    owner = program.owner(tensor)
+    if owner is not None:
+        lvl, k = owner
+        return ProgramError(
+            f"level '{level.name}' reads parameter '{k}' of level '{lvl}' through a reference to the "
+            f"nn.Parameter itself{f' (`{name}`)' if name else ''}, taken outside the function: the program's "
+            f"updates cannot reach it, so it would stay at its build-time value with a zero gradient. Read "
+            f"it through its module inside the function (`{lvl}.{k}` with '{lvl}' as an argument, or the "
+            f"module's attribute)")
+    what = f"`{name}`" if name else "a tensor"
+    return ProgramError(
+        f"level '{level.name}' reads {what} (shape {tuple(tensor.shape)}, requires_grad=True), which belongs "
+        f"to no level of this program: nothing would learn it and its gradient would be dropped silently. "
+        f"To learn it, make it a level's parameter (ml.Hyper({(name or 'x').split('.')[-1]}=...) as the "
+        f"module of a level) and read it through that level; if it is a constant, create it with "
+        f"requires_grad=False or use {name or 'it'}.detach()")
+
+
+def _name_in(fn, tensor) -> str | None:
+    """The name ``fn`` reaches ``tensor`` by (a closure variable, a global, or a module's parameter)."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return None
+    seen = []
+    for name, cell in zip(code.co_freevars, getattr(fn, "__closure__", None) or ()):
+        try:
+            seen.append((name, cell.cell_contents))
+        except ValueError:  # an empty cell
+            pass
+    seen += [(n, fn.__globals__[n]) for n in code.co_names if n in getattr(fn, "__globals__", {})]
+    for name, value in seen:
+        if value is tensor:
+            return name
+        if isinstance(value, nn.Module):
+            for k, p in value.named_parameters():
+                if p is tensor:
+                    return f"{name}.{k}"
+    return None
+
+
+def _attribute_names(levels) -> dict:
+    """The attribute of the tracer's root that holds each level's module."""
+    names, used = {}, set()
+    for lvl in levels:
+        attr = _identifier(lvl)
+        if hasattr(nn.Module, attr):  # a level named 'train' or 'forward'
+            attr = f"level_{attr}"
+        while attr in used:
+            attr += "_"
+        used.add(attr)
+        names[lvl] = attr
+    return names
+
+
+def _trace(level, program: ProgramModules, example_batch, modes: dict) -> TracedLevel:
     kind, keys, batch_names = _batch_structure(example_batch, level.takes_batch)
-    owner_of_param, owner_of_buffer = {}, {}
-    for arg, module in modules.items():
-        for pname, p in module.named_parameters():
-            if p.requires_grad:
-                owner_of_param[f"{arg}.{pname}"] = (owners[arg], pname)
-        for bname, _ in module.named_buffers():
-            owner_of_buffer[f"{arg}.{bname}"] = (owners[arg], module, bname)
+    attrs = _attribute_names(program.modules)
+    owner_of_param = {f"{attrs[lvl]}.{k}": (lvl, k) for lvl in program.modules for k in program.learnable(lvl)}
+    owner_of_buffer = {f"{attrs[lvl]}.{b}": (lvl, m, b) for lvl, m in program.modules.items()
+                       for b, _ in m.named_buffers()}
     keys_out = keys if kind == "dict" else (keys[0] if keys else 0,)
 
-    # forward(self, batch_0, batch_1, ...) rebuilds the batch and calls the user's function.
+    # forward(self, batch_0, batch_1, ...) rebuilds the batch and calls the user's function. The root
+    # holds every level's module, so fx proxies their parameters however the function reaches them.
     sig = ", ".join(["self"] + batch_names)
-    namespace = {"_rebuild": _rebuild_batch, "_call": _call_args, "_level": level,
+    namespace = {"_rebuild": _rebuild_batch, "_call": _call_args, "_level": level, "_attrs": attrs,
                  "_kind": kind, "_keys": keys if kind == "dict" else keys_out}
     src = (f"def forward({sig}):\n"
            f"    batch = _rebuild(_kind, _keys, ({', '.join(batch_names)}{',' if batch_names else ''}))\n"
-           f"    args, kwargs = _call(_level, {{n: getattr(self, n) for n in {list(modules)!r}}}, batch)\n"
+           f"    args, kwargs = _call(_level, {{lvl: getattr(self, a) for lvl, a in _attrs.items()}}, batch)\n"
            f"    return _level.fn(*args, **kwargs)\n")
     exec(compile(src, f"<mlodsl trace {level.name}>", "exec"), namespace)
     root = type(f"level_{_identifier(level.name)}", (nn.Module,), {"forward": namespace["forward"]})()
-    for arg, module in modules.items():
-        root.add_module(arg, module)
+    for lvl, module in program.modules.items():
+        root.add_module(attrs[lvl], module)
 
     try:
         graph = _IntoModulesTracer().trace(root)
-        inputs = _parameters_to_placeholders(graph, owner_of_param)
+        inputs = _parameters_to_placeholders(graph, owner_of_param, (level.name, *level.level_args))
         buffers = _buffers_to_placeholders(graph, owner_of_buffer)
         gm = fx.GraphModule(root, graph, class_name=f"level_{_identifier(level.name)}")
-        direct, _ = _direct_call(level, modules, owners, kind, keys)
+        direct = _direct_call(level, program, modes)
         return TracedLevel(level.name, gm, kind, keys, inputs, direct=direct, buffers=buffers)
     except Exception as err:  # noqa: BLE001 - every tracing failure falls back the same way
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         warnings.warn(
             f"level '{level.name}' could not be traced by torch.fx ({reason}); it runs as an opaque "
-            f"functional_call, with the same numbers but no readable graph. To get a graph, avoid Python "
+            f"call, with the same numbers but no readable graph. To get a graph, avoid Python "
             f"control flow that depends on tensor values (use torch.where) and modules that do not trace.",
             TraceWarning, stacklevel=4)
-        return _opaque_level(level, modules, owners, kind, keys, batch_names, reason)
+        return _opaque_level(level, program, kind, keys, batch_names, modes, reason)
 
 
 def _buffers_to_placeholders(graph: fx.Graph, owner_of_buffer: dict) -> dict:
@@ -346,19 +495,25 @@ def _buffers_to_placeholders(graph: fx.Graph, owner_of_buffer: dict) -> dict:
     return buffers
 
 
-def _parameters_to_placeholders(graph: fx.Graph, owner_of_param: dict) -> dict:
+def _parameters_to_placeholders(graph: fx.Graph, owner_of_param: dict, named: tuple) -> dict:
     """Turn get_attr nodes of learnable parameters into placeholders named after their level.
 
-    Every learnable parameter of every bound module becomes an input, used or not, so a level's
-    graph has the same signature whatever its body touches.
+    Every learnable parameter of the levels the function names (itself, its arguments) becomes an
+    input, used or not, so a level's graph has the same signature whatever its body touches; so
+    does every parameter of a level it reaches another way (a closure, a global).
     """
+    used = {owner_of_param[n.target][0] for n in graph.nodes if n.op == "get_attr" and n.target in owner_of_param}
+    program_order = dict.fromkeys(lvl for lvl, _ in owner_of_param.values())
+    read = list(named) + [lvl for lvl in program_order if lvl in used and lvl not in named]
     first_op = next(n for n in graph.nodes if n.op != "placeholder")
     inputs, placeholder_of = {}, {}
     with graph.inserting_before(first_op):
-        for target, (lvl, pname) in owner_of_param.items():
-            ph = graph.placeholder(_identifier(f"{lvl}_{pname}"))
-            inputs[ph.name] = (lvl, pname)
-            placeholder_of[target] = ph
+        for lvl in read:
+            for target, (owner, pname) in owner_of_param.items():
+                if owner == lvl:
+                    ph = graph.placeholder(_identifier(f"{lvl}_{pname}"))
+                    inputs[ph.name] = (lvl, pname)
+                    placeholder_of[target] = ph
     for node in list(graph.nodes):
         if node.op == "get_attr" and node.target in placeholder_of:
             node.replace_all_uses_with(placeholder_of[node.target])
@@ -367,79 +522,40 @@ def _parameters_to_placeholders(graph: fx.Graph, owner_of_param: dict) -> dict:
     return inputs
 
 
-def _direct_call(level, modules, owners, kind, keys):
-    """The user's function as ``call(*batch_leaves, **params)``, through ``functional_call``."""
-    inputs = {}
-    for arg, module in modules.items():
-        for pname, p in module.named_parameters():
-            if p.requires_grad:
-                inputs[_identifier(f"{owners[arg]}_{pname}")] = (owners[arg], pname)
-    arg_of_owner = {owners[a]: a for a in modules}
-
-    def call_level(*batch_leaves, **params):
-        batch = _rebuild_batch(kind, keys if kind == "dict" else (len(batch_leaves),), batch_leaves)
-        bound = {}
-        for arg, module in modules.items():
-            own = {p: params[ph] for ph, (lvl, p) in inputs.items() if arg_of_owner[lvl] == arg}
-            bound[arg] = _FunctionalModule(module, own)
-        args, kwargs = _call_args(level, bound, batch)
-        return level.fn(*args, **kwargs)
+def _direct_call(level, program: ProgramModules, modes: dict):
+    """``call(params, batch)``: the user's function on the program's real modules, every one bound to
+    ``params`` (``{level: {name: tensor}}``), so closures and globals see the same live tensors."""
+    def call_level(params, batch):
+        with _modes(program.modules, modes), program.bound(params):
+            args, kwargs = _call_args(level, program.modules, batch)
+            return level.fn(*args, **kwargs)
 
     call_level.__name__ = f"call_{_identifier(level.name)}"
-    return call_level, inputs
+    return call_level
 
 
-def _opaque_level(level, modules, owners, kind, keys, batch_names, reason) -> TracedLevel:
-    """A one-node graph that calls the function through ``torch.func.functional_call``."""
-    call_level, inputs = _direct_call(level, modules, owners, kind, keys)
+def _opaque_level(level, program: ProgramModules, kind, keys, batch_names, modes, reason) -> TracedLevel:
+    """A one-node graph that calls the function on the program's modules bound to its inputs: every
+    learnable parameter of the program (own level and arguments first), since it may read any."""
+    direct = _direct_call(level, program, modes)
+    named = (level.name, *level.level_args)
+    order = list(named) + [lvl for lvl in program.modules if lvl not in named]
     graph = fx.Graph()
-    placeholders = [graph.placeholder(n) for n in batch_names + list(inputs)]
-    out = graph.call_function(call_level, tuple(placeholders[:len(batch_names)]),
-                              {n: ph for n, ph in zip(inputs, placeholders[len(batch_names):])})
-    graph.output(out)
+    batch_phs = [graph.placeholder(n) for n in batch_names]
+    inputs, param_phs = {}, {}
+    for lvl in order:
+        for k in program.learnable(lvl):
+            ph = graph.placeholder(_identifier(f"{lvl}_{k}"))
+            inputs[ph.name], param_phs[ph.name] = (lvl, k), ph
+
+    def call_level(*batch_leaves, **flat):
+        params = {}
+        for ph, (lvl, k) in inputs.items():
+            params.setdefault(lvl, {})[k] = flat[ph]
+        batch = _rebuild_batch(kind, keys if kind == "dict" else (len(batch_leaves),), batch_leaves)
+        return direct(params, batch)
+
+    call_level.__name__ = direct.__name__
+    graph.output(graph.call_function(call_level, tuple(batch_phs), param_phs))
     gm = fx.GraphModule(nn.Module(), graph, class_name=f"level_{_identifier(level.name)}_opaque")
-    return TracedLevel(level.name, gm, kind, keys, inputs, opaque=True, reason=reason)
-
-
-class _FunctionalModule:
-    """A module seen with given parameters: calls go through ``torch.func.functional_call``."""
-
-    def __init__(self, module: nn.Module, params: dict):
-        self._module, self._params = module, params
-
-    def __call__(self, *args, **kwargs):
-        return torch.func.functional_call(self._module, self._params, args, kwargs)
-
-    def named_parameters(self, prefix: str = "", recurse: bool = True):
-        for name, p in self._module.named_parameters(recurse=recurse):
-            yield prefix + name, self._params.get(name, p)
-
-    def parameters(self, recurse: bool = True):
-        return (p for _, p in self.named_parameters(recurse=recurse))
-
-    def _child(self, key: str):
-        prefix = key + "."
-        return _FunctionalModule(self._module.get_submodule(key),
-                                 {k[len(prefix):]: v for k, v in self._params.items() if k.startswith(prefix)})
-
-    def __getitem__(self, idx):  # nn.Sequential / nn.ModuleList indexing
-        if isinstance(idx, slice):
-            raise TypeError("slicing a module inside a level is not supported; index its layers one by one")
-        n = len(self._module)
-        return self._child(str(idx % n if isinstance(idx, int) else idx))
-
-    def __len__(self):
-        return len(self._module)
-
-    def __iter__(self):
-        return (self[i] for i in range(len(self._module)))
-
-    def __getattr__(self, name):
-        prefix = name + "."
-        if name in self._params:
-            return self._params[name]
-        sub = {k[len(prefix):]: v for k, v in self._params.items() if k.startswith(prefix)}
-        attr = getattr(self._module, name)
-        if sub and isinstance(attr, nn.Module):
-            return _FunctionalModule(attr, sub)
-        return attr
+    return TracedLevel(level.name, gm, kind, keys, inputs, opaque=True, reason=reason, direct=direct)
