@@ -15,6 +15,7 @@ import torch
 from . import autodiff
 from .compiled import Compiler, is_plain
 from .hypergrad.base import Trajectory, state_vjp
+from .kernels import attention_kernel
 from .loops import StackedPath, UpdateLoop
 from .tree import detached
 
@@ -169,7 +170,8 @@ class Runtime:
     def __init__(self, traced: dict, optimizers: dict, methods: dict, starts: dict | None = None,
                  init_params: dict | None = None, projections: dict | None = None, *,
                  autocast: dict | None = None, loss_scales: dict | None = None, reduce: Callable | None = None,
-                 replicate: Callable | None = None, clip: dict | None = None, compiler: Compiler | None = None):
+                 replicate: Callable | None = None, clip: dict | None = None, compiler: Compiler | None = None,
+                 second_order: set | None = None):
         self.traced, self.optimizers, self.methods = traced, optimizers, methods
         self.starts = starts or {}            # level -> None | "init" | upper level name
         self.init_params = init_params or {}  # level -> its initial parameters
@@ -181,6 +183,7 @@ class Runtime:
         self.restrict, self.outside, self.params_of = restrict, outside, params_of
         self.buffer_state = None              # trace.BufferState: staged running statistics
         self.compiler = compiler or Compiler(None)  # compile=True: the step's compiled regions
+        self.second_order = second_order or set()  # levels whose loss is differentiated twice (mlodsl.kernels)
         self._products: dict = {}             # (lower, upper) -> compiled region of a products_only vjp
 
     def region(self, name: str, what: str, fn: Callable, trailing: int = 0) -> Callable:
@@ -202,9 +205,16 @@ class Runtime:
         return self.region(name, "update's VJP", vjp)
 
     def evaluate(self, name: str, params: dict, batch):
-        """``(loss, metrics)`` of level ``name`` under its precision; the mean over micro-batches."""
+        """``(loss, metrics)`` of level ``name`` under its precision; the mean over micro-batches.
+        A loss that is differentiated twice runs under attention kernels with a double backward."""
         if isinstance(batch, MicroBatches):
             return _mean_outputs([self.evaluate(name, params, b) for b in batch])
+        if name in self.second_order:
+            with attention_kernel():
+                return self._evaluate(name, params, batch)
+        return self._evaluate(name, params, batch)
+
+    def _evaluate(self, name: str, params: dict, batch):
         ctx = self.autocast.get(name)
         if ctx is None:
             return split_output(name, self.traced[name](params, batch))

@@ -13,6 +13,10 @@ A hypergradient method is any object with
 * ``replays_updates: bool`` (optional, True when absent) -- whether the method re-runs or
   differentiates the lower level's optimizer updates; only levels under methods that do not may
   use an in-place ``torch.optim`` optimizer (``ml.optim.torch``);
+* ``second_order: bool`` (optional, True when absent) -- whether the method differentiates the
+  lower level's gradient (its updates, Hessian or Jacobian products): the lower loss is then
+  differentiated twice, and mlodsl evaluates it under attention kernels that have a double
+  backward (``mlodsl.kernels``); ``differentiates_twice`` reads it;
 * ``vjp(trajectory, cotangent) -> dict`` -- given the cotangent ``v = ∂f_U/∂θ_L`` of the upper
   level's loss with respect to the lower level's final parameters, return the best-response
   vector-Jacobian product ``vᵀ dθ_L/dθ_U`` with respect to the upper level's parameters
@@ -33,6 +37,14 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+
+SECOND_ORDER_DEFAULT = True  # a method that does not say is assumed to differentiate twice (the safe side)
+
+
+def differentiates_twice(method) -> bool:
+    """Whether ``method`` differentiates the lower loss's gradient (its ``second_order`` flag)."""
+    return bool(getattr(method, "second_order", SECOND_ORDER_DEFAULT))
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ class Implicit:
     keeps_path = False
     replays_updates = False  # uses the loss alone, not the updates
     products_only = True  # products of the loss at the final point: one compiled region under compile=True
+    second_order = True  # Hessian and mixed products of the lower loss
 
     def __init__(self, solve: Callable, damping: float = 0.0):
         if damping < 0:
