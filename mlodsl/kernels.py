@@ -62,6 +62,11 @@ def _hvp_or_raise(runtime, name, params, batch):
     dot = sum((g * torch.ones_like(g)).sum() for g, _ in pairs)
     try:
         torch.autograd.grad(dot, [p for _, p in pairs], allow_unused=True)
+        # A node without a derivative raises only when a backward pass reaches it; one that cuts
+        # the graph instead (@once_differentiable) is found by looking for it.
+        broken = _broken_nodes(g for g, _ in pairs)
+        if broken:
+            raise RuntimeError(f"the gradient's graph has {broken[0]} nodes: a derivative is missing")
     except RuntimeError as err:
         what = _culprit(err, loss)
         method = runtime.methods.get(name)
@@ -74,21 +79,34 @@ def _hvp_or_raise(runtime, name, params, batch):
             f"@once_differentiable).") from err
 
 
-def _culprit(err: Exception, loss: torch.Tensor) -> str:
-    """The op named by the error, else the custom autograd.Functions in the loss's graph."""
-    op = re.search(r"aten::\w+", str(err))
-    if op:
-        return f"'{op.group(0)}'"
-    custom, seen, stack = [], set(), [loss.grad_fn]
+def _graph_nodes(roots):
+    seen, stack = set(), list(roots)
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
+        yield node
+        stack.extend(n for n, _ in node.next_functions)
+
+
+def _broken_nodes(tensors) -> list:
+    """Names of autograd nodes that raise when reached: a missing derivative (``NotImplemented``)
+    or a function differentiated twice that forbids it (``Error``, from @once_differentiable)."""
+    return sorted({type(n).__name__ for n in _graph_nodes(t.grad_fn for t in tensors)
+                   if type(n).__name__ in ("Error", "DelayedError", "NotImplemented")})
+
+
+def _culprit(err: Exception, loss: torch.Tensor) -> str:
+    """The op named by the error, else the custom autograd.Functions in the loss's graph."""
+    op = re.search(r"aten::\w+", str(err))
+    if op:
+        return f"'{op.group(0)}'"
+    custom = []
+    for node in _graph_nodes([loss.grad_fn]):
         cls = getattr(node, "_forward_cls", None)  # the Function class of a custom autograd node
         if cls is not None and cls not in custom:
             custom.append(cls)
-        stack.extend(n for n, _ in node.next_functions)
     # @once_differentiable wraps backward (functools.wraps): those are the culprits when present.
     once = [c for c in custom if hasattr(c.backward, "__wrapped__")] or custom
     if once:

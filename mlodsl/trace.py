@@ -21,6 +21,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .capture import capture_level
+
 
 class TraceWarning(UserWarning):
     """A level could not be traced symbolically and runs as an opaque call."""
@@ -319,6 +321,11 @@ def _trace(level, modules: dict, owners: dict, example_batch) -> TracedLevel:
         return TracedLevel(level.name, gm, kind, keys, inputs, direct=direct, buffers=buffers)
     except Exception as err:  # noqa: BLE001 - every tracing failure falls back the same way
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        # Real models (Hugging Face, attention with shape checks): a graph of aten ops by make_fx.
+        captured = capture_level(level, modules, owners, example_batch, TracedLevel, _direct_call,
+                                 _batch_structure, f"symbolic_trace failed: {reason}")
+        if captured is not None:
+            return captured
         warnings.warn(
             f"level '{level.name}' could not be traced by torch.fx ({reason}); it runs as an opaque "
             f"functional_call, with the same numbers but no readable graph. To get a graph, avoid Python "

@@ -1,0 +1,161 @@
+"""Capture a level that ``torch.fx.symbolic_trace`` cannot follow (Hugging Face models, attention
+layers with Python checks on their inputs) as a graph of aten operations, with ``make_fx``.
+
+``symbolic_trace`` runs the function on proxies that have no shapes, so any Python branch on a
+shape, a config value or a slice of a proxy stops it. ``make_fx`` runs the function on tensors
+that have shapes but no values (``tracing_mode="fake"``) and records every aten operation they go
+through, so Python control flow on shapes and configs is followed (and specialized: see below),
+while control flow on tensor *values* raises instead of being baked in silently (fake tensors have
+no values to branch on; Hugging Face models see fake tensors and take their traceable path).
+``pre_dispatch=True`` records operations before autograd and before kernels are chosen, so the graph
+keeps high-level ops (``aten.scaled_dot_product_attention``, ``aten.dropout``, ``aten.linear``):
+the attention kernel is picked when the graph runs (``mlodsl.kernels``), and autograd
+differentiates the graph as it would the function, twice if asked.
+
+The function captured is the level's ``(batch leaves..., params...) -> loss``, the parameters
+bound by ``torch.func.functional_call`` (``trace._direct_call``); its placeholders are renamed to
+the convention of the symbolic path: ``batch_0, ...`` then ``<level>_<parameter path>``.
+Tensors the function reads that are not parameters (buffers such as ``position_ids``, frozen
+weights) become constants of the graph.
+
+The graph is specialized to the example batch's shapes. Each call checks the batch leaves'
+shapes and dtypes; a new signature (the last, partial batch of an epoch) is captured again at
+those shapes (up to ``MAX_SHAPES`` graphs), and where that is not possible the level's function
+is called directly: never the graph of another shape.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils import _pytree as pytree
+
+MAX_SHAPES = 8  # captured graphs kept per level; beyond that, new shapes call the function directly
+
+
+def capture_level(level, modules: dict, owners: dict, example_batch, traced_cls, direct_call, batch_structure,
+                  reason: str):
+    """A ``traced_cls`` (``trace.TracedLevel``) whose graph is the level captured by ``make_fx``, or
+    None when it cannot be captured (``trace._trace`` then falls back to an opaque call).
+
+    ``direct_call`` and ``batch_structure`` are ``trace._direct_call`` and ``trace._batch_structure``
+    (passed in, so this module adds no import cycle and follows their convention)."""
+    kind, keys, batch_names = batch_structure(example_batch, level.takes_batch)
+    if _running_statistics(modules):  # staged by the symbolic path's BufferState; a constant here
+        return None
+    direct, inputs = direct_call(level, modules, owners, kind, keys)
+    probe = traced_cls(level.name, None, kind, keys, inputs)
+    leaves = probe.batch_args(example_batch)
+    if not all(isinstance(x, torch.Tensor) for x in leaves):
+        return None
+    param_of = {owners[a]: dict(m.named_parameters()) for a, m in modules.items()}
+    params = [param_of[lvl][p].detach() for lvl, p in inputs.values()]
+    modes = [(m, m.training) for mod in modules.values() for m in mod.modules()]
+    try:
+        if _custom_functions(direct, leaves, dict(zip(inputs, params))):
+            return None  # make_fx records a custom autograd.Function's forward, not its backward
+        gm = _capture(level.name, direct, batch_names, list(inputs), leaves, params)
+    except Exception:  # noqa: BLE001 - value-dependent control flow and the like: the opaque call
+        return None
+    guarded = _ShapeGuard(level.name, gm, direct, batch_names, list(inputs), leaves, params, modes)
+    gm.forward = guarded  # TracedLevel calls graph.forward: the guard picks the graph for the shapes
+    traced = traced_cls(level.name, gm, kind, keys, inputs, direct=direct)
+    traced.reason = f"captured by make_fx ({reason})"
+    return traced
+
+
+def _running_statistics(modules: dict) -> bool:
+    return any(b.is_floating_point() for m in modules.values() for b in m.buffers())
+
+
+def _custom_functions(direct, leaves, params) -> bool:
+    """Whether the loss goes through a custom ``autograd.Function`` (one forward, its graph walked).
+    Buffers that a forward writes are running statistics, which never reach this path."""
+    with torch.enable_grad(), torch.random.fork_rng(devices=[]):
+        out = direct(*leaves, **{k: v.detach().requires_grad_() for k, v in params.items()})
+    seen, stack = set(), [x.grad_fn for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if getattr(node, "_forward_cls", None) is not None:
+            return True
+        stack.extend(n for n, _ in node.next_functions)
+    return False
+
+
+def _capture(name, direct, batch_names, param_names, leaves, params) -> fx.GraphModule:
+    n = len(batch_names)
+
+    def loss_of(*flat):
+        return direct(*flat[:n], **dict(zip(param_names, flat[n:])))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the model's own warnings were already shown by the symbolic try
+        raw = make_fx(loss_of, tracing_mode="fake", pre_dispatch=True, _allow_non_fake_inputs=True)(*leaves, *params)
+    return _renamed(raw, batch_names + param_names, name)
+
+
+def _renamed(raw: fx.GraphModule, names: list, level_name: str) -> fx.GraphModule:
+    """``raw`` with its placeholders (``arg0_1, ...``) named ``names``, the rest of the graph copied."""
+    graph = fx.Graph()
+    old = [n for n in raw.graph.nodes if n.op == "placeholder"]
+    env = {o: graph.placeholder(new) for o, new in zip(old, names)}
+    out = graph.graph_copy(raw.graph, env)
+    graph.output(out)
+    graph.eliminate_dead_code()
+    graph.lint()
+    ident = "".join(c if c.isalnum() else "_" for c in level_name)
+    return fx.GraphModule(raw, graph, class_name=f"level_{ident}_captured")
+
+
+class _ShapeGuard:
+    """``graph.forward`` of a captured level: the graph captured at the batch's shapes."""
+
+    def __init__(self, name, gm, direct, batch_names, param_names, leaves, params, modes):
+        self.name, self.direct = name, direct
+        self.batch_names, self.param_names = batch_names, param_names
+        self.params = params          # the parameters' metadata for captures at new shapes
+        self.modes = modes            # (module, training) as captured: dropout on or off is in the graph
+        self.graphs = {_signature(leaves): type(gm).forward.__get__(gm)}  # the graph's own forward
+        self.failed: set = set()
+
+    def __call__(self, *leaves, **params):
+        key = _signature(leaves)
+        gm = self.graphs.get(key)
+        if gm is None and key not in self.failed:
+            gm = self._capture_at(key)
+        if gm is None:
+            return self.direct(*leaves, **params)
+        return gm(*leaves, **params)
+
+    def _capture_at(self, key):
+        if len(self.graphs) >= MAX_SHAPES:
+            self.failed.add(key)
+            return None
+        # Plain tensors of the new shapes: fake tracing reads their metadata only (the batch seen
+        # here may be a transform's wrapper, which fake tracing cannot take).
+        leaves = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in key]
+        saved = [(m, m.training) for m, _ in self.modes]
+        try:
+            for m, flag in self.modes:
+                m.training = flag
+            gm = _capture(self.name, self.direct, self.batch_names, self.param_names, leaves, self.params)
+        except Exception:  # noqa: BLE001 - the direct call is always right, only slower
+            self.failed.add(key)
+            warnings.warn(f"level '{self.name}': its graph could not be captured again for batch shapes "
+                          f"{[tuple(k[0]) for k in key]}; batches of these shapes call the function directly",
+                          stacklevel=3)
+            return None
+        finally:
+            for m, flag in saved:
+                m.training = flag
+        self.graphs[key] = gm.forward
+        return gm.forward
+
+
+def _signature(leaves) -> tuple:
+    return tuple((tuple(x.shape), x.dtype, x.device) for x in leaves)
