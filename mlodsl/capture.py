@@ -18,8 +18,8 @@ the convention of the symbolic path: ``batch_0, ...`` then ``<level>_<parameter 
 Tensors the function reads that are not parameters (buffers such as ``position_ids``, frozen
 weights) become constants of the graph.
 
-The graph is specialized to the example batch's shapes. Each call checks the batch leaves'
-shapes and dtypes; a new signature (the last, partial batch of an epoch) is captured again at
+The graph is specialized to the example's shapes. Each call checks its inputs' shapes, dtypes
+and devices; a new signature (the last, partial batch of an epoch) is captured again at
 those shapes (up to ``MAX_SHAPES`` graphs), and where that is not possible the level's function
 is called directly: never the graph of another shape.
 """
@@ -113,41 +113,43 @@ def _renamed(raw: fx.GraphModule, names: list, level_name: str) -> fx.GraphModul
 
 
 class _ShapeGuard:
-    """``graph.forward`` of a captured level: the graph captured at the batch's shapes."""
+    """``graph.forward`` of a captured level: the graph captured at the shapes of its inputs."""
 
     def __init__(self, name, gm, direct, batch_names, param_names, leaves, params, modes):
         self.name, self.direct = name, direct
         self.batch_names, self.param_names = batch_names, param_names
-        self.params = params          # the parameters' metadata for captures at new shapes
         self.modes = modes            # (module, training) as captured: dropout on or off is in the graph
-        self.graphs = {_signature(leaves): type(gm).forward.__get__(gm)}  # the graph's own forward
+        self.graphs = {_signature([*leaves, *params]): type(gm).forward.__get__(gm)}  # the graph's own forward
         self.failed: set = set()
 
     def __call__(self, *leaves, **params):
-        key = _signature(leaves)
-        gm = self.graphs.get(key)
-        if gm is None and key not in self.failed:
-            gm = self._capture_at(key)
-        if gm is None:
+        flat = [*leaves, *(params[n] for n in self.param_names)]
+        key = _signature(flat)
+        forward = self.graphs.get(key)
+        if forward is None and key not in self.failed:
+            forward = self._capture_at(key)
+        if forward is None:
             return self.direct(*leaves, **params)
-        return gm(*leaves, **params)
+        return forward(*leaves, **params)
 
     def _capture_at(self, key):
         if len(self.graphs) >= MAX_SHAPES:
             self.failed.add(key)
             return None
-        # Plain tensors of the new shapes: fake tracing reads their metadata only (the batch seen
-        # here may be a transform's wrapper, which fake tracing cannot take).
-        leaves = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in key]
+        # Plain tensors of the new shapes: fake tracing reads their metadata only (the inputs seen
+        # here may be a transform's wrappers, which fake tracing cannot take).
+        flat = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in key]
+        n = len(self.batch_names)
         saved = [(m, m.training) for m, _ in self.modes]
         try:
             for m, flag in self.modes:
                 m.training = flag
-            gm = _capture(self.name, self.direct, self.batch_names, self.param_names, leaves, self.params)
+            with torch._C._DisableFuncTorch():  # capture the function itself, not a transform of it
+                gm = _capture(self.name, self.direct, self.batch_names, self.param_names, flat[:n], flat[n:])
         except Exception:  # noqa: BLE001 - the direct call is always right, only slower
             self.failed.add(key)
-            warnings.warn(f"level '{self.name}': its graph could not be captured again for batch shapes "
-                          f"{[tuple(k[0]) for k in key]}; batches of these shapes call the function directly",
+            warnings.warn(f"level '{self.name}': its graph could not be captured again for input shapes "
+                          f"{[k[0] for k in key[:n]]}; inputs of these shapes call the function directly",
                           stacklevel=3)
             return None
         finally:
