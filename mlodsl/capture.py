@@ -38,27 +38,28 @@ MAX_SHAPES = 8  # captured graphs kept per level; beyond that, new shapes call t
 def capture_level(level, modules: dict, owners: dict, example_batch, traced_cls, direct_call, batch_structure,
                   reason: str):
     """A ``traced_cls`` (``trace.TracedLevel``) whose graph is the level captured by ``make_fx``, or
-    None when it cannot be captured (``trace._trace`` then falls back to an opaque call).
+    the reason it cannot be captured (a str: ``trace._trace`` then falls back to an opaque call).
 
     ``direct_call`` and ``batch_structure`` are ``trace._direct_call`` and ``trace._batch_structure``
     (passed in, so this module adds no import cycle and follows their convention)."""
     kind, keys, batch_names = batch_structure(example_batch, level.takes_batch)
     if _running_statistics(modules):  # staged by the symbolic path's BufferState; a constant here
-        return None
+        return "running statistics (floating-point buffers) are not captured"
     direct, inputs = direct_call(level, modules, owners, kind, keys)
     probe = traced_cls(level.name, None, kind, keys, inputs)
     leaves = probe.batch_args(example_batch)
     if not all(isinstance(x, torch.Tensor) for x in leaves):
-        return None
+        return "the batch has leaves that are not tensors"
     param_of = {owners[a]: dict(m.named_parameters()) for a, m in modules.items()}
     params = [param_of[lvl][p].detach() for lvl, p in inputs.values()]
     modes = [(m, m.training) for mod in modules.values() for m in mod.modules()]
     try:
         if _custom_functions(direct, leaves, dict(zip(inputs, params))):
-            return None  # make_fx records a custom autograd.Function's forward, not its backward
+            # make_fx would record the Function's forward and differentiate that, not its backward
+            return "the loss calls a custom autograd.Function"
         gm = _capture(level.name, direct, batch_names, list(inputs), leaves, params)
-    except Exception:  # noqa: BLE001 - value-dependent control flow and the like: the opaque call
-        return None
+    except Exception as err:  # noqa: BLE001 - value-dependent control flow and the like: the opaque call
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     guarded = _ShapeGuard(level.name, gm, direct, batch_names, list(inputs), leaves, params, modes)
     gm.forward = guarded  # TracedLevel calls graph.forward: the guard picks the graph for the shapes
     traced = traced_cls(level.name, gm, kind, keys, inputs, direct=direct)

@@ -324,8 +324,9 @@ def _trace(level, modules: dict, owners: dict, example_batch) -> TracedLevel:
         # Real models (Hugging Face, attention with shape checks): a graph of aten ops by make_fx.
         captured = capture_level(level, modules, owners, example_batch, TracedLevel, _direct_call,
                                  _batch_structure, f"symbolic_trace failed: {reason}")
-        if captured is not None:
+        if not isinstance(captured, str):
             return captured
+        reason += f"; make_fx could not capture it either ({captured})"
         warnings.warn(
             f"level '{level.name}' could not be traced by torch.fx ({reason}); it runs as an opaque "
             f"functional_call, with the same numbers but no readable graph. To get a graph, avoid Python "
