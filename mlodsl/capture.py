@@ -61,7 +61,9 @@ def capture_level(level, modules: dict, owners: dict, example_batch, traced_cls,
     except Exception as err:  # noqa: BLE001 - value-dependent control flow and the like: the opaque call
         return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     guarded = _ShapeGuard(level.name, gm, direct, batch_names, list(inputs), leaves, params, modes)
-    gm.forward = guarded  # TracedLevel calls graph.forward: the guard picks the graph for the shapes
+    gm.shape_guard = guarded
+    gm.forward = guarded.__call__  # TracedLevel calls graph.forward: the guard picks the graph for the shapes
+    # (a bound method, not the guard object itself: torch.compile traces methods, not callable objects)
     traced = traced_cls(level.name, gm, kind, keys, inputs, direct=direct)
     traced.reason = f"captured by make_fx ({reason})"
     return traced

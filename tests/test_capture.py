@@ -75,7 +75,7 @@ def test_captured_graph_is_guarded_by_the_batch_shapes():
     traced = prog.levels["inner"].traced
     assert not traced.opaque
     params = _params(prog)
-    guard = traced.graph.forward
+    guard = traced.graph.shape_guard
     for rows, length in ((N - 2, 5), (N, 3)):
         batch = (train[0][:rows, :length], train[1][:rows])
         w = torch.zeros(rows, dtype=DT)
