@@ -3,8 +3,6 @@ method differentiates twice run under the math SDPA kernel, the rest keep the fa
 with no double backward is named at build."""
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 import mlodsl as ml
