@@ -18,6 +18,7 @@ from . import checkpoint, codegen, distributed
 from .data import BatchStream
 from .draw import LevelDiagram
 from .graph import ProgramError, build_graph, collect_levels
+from .kernels import check_second_order, second_order_levels
 from .hypergrad import Unroll
 from .level import Level
 from .losscheck import check_losses
@@ -266,11 +267,13 @@ class Program:
                                 weigh=dp and dp.weigh,
                                 clip={n: lvl.clip_grad_norm for n, lvl in levels.items() if lvl.clip_grad_norm},
                                 compiler=Compiler(compile_options, self._eager_levels(compile_options)),
-                                lowers=self.plan.lowers)
+                                lowers=self.plan.lowers,
+                                second_order=second_order_levels(self.plan, methods))
         self.compiler = self._runtime.compiler
         self.code = codegen.generate(self.plan, levels, methods, title, _levels_taken(self.levels))
         (self._step_fn, self._hypergradient_fn), self.code_filename = codegen.build(self.code, self._runtime)
         self._runtime.buffer_state = self._buffers
+        self._check_second_order(first, {n: lvl.module for n, lvl in levels.items()})
         self.step_count = 0
         self.history: list[dict] = []
 
@@ -315,6 +318,19 @@ class Program:
         one = {n: _one(batches[n][0]) for n in self.levels}
         one = {n: tree_map(lambda x: x[0], b) if n in self._tasked_batches else b for n, b in one.items()}
         check_losses(self.levels, params, one)
+
+    def _check_second_order(self, batches, modules):
+        """One Hessian-vector product of every loss that is differentiated twice, at build time: an op
+        without a double backward is named here rather than in the middle of training."""
+        names = [n for n in self.levels if n in self._runtime.second_order]
+        params = {n: (tree_map(lambda x: x[0], s["params"]) if n in self.tasks else s["params"])
+                  for n, s in self._state.items()}
+        first = {}
+        for name in names:
+            first[name] = _one(batches[name][0])
+            if name in self._tasked_batches:
+                first[name] = tree_map(lambda x: x[0], first[name])
+        check_second_order(self._runtime, names, params, first, modules)
 
     # -- running ------------------------------------------------------------------------------
     def step(self) -> dict:

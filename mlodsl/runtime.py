@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from . import autodiff
 from .compiled import Compiler, is_plain
 from .hypergrad.base import DivergenceError, DivergenceWarning, Trajectory, state_vjp
+from .kernels import attention_kernel
 from .loops import StackedPath, UpdateLoop
 from .tree import detached
 
@@ -145,7 +146,7 @@ def reached_params(traced) -> set | None:
             continue
         seen.add(node)
         stack.extend(node.all_input_nodes)
-    return {traced.inputs[n.name] for n in seen if n.op == "placeholder" and n.name in traced.inputs}
+    return {traced.inputs[n.target] for n in seen if n.op == "placeholder" and n.target in traced.inputs}
 
 
 def absent_params(traced: dict, lowers: dict, optimizers: dict, starts: dict) -> dict:
@@ -274,7 +275,7 @@ class Runtime:
                  init_params: dict | None = None, projections: dict | None = None, *,
                  autocast: dict | None = None, loss_scales: dict | None = None, reduce: Callable | None = None,
                  replicate: Callable | None = None, clip: dict | None = None, compiler: Compiler | None = None,
-                 weigh: Callable | None = None, lowers: dict | None = None):
+                 weigh: Callable | None = None, lowers: dict | None = None, second_order: set | None = None):
         self.traced, self.optimizers, self.methods = traced, optimizers, methods
         self.starts = starts or {}            # level -> None | "init" | upper level name
         self.init_params = init_params or {}  # level -> its initial parameters
@@ -287,6 +288,7 @@ class Runtime:
         self.restrict, self.outside, self.params_of = restrict, outside, params_of
         self.buffer_state = None              # trace.BufferState: staged running statistics
         self.compiler = compiler or Compiler(None)  # compile=True: the step's compiled regions
+        self.second_order = second_order or set()  # levels whose loss is differentiated twice (mlodsl.kernels)
         self._products: dict = {}             # (lower, upper) -> compiled region of a products_only vjp
         # level -> parameters no loss it is differentiated through reaches: their gradient is absent
         # (None to the optimizer, as torch.optim's p.grad), so decay and moments leave them alone
@@ -344,12 +346,19 @@ class Runtime:
         return mode.found
 
     def evaluate(self, name: str, params: dict, batch):
-        """``(loss, metrics)`` of level ``name`` under its precision; the mean over micro-batches."""
+        """``(loss, metrics)`` of level ``name`` under its precision; the mean over micro-batches.
+        A loss that is differentiated twice runs under attention kernels with a double backward."""
         if isinstance(batch, SeededBatch):  # the same random draws at every evaluation of one update
             with fixed_rng(batch.seed):
                 return self.evaluate(name, params, batch.batch)
         if isinstance(batch, MicroBatches):
             return _mean_outputs([self.evaluate(name, params, b) for b in batch])
+        if name in self.second_order:
+            with attention_kernel():
+                return self._evaluate(name, params, batch)
+        return self._evaluate(name, params, batch)
+
+    def _evaluate(self, name: str, params: dict, batch):
         ctx = self.autocast.get(name)
         if ctx is None:
             loss, metrics = split_output(name, self.traced[name](params, batch))

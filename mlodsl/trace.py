@@ -27,6 +27,7 @@ from torch import nn
 
 from .binding import ProgramModules, storage_of, storages
 from .graph import ProgramError
+from .capture import capture_level
 
 
 class TraceWarning(UserWarning):
@@ -468,6 +469,12 @@ def _trace(level, program: ProgramModules, example_batch, modes: dict) -> Traced
         return TracedLevel(level.name, gm, kind, keys, inputs, direct=direct, buffers=buffers)
     except Exception as err:  # noqa: BLE001 - every tracing failure falls back the same way
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        # Real models (Hugging Face, attention with shape checks): a graph of aten ops by make_fx.
+        captured = _capture(level, program, example_batch, modes)
+        if not isinstance(captured, str):
+            captured.reason = f"captured by make_fx (symbolic_trace failed: {reason})"
+            return captured
+        reason += f"; make_fx could not capture it either ({captured})"
         warnings.warn(
             f"level '{level.name}' could not be traced by torch.fx ({reason}); it runs as an opaque "
             f"call, with the same numbers but no readable graph. To get a graph, avoid Python "
@@ -486,7 +493,7 @@ def _buffers_to_placeholders(graph: fx.Graph, owner_of_buffer: dict) -> dict:
         for target in dict.fromkeys(n.target for n in used):
             lvl, module, bname = owner_of_buffer[target]
             ph = graph.placeholder(_identifier(f"{lvl}_{bname}"))
-            buffers[ph.name] = (lvl, module, bname)
+            buffers[ph.target] = (lvl, module, bname)
             placeholder_of[target] = ph
     for node in used:
         node.replace_all_uses_with(placeholder_of[node.target])
@@ -512,7 +519,7 @@ def _parameters_to_placeholders(graph: fx.Graph, owner_of_param: dict, named: tu
             for target, (owner, pname) in owner_of_param.items():
                 if owner == lvl:
                     ph = graph.placeholder(_identifier(f"{lvl}_{pname}"))
-                    inputs[ph.name] = (lvl, pname)
+                    inputs[ph.target] = (lvl, pname)
                     placeholder_of[target] = ph
     for node in list(graph.nodes):
         if node.op == "get_attr" and node.target in placeholder_of:
@@ -534,19 +541,18 @@ def _direct_call(level, program: ProgramModules, modes: dict):
     return call_level
 
 
-def _opaque_level(level, program: ProgramModules, kind, keys, batch_names, modes, reason) -> TracedLevel:
-    """A one-node graph that calls the function on the program's modules bound to its inputs: every
-    learnable parameter of the program (own level and arguments first), since it may read any."""
-    direct = _direct_call(level, program, modes)
+def _program_inputs(level, program: ProgramModules) -> dict:
+    """``{placeholder: (level, parameter)}`` for every learnable parameter of the program, the
+    level's own and its arguments' first: a function may read any of them."""
     named = (level.name, *level.level_args)
     order = list(named) + [lvl for lvl in program.modules if lvl not in named]
-    graph = fx.Graph()
-    batch_phs = [graph.placeholder(n) for n in batch_names]
-    inputs, param_phs = {}, {}
-    for lvl in order:
-        for k in program.learnable(lvl):
-            ph = graph.placeholder(_identifier(f"{lvl}_{k}"))
-            inputs[ph.name], param_phs[ph.name] = (lvl, k), ph
+    return {_identifier(f"{lvl}_{k}"): (lvl, k) for lvl in order for k in program.learnable(lvl)}
+
+
+def _flat_call(level, program: ProgramModules, kind, keys, modes, inputs: dict):
+    """The user's function as ``call(*batch_leaves, **{placeholder: tensor})``, the program's modules
+    bound to the tensors of ``inputs``' placeholders (levels not in ``inputs`` keep their own)."""
+    direct = _direct_call(level, program, modes)
 
     def call_level(*batch_leaves, **flat):
         params = {}
@@ -556,6 +562,33 @@ def _opaque_level(level, program: ProgramModules, kind, keys, batch_names, modes
         return direct(params, batch)
 
     call_level.__name__ = direct.__name__
+    return call_level
+
+
+def _capture(level, program: ProgramModules, example_batch, modes) -> TracedLevel | str:
+    """The level as a graph of aten ops captured by ``make_fx`` (``mlodsl.capture``), or why not."""
+    kind, keys, batch_names = _batch_structure(example_batch, level.takes_batch)
+    inputs = _program_inputs(level, program)
+    values = {ph: program.learnable(lvl)[k].detach() for ph, (lvl, k) in inputs.items()}
+    leaves = TracedLevel(level.name, None, kind, keys, inputs).batch_args(example_batch)
+    captured = capture_level(level.name, lambda ins: _flat_call(level, program, kind, keys, modes, ins), inputs,
+                             (level.name, *level.level_args), batch_names, leaves, values,
+                             list(program.modules.values()))
+    if isinstance(captured, str):
+        return captured
+    gm, kept = captured
+    return TracedLevel(level.name, gm, kind, keys, kept, direct=_direct_call(level, program, modes))
+
+
+def _opaque_level(level, program: ProgramModules, kind, keys, batch_names, modes, reason) -> TracedLevel:
+    """A one-node graph that calls the function on the program's modules bound to its inputs: every
+    learnable parameter of the program (own level and arguments first), since it may read any."""
+    graph = fx.Graph()
+    batch_phs = [graph.placeholder(n) for n in batch_names]
+    inputs = _program_inputs(level, program)
+    param_phs = {ph: graph.placeholder(ph) for ph in inputs}
+    call_level = _flat_call(level, program, kind, keys, modes, inputs)
     graph.output(graph.call_function(call_level, tuple(batch_phs), param_phs))
     gm = fx.GraphModule(nn.Module(), graph, class_name=f"level_{_identifier(level.name)}_opaque")
-    return TracedLevel(level.name, gm, kind, keys, inputs, opaque=True, reason=reason, direct=direct)
+    return TracedLevel(level.name, gm, kind, keys, inputs, opaque=True, reason=reason,
+                       direct=_direct_call(level, program, modes))

@@ -1,5 +1,7 @@
 """Numerics of the optimizers and hypergradient methods: parameters that no loss reaches, diverging
 solvers, and random state (dropout) shared by the evaluations of one update."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -109,6 +111,62 @@ def test_an_upper_parameter_reached_only_through_its_lower_level_still_moves():
     assert not torch.equal(prog.params("outer")["log_l2"], torch.zeros(3, dtype=DT))
     assert torch.equal(prog.params("outer")["spare"], torch.ones(2, dtype=DT))
     assert prog._runtime.absent == {"outer": frozenset({"spare"})}
+
+
+class CamelCase(nn.Module):
+    """Submodule and parameter names with capitals, as Hugging Face writes them (``LayerNorm``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.LayerNorm = nn.LayerNorm(3).to(DT)
+        self.Proj = nn.Linear(3, 1).to(DT)
+
+    def forward(self, x):
+        return self.Proj(self.LayerNorm(x)).squeeze(-1)
+
+
+@pytest.mark.parametrize("opaque", [False, True], ids=["traced", "opaque"])
+def test_parameters_with_capitals_in_their_names_are_updated_and_differentiated(opaque):
+    """fx turns a placeholder's name to snake_case (``LayerNorm`` -> ``layer_norm``) while the graph's
+    forward keeps the keyword as written; parameters keyed by the wrong one looked unreached and were
+    silently never updated. Unroll through 2 SGD steps against hand-written autograd, float64."""
+    torch.manual_seed(0)
+    net = CamelCase()
+    hyper = ml.Hyper(logA=torch.tensor(-1.0, dtype=DT))
+    x, y = _regression()
+    start = {k: p.detach().clone() for k, p in net.named_parameters()}
+
+    @ml.level(net, optimizer=ml.optim.sgd(lr=0.1), data=(x, y), steps=2)
+    def inner(net, batch, outer):
+        xb, yb = batch
+        pred = net(xb)
+        if opaque and bool(pred.sum() > 1e9):  # value-dependent control flow: an opaque call
+            pred = pred * 0
+        return F.mse_loss(pred, yb) + outer.logA.exp() * (net.Proj.weight ** 2).sum()
+
+    @ml.level(hyper, optimizer=ml.optim.sgd(lr=0.1), data=(x, y), depends_on=[inner])
+    def outer(hyper, batch, inner):
+        xb, yb = batch
+        return F.mse_loss(inner(xb), yb)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore" if opaque else "error", ml.TraceWarning)
+        prog = ml.Program(outer)
+    assert prog.levels["inner"].traced.opaque is opaque
+    got = prog.hypergradient("outer")["logA"]
+
+    p = {k: v.clone().requires_grad_() for k, v in start.items()}
+    logA = torch.tensor(-1.0, dtype=DT, requires_grad=True)
+    for _ in range(2):
+        loss = F.mse_loss(torch.func.functional_call(net, p, (x,)), y) + logA.exp() * (p["Proj.weight"] ** 2).sum()
+        g = torch.autograd.grad(loss, list(p.values()), create_graph=True)
+        p = {k: v - 0.1 * gk for (k, v), gk in zip(p.items(), g)}
+    want = torch.autograd.grad(F.mse_loss(torch.func.functional_call(net, p, (x,)), y), logA)[0]
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+    prog.step()
+    for k, v in prog.params("inner").items():  # every parameter moved, LayerNorm's included
+        assert not torch.equal(v, start[k]), k
+    assert prog._runtime.absent == {}
 
 
 # -- diverging iterative solves ------------------------------------------------------------------

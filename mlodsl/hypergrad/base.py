@@ -17,6 +17,10 @@ A hypergradient method is any object with
   diagnostic the method reported (``trajectory.report``), what went wrong, or None; the Program
   checks it after the step, before committing anything, and raises ``DivergenceError`` (or warns,
   when the method's ``on_divergence`` is ``"warn"``);
+* ``second_order: bool`` (optional, True when absent) -- whether the method differentiates the
+  lower level's gradient (its updates, Hessian or Jacobian products): the lower loss is then
+  differentiated twice, and mlodsl evaluates it under attention kernels that have a double
+  backward (``mlodsl.kernels``); ``differentiates_twice`` reads it;
 * ``vjp(trajectory, cotangent) -> dict`` -- given the cotangent ``v = ∂f_U/∂θ_L`` of the upper
   level's loss with respect to the lower level's final parameters, return the best-response
   vector-Jacobian product ``vᵀ dθ_L/dθ_U`` with respect to the upper level's parameters
@@ -76,6 +80,14 @@ def diverged(diagnostics: dict, growth_fix: str) -> str | None:
         return (f"diverged: its iterates grew by a factor {growth:.3g} (‖last term‖/‖v‖), so the series "
                 f"does not converge. {growth_fix}")
     return None
+
+
+SECOND_ORDER_DEFAULT = True  # a method that does not say is assumed to differentiate twice (the safe side)
+
+
+def differentiates_twice(method) -> bool:
+    """Whether ``method`` differentiates the lower loss's gradient (its ``second_order`` flag)."""
+    return bool(getattr(method, "second_order", SECOND_ORDER_DEFAULT))
 
 
 @dataclass(frozen=True)

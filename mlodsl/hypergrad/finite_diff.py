@@ -40,6 +40,7 @@ class FiniteDiff:
     keeps_path = False
     replays_updates = False  # uses the loss alone, not the updates
     products_only = True  # products of the loss at the final point: one compiled region under compile=True
+    second_order = False  # gradients of the lower loss only (the mixed product is a difference)
 
     def __init__(self, eps: float = 0.01):
         if not eps > 0:

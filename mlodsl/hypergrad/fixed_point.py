@@ -47,6 +47,7 @@ class FixedPoint:
 
     keeps_path = False
     replays_updates = True  # re-runs or differentiates the optimizer updates
+    second_order = True  # VJPs of the update map, which contains the lower gradient
 
     def __init__(self, iters: int, solve: Callable | None = None, on_divergence: str = "raise"):
         if not isinstance(iters, int) or iters < 0:

@@ -43,6 +43,7 @@ class Implicit:
     keeps_path = False
     replays_updates = False  # uses the loss alone, not the updates
     products_only = True  # products of the loss at the final point: one compiled region under compile=True
+    second_order = True  # Hessian and mixed products of the lower loss
 
     # what to change when a Neumann-type solve grows (the subclasses name their own options)
     growth_fix = "Use a solver that converges on this system, or add damping="

@@ -53,6 +53,7 @@ class SAMA:
     keeps_path = False
     replays_updates = True  # re-runs or differentiates the optimizer updates
     products_only = True  # products of the loss at the final point: one compiled region under compile=True
+    second_order = False  # gradients of the lower loss only: the jvp is of Adam's direction in g
 
     def __init__(self, eps: float = 0.01, betas=(0.9, 0.999), adam_eps: float = 1e-8, eps_root: float = 1e-16):
         if not eps > 0:

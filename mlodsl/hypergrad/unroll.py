@@ -30,6 +30,7 @@ class Unroll:
 
     keeps_path = True
     replays_updates = True  # differentiates the optimizer updates
+    second_order = True  # the updates contain the lower gradient
 
     def __init__(self, last: int | None = None, checkpoint: int | str | None = None):
         if last is not None and (not isinstance(last, int) or last < 1):
@@ -97,6 +98,7 @@ class Forward:
     """
 
     keeps_path = False
+    second_order = True  # jvp through the updates, which contain the lower gradient
 
     def __repr__(self) -> str:
         return "Forward()"
@@ -135,6 +137,7 @@ class FirstOrder:
 
     keeps_path = False
     replays_updates = False
+    second_order = False  # no derivative of the lower loss at all
 
     def __repr__(self) -> str:
         return "FirstOrder()"

@@ -51,6 +51,7 @@ class ZeroOrder:
 
     keeps_path = False
     replays_updates = True  # re-runs or differentiates the optimizer updates
+    second_order = False  # re-runs the block; no derivative of it
 
     def __init__(self, samples: int, sigma: float, antithetic: bool = True):
         if not isinstance(samples, int) or samples < 1:

@@ -1,0 +1,114 @@
+"""Attention kernels for levels whose loss is differentiated twice.
+
+PyTorch picks a fused kernel for ``scaled_dot_product_attention`` (flash attention on CPU and
+CUDA) whose backward has no derivative of its own: a second derivative through it fails with
+``derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented``.
+The math kernel computes the same attention from differentiable ops. mlodsl knows which losses are
+differentiated twice (``second_order_levels``) and evaluates those under the math kernel
+(``attention_kernel``); every other loss (a top level's own gradient, levels under ``FiniteDiff``
+or ``FirstOrder``) keeps the fast kernel.
+
+``check_second_order`` takes one Hessian-vector product of each such level at build time, so an
+op with no double backward at all (a custom ``autograd.Function`` marked ``once_differentiable``)
+is reported there, named, with the fix, instead of in the middle of training.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .graph import ProgramError
+from .hypergrad.base import differentiates_twice
+
+
+def second_order_levels(plan, methods: dict) -> set:
+    """Levels whose loss is differentiated twice: every level of the block of a lower level whose
+    method differentiates through its gradient (the lower level's updates or its Hessian products,
+    and, in a deeper block, the updates a level above differentiates through in turn)."""
+    return {n for lower, m in methods.items() if differentiates_twice(m) for n in plan.subtree[lower]}
+
+
+def attention_kernel() -> contextlib.AbstractContextManager:
+    """The context a twice-differentiated loss runs in: attention by the math kernel."""
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def check_second_order(runtime, names, params: dict, batches: dict, modules: dict):
+    """One Hessian-vector product of each level in ``names`` at ``params`` on its batch, raising
+    ``ProgramError`` naming the level, the op without a double backward and the fix.
+
+    ``batches``: level -> one batch; ``modules``: level -> module (buffers are restored after).
+    """
+    saved = [(b, b.detach().clone()) for m in modules.values() for b in m.buffers()]
+    try:
+        for name in names:
+            _hvp_or_raise(runtime, name, params, batches[name])
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+def _hvp_or_raise(runtime, name, params, batch):
+    own = {k: v.detach().requires_grad_() for k, v in params[name].items()}
+    loss = runtime.evaluate(name, {**params, name: own}, batch)[0]
+    grads = torch.autograd.grad(loss, list(own.values()), create_graph=True, allow_unused=True)
+    pairs = [(g, p) for g, p in zip(grads, own.values()) if g is not None and g.requires_grad]
+    if not pairs:  # the gradient does not depend on the parameters (a linear loss): nothing to check
+        return
+    dot = sum((g * torch.ones_like(g)).sum() for g, _ in pairs)
+    try:
+        torch.autograd.grad(dot, [p for _, p in pairs], allow_unused=True)
+        # A node without a derivative raises only when a backward pass reaches it; one that cuts
+        # the graph instead (@once_differentiable) is found by looking for it.
+        broken = _broken_nodes(g for g, _ in pairs)
+        if broken:
+            raise RuntimeError(f"the gradient's graph has {broken[0]} nodes: a derivative is missing")
+    except RuntimeError as err:
+        what = _culprit(err, loss)
+        method = runtime.methods.get(name)
+        how = f"its method {method!r}" if method is not None else "the method of a level above it"
+        raise ProgramError(
+            f"level '{name}': {how} differentiates its loss twice, but {what} has no double backward "
+            f"({str(err).splitlines()[0]}). Fix: give this level a first-order method "
+            f"(hypergrad=ml.hypergrad.FiniteDiff() or FirstOrder()), or implement the double backward "
+            f"(a custom autograd.Function whose backward uses differentiable torch ops, without "
+            f"@once_differentiable).") from err
+
+
+def _graph_nodes(roots):
+    seen, stack = set(), list(roots)
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        yield node
+        stack.extend(n for n, _ in node.next_functions)
+
+
+def _broken_nodes(tensors) -> list:
+    """Names of autograd nodes that raise when reached: a missing derivative (``NotImplemented``)
+    or a function differentiated twice that forbids it (``Error``, from @once_differentiable)."""
+    return sorted({type(n).__name__ for n in _graph_nodes(t.grad_fn for t in tensors)
+                   if type(n).__name__ in ("Error", "DelayedError", "NotImplemented")})
+
+
+def _culprit(err: Exception, loss: torch.Tensor) -> str:
+    """The op named by the error, else the custom autograd.Functions in the loss's graph."""
+    op = re.search(r"aten::\w+", str(err))
+    if op:
+        return f"'{op.group(0)}'"
+    custom = []
+    for node in _graph_nodes([loss.grad_fn]):
+        cls = getattr(node, "_forward_cls", None)  # the Function class of a custom autograd node
+        if cls is not None and cls not in custom:
+            custom.append(cls)
+    # @once_differentiable wraps backward (functools.wraps): those are the culprits when present.
+    once = [c for c in custom if hasattr(c.backward, "__wrapped__")] or custom
+    if once:
+        return "the autograd.Function " + " / ".join(f"'{c.__name__}'" for c in once)
+    return "an op of its loss"

@@ -1,0 +1,78 @@
+"""Second derivatives through attention without user action (mlodsl.kernels): the losses a
+method differentiates twice run under the math SDPA kernel, the rest keep the fast one, and an op
+with no double backward is named at build."""
+import pytest
+import torch
+from torch.autograd.function import once_differentiable
+
+import mlodsl as ml
+from attention_models import DT, bert, encoder, hand_cg, hand_unroll, reweighting
+
+CG_ITERS = 3
+
+
+@pytest.mark.parametrize("model", [encoder, bert], ids=["TransformerEncoder", "BERT"])
+@pytest.mark.parametrize("method", ["Unroll", "CG"])
+def test_attention_lower_level_hypergradient_equals_hand_autograd(model, method):
+    """Flash attention (the default on CPU) has no double backward; mlodsl picks the math kernel for
+    the lower loss, so Unroll and CG run as written and match autograd to rounding."""
+    net, logits, train, val = model()
+    hypergrad = ml.hypergrad.Unroll() if method == "Unroll" else ml.hypergrad.CG(iters=CG_ITERS)
+    prog, _ = reweighting(net, logits, train, val, hypergrad)
+    got = prog.hypergradient("outer")["w"]
+    expected = (hand_unroll(net, logits, train, val) if method == "Unroll"
+                else hand_cg(net, logits, train, val, CG_ITERS))
+    assert got.dtype == DT and expected.abs().max() > 1e-4
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method, twice", [(ml.hypergrad.Unroll(), {"inner"}), (ml.hypergrad.CG(iters=2), {"inner"}),
+                                           (ml.hypergrad.Forward(), {"inner"}), (ml.hypergrad.FiniteDiff(), set()),
+                                           (ml.hypergrad.FirstOrder(), set()), (ml.hypergrad.SAMA(), set())], ids=repr)
+def test_only_losses_differentiated_twice_leave_the_fast_kernel(method, twice):
+    """The top level's own gradient and first-order methods keep the fast kernel (they run with
+    flash attention, which would fail a second derivative: they never take one)."""
+    net, logits, train, val = encoder()
+    prog, _ = reweighting(net, logits, train, val, method, steps=1)
+    assert prog._runtime.second_order == twice
+    assert torch.isfinite(prog.hypergradient("outer")["w"]).all()
+
+
+class Cube(torch.autograd.Function):
+    """x³ with a backward that cannot itself be differentiated."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x ** 3
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * 3 * x ** 2
+
+
+def _cube_program(method):
+    low, up = ml.Hyper(w=torch.ones(3, dtype=DT)), ml.Hyper(u=torch.zeros(3, dtype=DT))
+
+    @ml.level(low, optimizer=ml.optim.sgd(lr=0.1), steps=2, hypergrad=method)
+    def inner(m, outer):
+        # A Python branch on a shape: symbolic tracing cannot follow it (and would trace into
+        # Cube's forward, dropping its backward); the level keeps calling Cube itself.
+        w = m.w if m.w.shape[0] == 3 else m.w.flip(0)
+        return (Cube.apply(w) - outer.u).pow(2).sum()
+
+    @ml.level(up, optimizer=ml.optim.sgd(lr=0.1), depends_on=[inner])
+    def outer(m, inner):
+        return (inner.w - 2.0).pow(2).sum()
+
+    return lambda: ml.Program(outer)
+
+
+def test_op_without_double_backward_is_named_at_build():
+    with pytest.raises(ml.ProgramError, match=r"(?s)level 'inner'.*Unroll\(\).*'Cube'.*no double backward.*"
+                                              r"FiniteDiff\(\) or FirstOrder\(\).*double backward"):
+        _cube_program(ml.hypergrad.Unroll())()
+    prog = _cube_program(ml.hypergrad.FiniteDiff())()  # first order: nothing to check, it runs
+    assert torch.isfinite(prog.hypergradient("outer")["u"]).all()
