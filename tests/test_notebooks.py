@@ -1,5 +1,4 @@
 """Every notebook in notebooks/ runs top to bottom without an error (small sizes: MLODSL_SMALL=1)."""
-import os
 import pathlib
 
 import pytest
