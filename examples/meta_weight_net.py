@@ -21,17 +21,14 @@ class-balanced weights (1 / class count, normalized the same way).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import mlodsl as ml  # noqa: E402
-from digits_data import CLASSES, balanced_accuracy, digits, long_tailed, sampler  # noqa: E402
+import mlodsl as ml
+from mlodsl_examples.digits_data import CLASSES, balanced_accuracy, digits, long_tailed, sampler
 
 
 def classifier(seed):
