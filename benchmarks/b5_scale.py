@@ -194,7 +194,8 @@ def main(argv=None):
     footprint = 2 * 4 * n
     print(f"B5: lower level {args.layers}×Linear({args.width}, {args.width}) = {n / 1e6:.1f}M parameters; "
           f"fp32 params+grads footprint {footprint / 2**30:.2f} GiB; {args.threads} threads")
-    header = f"{'method':<16}{'prec':<6}{'peak GiB':>9}{'×footprint':>11}{'time s':>8}{'×products':>10}{'betty GiB':>10}{'×betty':>8}"
+    header = (f"{'method':<16}{'prec':<6}{'peak GiB':>9}{'×footprint':>11}{'time s':>8}{'×products':>10}"
+              f"{'betty GiB':>10}{'×betty':>8}")
     print(header)
     for method in METHODS:
         betty = None

@@ -68,9 +68,9 @@ def main(argv=None):
             for s in singles:
                 s.hypergradient("outer")
             tl.append(time.perf_counter() - t0)
-        v, l = statistics.median(tv), statistics.median(tl)
-        print(f"B6 {name:10s} {T} tasks: vmapped {1e3 * v:8.1f} ms, loop {1e3 * l:8.1f} ms, "
-              f"vmapped/loop {v / l:.2f}  (max |difference| {err:.1e})")
+        v, lp = statistics.median(tv), statistics.median(tl)
+        print(f"B6 {name:10s} {T} tasks: vmapped {1e3 * v:8.1f} ms, loop {1e3 * lp:8.1f} ms, "
+              f"vmapped/loop {v / lp:.2f}  (max |difference| {err:.1e})")
 
 
 if __name__ == "__main__":

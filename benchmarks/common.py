@@ -157,7 +157,8 @@ def _prime():
 
 def worker(module, contender: str, config: dict, steps: int) -> dict:
     """Body of ``--worker``: build the data, reset the peak, build and run one contender."""
-    for peer in ("mlodsl", "betty", "higher", "torchopt", "betty.engine", "networkx", "tqdm.auto"):  # same imports for all
+    # the same imports for every contender
+    for peer in ("mlodsl", "betty", "higher", "torchopt", "betty.engine", "networkx", "tqdm.auto"):
         try:
             __import__(peer)
         except Exception:

@@ -66,7 +66,7 @@ def run_config(mod, config, settings, threads, memory: bool) -> dict:
         contenders[name] = c
     try:
         times = time_round_robin(contenders, settings["warmup"], settings["rounds"], budget_s=settings["budget"])
-    except Exception as err:  # one contender failing while stepping: time the others alone
+    except Exception:  # one contender failing while stepping: time the others alone
         traceback.print_exc(limit=5)
         bad = []
         for name, c in list(contenders.items()):

@@ -25,17 +25,14 @@ scratch on the whole training pool. Baseline: the same supernet with alpha froze
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import mlodsl as ml  # noqa: E402
-from digits_data import CLASSES, balanced_accuracy, digits, sampler  # noqa: E402
+import mlodsl as ml
+from mlodsl_examples.digits_data import CLASSES, balanced_accuracy, digits, sampler
 
 OPS = ["zero", "skip", "linear+relu", "linear+tanh", "linear"]
 EDGES = ["0->1", "0->2", "1->2"]

@@ -22,17 +22,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import mlodsl as ml  # noqa: E402
-from hpo_logreg import DATA_DIM, evaluate_w, make_data  # noqa: E402
+import mlodsl as ml
+from mlodsl_examples.hpo_logreg import DATA_DIM, evaluate_w, make_data
 
 LR0, WD0 = 0.1, 1e-3
 

@@ -19,17 +19,14 @@ classifier trained on the noisy labels (every weight 1), and, as a ceiling, on t
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import mlodsl as ml  # noqa: E402
-from digits_data import CLASSES, balanced_accuracy, corrupt, digits  # noqa: E402
+import mlodsl as ml
+from mlodsl_examples.digits_data import CLASSES, balanced_accuracy, corrupt, digits
 
 L2 = 1e-3
 

@@ -98,7 +98,8 @@ def build(method, *, seed=0, tasks=10, inner_steps=5, inner_lr=0.01, meta_lr=3e-
         fit = mse(fast(x), y)
         if prox:                                    # iMAML's proximal term keeps theta near theta_meta
             # named attributes, not .parameters(): mlodsl's tracer bakes .parameters() in as constants
-            dist = sum(((getattr(fast[i], n) - getattr(meta[i], n)) ** 2).sum() for i in LINEAR for n in ("weight", "bias"))
+            dist = sum(((getattr(fast[i], n) - getattr(meta[i], n)) ** 2).sum()
+                       for i in LINEAR for n in ("weight", "bias"))
             return fit + 0.5 * prox * dist
         return fit
 
@@ -157,7 +158,8 @@ def main(argv=None):
     ap.add_argument("--meta-lr", type=float, default=3e-3, help="Adam learning rate of the meta level (default 3e-3)")
     ap.add_argument("--inner-steps", type=int, default=5, help="adaptation steps in training (default 5)")
     ap.add_argument("--tasks", type=int, default=10, help="tasks per meta-batch (default 10)")
-    ap.add_argument("--lam", type=float, default=10.0, help="iMAML's proximal strength (default 10; 1 and 100 did worse)")
+    ap.add_argument("--lam", type=float, default=10.0,
+                    help="iMAML's proximal strength (default 10; 1 and 100 did worse)")
     ap.add_argument("--test-tasks", type=int, default=200)
     ap.add_argument("--methods", nargs="+", default=["pretrain", "maml", "fomaml", "imaml"])
     ap.add_argument("--seed", type=int, default=0)

@@ -21,17 +21,14 @@ class-balanced weights (1 / class count, normalized the same way).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import mlodsl as ml  # noqa: E402
-from digits_data import CLASSES, balanced_accuracy, digits, long_tailed, sampler  # noqa: E402
+import mlodsl as ml
+from mlodsl_examples.digits_data import CLASSES, balanced_accuracy, digits, long_tailed, sampler
 
 
 def classifier(seed):
@@ -115,7 +112,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--imbalance", type=float, nargs="+", default=[10, 50, 100])
     ap.add_argument("--iters", type=int, default=1000, help="classifier steps (= weight-net steps), default 1000")
-    ap.add_argument("--meta-lr", type=float, default=1e-3, help="Adam learning rate of the weight net (default 1e-3, MW-Net's)")
+    ap.add_argument("--meta-lr", type=float, default=1e-3,
+                    help="Adam learning rate of the weight net (default 1e-3, MW-Net's)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="model/batch seeds, averaged (default 0)")
     ap.add_argument("--method", choices=["unroll", "cg", "darts"], default="unroll",
                     help="hypergradient through the classifier step (default unroll)")
@@ -133,7 +131,7 @@ def main(argv=None):
         print(f"{imb:9.0f}  {int(rows[0]['counts'].sum()):7d}  {mean('plain'):7.4f}  "
               f"{mean('class-balanced'):9.4f}  {mean('mwn'):7.4f}")
         losses, w = weight_curve(rows[0]["wnet"], torch.tensor([0.01, 0.5, 1.0, 2.0, 4.0]))
-        print("           learned weight at loss " + ", ".join(f"{l:.2f}: {v:.3f}" for l, v in zip(losses, w)))
+        print("           learned weight at loss " + ", ".join(f"{x:.2f}: {v:.3f}" for x, v in zip(losses, w)))
     print(f"total time {time.perf_counter() - t0:.1f} s")
 
 

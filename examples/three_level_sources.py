@@ -23,17 +23,14 @@ program without the top level (per-example weights only, learned on both clean s
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import mlodsl as ml  # noqa: E402
-from digits_data import CLASSES, balanced_accuracy, digits  # noqa: E402
+import mlodsl as ml
+from mlodsl_examples.digits_data import CLASSES, balanced_accuracy, digits
 
 NOISE = (0.0, 0.2, 0.5, 0.8)
 L2 = 1e-3

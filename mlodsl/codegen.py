@@ -58,7 +58,7 @@ def _block_fn(ids, name, steps, subtree, method, restarts, leaf, uppers) -> list
         f"        up_{f} = rt.outside(state, up, {subtree!r})",
         f"        up_{f}, tape = rt.tape({name!r}, s, up_{f}, {uppers!r})"]
     if restarts:
-        lines += [f"        s0 = s",
+        lines += ["        s0 = s",
                   f"        s = rt.begin({name!r}, s0, up_{f})"]
     lines += [
         f"        start, path = s, ({{0: s}} if method[{name!r}].keeps_path and tape is None else None)"]
@@ -68,9 +68,9 @@ def _block_fn(ids, name, steps, subtree, method, restarts, leaf, uppers) -> list
         lines += [
             f"        batches = [B[{name!r}][i * {steps} + k] for k in range({steps})]",
             f"        looped = rt.run_loop(loop_{f}, s, up_{f}, batches, path is not None, log)",
-            f"        if looped is not None:",
-            f"            s, path = looped",
-            f"        else:"]
+            "        if looped is not None:",
+            "            s, path = looped",
+            "        else:"]
     lines += [
         f"        {indent}with rt.recording(tape):",
         f"        {indent}    for k in range({steps}):",
@@ -80,11 +80,12 @@ def _block_fn(ids, name, steps, subtree, method, restarts, leaf, uppers) -> list
         f"        record = rt.block({name!r}, {steps}, start, s, path, up_{f},",
         f"                          lambda s_, up_, k: advance_{f}(s_, up_, i * {steps} + k, None, B),",
         f"                          B[{name!r}][i * {steps} + {steps - 1}]" + (
-            f",\n                          lambda up_: rt.begin({name!r}, s0, up_)" if restarts else "") + ", log=log" + (
+            f",\n                          lambda up_: rt.begin({name!r}, s0, up_)" if restarts else ""
+        ) + ", log=log" + (
             f",\n                          update_vjp=lambda s_, up_, upper, k, ct: "
             f"update_vjp_{f}(s_, up_, upper, B[{name!r}][i * {steps} + k], ct)" if leaf else "") + ", tape=tape" + (
             f",\n                          loop=loop_{f}, batches=batches" if loop else "") + ")",
-        f"        return rt.untaped(s, tape), record",
+        "        return rt.untaped(s, tape), record",
         "",
     ]
     return lines
@@ -118,7 +119,7 @@ def _update_fn(ids, name) -> list:
             f'        """One update of {name!r}: a pure function of the block state."""',
             f"        sub, loss, metrics, norm = update_{f}(sub, up, B[{name!r}][i], log)",
             f"        rt.record(log, {name!r}, loss, metrics, norm)",
-            f"        return sub",
+            "        return sub",
             ""]
 
 
@@ -131,7 +132,7 @@ def _gradient_fn(ids, name, children, shared, lowers, taken, subtree, suffix="")
              f'        """Total gradient of {name!r} at its update i (its lower levels run first)."""']
     for c in children:
         lines += [f"        s, block_{ids[c]}_ = block_{ids[c]}(sub, up, i, log, B)",
-                  f"        sub = {{**sub, **s}}"]
+                  "        sub = {**sub, **s}"]
     lines += [f"        loss, metrics, g = partials_{f}({{**up, **rt.params_of(sub)}}, B[{name!r}][i], log)",
               f"        g_{f} = g[{name!r}]"]
     for c in lowers:
@@ -149,22 +150,24 @@ def _tasks_fn(ids, name, tasked, taped) -> list:
     on the autograd tape and differentiated by one backward pass (as a hand-written MAML does)."""
     f, t = ids[name], ids[tasked]
     lines = [f"    def gradient_{f}(sub, up, i, log, B):",
-             f'        """Total gradient of {name!r}, averaged over the tasks of {tasked!r} (one vmapped computation)."""']
+             f'        """Total gradient of {name!r}, averaged over the tasks of {tasked!r} '
+             '(one vmapped computation)."""']
     if taped:
         lines += [
             f"        leaves = rt.tape_tasks({tasked!r}, {name!r}, sub, up)",
-            f"        if leaves is not None:  # the mean task loss on the tape, then one backward pass",
+            "        if leaves is not None:  # the mean task loss on the tape, then one backward pass",
             f"            sub_ = {{**sub, {name!r}: {{**sub[{name!r}], 'params': leaves}}}}",
-            f"            def task_loss(sub_task, B_task):",
+            "            def task_loss(sub_task, B_task):",
             f"                s, _ = block_{t}({{**sub_, **sub_task}}, up, i, None, {{**B, **B_task}})",
-            f"                params = {{**up, **rt.params_of({{**sub_, **s}})}}",
-            f"                return rt.evaluate({name!r}, params, B_task[{name!r}][i])[0], rt.restrict(s, [{tasked!r}])",
+            "                params = {**up, **rt.params_of({**sub_, **s})}",
+            f"                return rt.evaluate({name!r}, params, B_task[{name!r}][i])[0], "
+            f"rt.restrict(s, [{tasked!r}])",
             f"            loss, sub_{t} = vmap(task_loss, randomness='different')(",
             f"                rt.restrict(sub, [{tasked!r}]), {{{tasked!r}: B[{tasked!r}], {name!r}: B[{name!r}]}})",
-            f"            g = rt.tape_gradient(loss.mean(), leaves)",
+            "            g = rt.tape_gradient(loss.mean(), leaves)",
             f"            return g, {{**sub, **rt.untaped(sub_{t}, leaves)}}, loss.mean().detach(), {{}}"]
     return lines + [
-            f"        def one_task(sub_task, B_task):",
+            "        def one_task(sub_task, B_task):",
             f"            g, s, loss, _ = gradient_{f}_one_task({{**sub, **sub_task}}, up, i, None, {{**B, **B_task}})",
             f"            return g, rt.restrict(s, [{tasked!r}]), loss",
             f"        g, sub_{t}, loss = vmap(one_task, randomness='different')(",
@@ -248,7 +251,8 @@ def generate(plan: Plan, levels: dict, methods: dict, title: str, taken: dict | 
         has_shared = any(c in shared for c in plan.lowers[name])
         sub = list(plan.subtree[name])
         out += [f"        if name == {name!r}:",
-                f"            return gradient_{ids[name]}(rt.restrict(state, {sub!r}), rt.outside(state, {{}}, {sub!r}), "
+                f"            return gradient_{ids[name]}(rt.restrict(state, {sub!r}), "
+                f"rt.outside(state, {{}}, {sub!r}), "
                 f"0, None, B{', shared' if has_shared else ''})[::2]"]
     out += ["        raise KeyError(name)", "", "    return step, hypergradient", ""]
     return "\n".join(out)

@@ -100,8 +100,8 @@ class LevelDiagram:
                                         shrinkA=22, shrinkB=22))
         for n, (x, y) in pos.items():
             a = g.nodes[n]
-            ax.text(x, y, f"{n}\n{a['params']} params, {a['steps']} step(s)" + (f"\n{a['method']}" if a.get("method") else ""),
-                    ha="center", va="center", bbox=dict(boxstyle="round", fc="white", ec="black"))
+            label = f"{n}\n{a['params']} params, {a['steps']} step(s)" + (f"\n{a['method']}" if a.get("method") else "")
+            ax.text(x, y, label, ha="center", va="center", bbox=dict(boxstyle="round", fc="white", ec="black"))
         ax.set_xlim(min(p[0] for p in pos.values()) - 1, max(p[0] for p in pos.values()) + 1)
         ax.set_ylim(min(p[1] for p in pos.values()) - 0.7, 0.7)
         ax.axis("off")

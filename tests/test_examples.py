@@ -75,3 +75,12 @@ def test_zoo_example_reports_its_figures_and_reproduces_them(name):
     for figure in figures:
         assert figure in first, first
     assert _untimed(first) == _untimed(second)
+
+
+def test_pyproject_installs_every_package_and_the_examples():
+    """pyproject.toml lists its packages by hand (examples/ installs as `mlodsl_examples`): none is missing."""
+    tomllib = pytest.importorskip("tomllib")        # Python >= 3.11
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "mlodsl").rglob("__init__.py")}
+    assert sorted(config["packages"]) == sorted(found | {"mlodsl_examples"})
+    assert config["package-dir"] == {"mlodsl_examples": "examples"}

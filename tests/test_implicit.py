@@ -1,5 +1,4 @@
 """Implicit and approximate hypergradients against closed forms and hand-written autograd (float64)."""
-import math
 
 import pytest
 import torch
@@ -50,7 +49,8 @@ def ridge(method, log_l2=None, opt=None, steps=1, seed=0, offset=0.0):
     @ml.level(net, optimizer=opt or ml.optim.sgd(lr=LR), data=train, steps=steps, hypergrad=method)
     def inner(net, batch, outer):
         x, y = batch
-        return 0.5 * ((net(x).squeeze(-1) - y) ** 2).mean() + 0.5 * (outer.log_l2.exp() * net.weight.squeeze(0) ** 2).sum()
+        fit = 0.5 * ((net(x).squeeze(-1) - y) ** 2).mean()
+        return fit + 0.5 * (outer.log_l2.exp() * net.weight.squeeze(0) ** 2).sum()
 
     @ml.level(hyper, optimizer=ml.optim.sgd(lr=0.1), data=val, depends_on=[inner])
     def outer(hyper, batch, inner):

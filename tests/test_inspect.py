@@ -2,7 +2,6 @@
 import subprocess
 import sys
 import textwrap
-import warnings
 from pathlib import Path
 
 import pytest

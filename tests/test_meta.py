@@ -67,7 +67,8 @@ def maml_reference(meta, support, query, first_order=False):
     return dict(zip(params, grads))
 
 
-@pytest.mark.parametrize("method,first_order", [(ml.hypergrad.Unroll(), False), (ml.hypergrad.Unroll(checkpoint=1), False),
+@pytest.mark.parametrize("method,first_order", [(ml.hypergrad.Unroll(), False),
+                                                (ml.hypergrad.Unroll(checkpoint=1), False),
                                                 (ml.hypergrad.Forward(), False), (ml.hypergrad.FirstOrder(), True)],
                          ids=["maml", "maml_replayed", "forward", "fomaml"])
 def test_maml_over_a_task_batch_equals_a_hand_written_loop(method, first_order):

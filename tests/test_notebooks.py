@@ -1,5 +1,5 @@
-"""Every notebook in notebooks/ runs top to bottom without an error (small sizes: MLODSL_SMALL=1)."""
-import os
+"""Every notebook in notebooks/ runs top to bottom without an error (small sizes: MLODSL_SMALL=1), is stored
+without outputs, and agrees with its source, the paired percent-format .py (notebooks/jupytext.toml)."""
 import pathlib
 
 import pytest
@@ -7,7 +7,8 @@ import pytest
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
-NOTEBOOKS = sorted((pathlib.Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
+HERE = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = sorted(HERE.glob("*.ipynb"))
 
 
 def test_there_are_notebooks():
@@ -35,3 +36,15 @@ def test_notebook_is_stored_without_outputs(path):
     nb = nbformat.read(path, as_version=4)
     assert all(not c.get("outputs") and c.get("execution_count") is None
                for c in nb.cells if c.cell_type == "code")
+
+
+def test_every_notebook_has_its_py_source():
+    assert [p.stem for p in NOTEBOOKS] == [p.stem for p in sorted(HERE.glob("*.py"))]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_in_sync_with_its_py_source(path):
+    jupytext = pytest.importorskip("jupytext")
+    cells = lambda nb: [(c.cell_type, c.source) for c in nb.cells]
+    assert cells(jupytext.read(path)) == cells(jupytext.read(path.with_suffix(".py"))), \
+        f"{path.name} differs from {path.stem}.py: edit the .py, then run `jupytext --sync notebooks/*.py`"

@@ -66,7 +66,8 @@ def test_unroll_through_stateful_optimizers_equals_autograd(opt):
     prog, net, hyper, train, val = make_hpo(K=K, inner_opt=opt)
     from helpers import inner_loss_fn, outer_loss_fn
     log_l2 = hyper.log_l2.detach().clone().requires_grad_()
-    params = [net.weight.detach().clone().squeeze(0).requires_grad_(), net.bias.detach().clone().squeeze(0).requires_grad_()]
+    params = [net.weight.detach().clone().squeeze(0).requires_grad_(),
+              net.bias.detach().clone().squeeze(0).requires_grad_()]
     state = [dict(m=torch.zeros_like(p), v=torch.zeros_like(p), buf=None) for p in params]
     for t in range(1, K + 1):
         grads = torch.autograd.grad(inner_loss_fn(*params, log_l2, train), params, create_graph=True)
