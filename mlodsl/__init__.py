@@ -10,7 +10,7 @@ from . import callbacks, constraints, distributed, hypergrad, optim, precision
 from .check import check_hypergradient
 from .checkpoint import CheckpointError
 from .data import DataExhaustedError
-from .graph import ProgramError
+from .graph import ProgramError, ReadCycleWarning
 from .hyper import Hyper
 from .level import Level, level
 from .program import NonFiniteError, Program, load
@@ -18,5 +18,6 @@ from .trace import TraceWarning
 
 __version__ = "0.1.0"
 
-__all__ = ["level", "Level", "Hyper", "Program", "load", "optim", "hypergrad", "constraints", "callbacks", "ProgramError",
-           "NonFiniteError", "TraceWarning", "check_hypergradient", "CheckpointError", "DataExhaustedError"]
+__all__ = ["level", "Level", "Hyper", "Program", "load", "optim", "hypergrad", "constraints", "callbacks",
+           "distributed", "precision", "ProgramError", "NonFiniteError", "TraceWarning", "ReadCycleWarning",
+           "check_hypergradient", "CheckpointError", "DataExhaustedError"]

@@ -226,7 +226,8 @@ def generate(plan: Plan, levels: dict, methods: dict, title: str, taken: dict | 
     out += ["    def step(state, B):",
             f'        """One step of {title}: (state, batches) -> (new state, log)."""',
             "        log = rt.new_log()",
-            f"        B = rt.seeded(state, B, {tasked!r})  # one seed per update of a lower level that draws random numbers"] + (
+            f"        B = rt.seeded(state, B, {tasked!r})"
+            "  # one seed per update of a lower level that draws random numbers"] + (
             ["        shared = {}"] if shared else [])
     for n in shared:
         out += [f"        s, shared[{n!r}] = block_{ids[n]}(state, {{}}, 0, log, B)",

@@ -9,7 +9,6 @@ the learned parameters back into the user's modules.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import fx

@@ -267,8 +267,9 @@ class Runtime:
 
     Systems concerns are handed in, never branched on by the methods: ``autocast[level]()`` is the
     context a level's loss runs in (``mlodsl.precision``), ``loss_scales[level].scale`` the fp16
-    loss scale of its gradients (read at every use: the Program backs it off between steps), ``reduce``/``replicate`` the data-parallel averages
-    (``mlodsl.distributed``), ``clip[level]`` the maximum norm of its total gradient.
+    loss scale of its gradients (read at every use: the Program backs it off between steps),
+    ``reduce``/``replicate`` the data-parallel averages (``mlodsl.distributed``), ``clip[level]``
+    the maximum norm of its total gradient.
     """
 
     def __init__(self, traced: dict, optimizers: dict, methods: dict, starts: dict | None = None,

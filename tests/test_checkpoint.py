@@ -1,7 +1,5 @@
 """Checkpoints (mlodsl.checkpoint): plain data only, a checksum, every mismatch refused before
 anything changes, and a resume that continues bit-exactly, history included."""
-import os
-import pickle
 
 import pytest
 import torch
@@ -83,8 +81,9 @@ def test_a_pickle_that_would_run_code_is_refused_and_the_code_does_not_run(tmp_p
                            r"checkpoint but a float64 tensor of shape \(1, 5\) in the program"),
     (dict(dtype=torch.float32), dict(), r"level 'inner': parameter 'weight' is a float32 tensor .* float64"),
     (dict(outer="adam"), dict(outer="sgd"), r"level 'outer': its optimizer state does not fit sgd\(lr=0.1.*\n"
-                                            r".*level 'outer': optimizer state is a dict with keys \['count', 'm', 'v'\]"
-                                            r" in the checkpoint but a dict with keys \['count'\]"),
+                                            r".*level 'outer': optimizer state is a dict with keys "
+                                            r"\['count', 'm', 'v'\] in the checkpoint but a dict with keys "
+                                            r"\['count'\]"),
 ], ids=["missing parameter", "extra parameter", "other shape", "other dtype", "adam state into sgd"])
 def test_a_checkpoint_that_does_not_fit_is_refused_naming_level_and_mismatch_and_changes_nothing(
         tmp_path, saved, loaded, message):

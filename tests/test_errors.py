@@ -4,7 +4,7 @@ import torch
 
 import mlodsl as ml
 from helpers import DT
-from mlodsl.graph import ReadCycleWarning
+
 from mlodsl.loops import scan
 
 
@@ -168,7 +168,7 @@ def test_forgotten_depends_on_with_the_lower_level_outside_the_program():
 
 def test_forgotten_depends_on_loss_without_a_path_from_its_parameters_is_a_build_error():
     inner, outer = _forgotten_depends_on(regularise=False)
-    with pytest.warns(ReadCycleWarning), \
+    with pytest.warns(ml.ReadCycleWarning), \
             pytest.raises(ml.ProgramError, match=r"level 'outer': its loss has no path from its own parameters.*"
                                                  r"needs depends_on=\[inner\]"):
         ml.Program(outer, inner)
@@ -178,13 +178,13 @@ def test_read_cycle_without_depends_on_warns_naming_the_fix(recwarn):
     """Regularising its own parameters, outer would train on a zero hypergradient: warned. The same
     program with depends_on=[inner] is a plain bilevel program: no warning."""
     inner, outer = _forgotten_depends_on(regularise=True)
-    with pytest.warns(ReadCycleWarning, match=r"'outer' and 'inner' read each other.*add depends_on=\[inner\] "
+    with pytest.warns(ml.ReadCycleWarning, match=r"'outer' and 'inner' read each other.*add depends_on=\[inner\] "
                                               r"to 'outer'"):
         ml.Program(outer, inner)
     recwarn.clear()
     fixed = ml.level(hyper(0.5), optimizer=ml.optim.sgd(lr=0.1), data=outer.data, depends_on=[inner])(outer.fn)
     ml.Program(fixed)
-    assert not [w for w in recwarn if issubclass(w.category, ReadCycleWarning)]
+    assert not [w for w in recwarn if issubclass(w.category, ml.ReadCycleWarning)]
 
 
 def test_detached_loss_is_a_build_error_naming_the_level():

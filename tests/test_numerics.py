@@ -259,7 +259,8 @@ def test_cg_ending_further_from_v_than_it_started_did_not_converge():
 
     prog = build(1)
     before = _snapshot(prog)
-    with pytest.raises(ml.hypergrad.DivergenceError, match=r"level 'inner'.*CG\(iters=1\) did not converge.*9\.9.*damping="):
+    with pytest.raises(ml.hypergrad.DivergenceError,
+                       match=r"level 'inner'.*CG\(iters=1\) did not converge.*9\.9.*damping="):
         prog.step()
     _assert_unchanged(prog, before)
     converged = build(2)  # two iterations are exact in two dimensions

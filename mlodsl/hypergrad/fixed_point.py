@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 
 from .. import autodiff
 from .base import Trajectory, check_on_divergence, diverged

@@ -1,16 +1,15 @@
 """Derivative products of a lower level's loss L(θ_L, θ_U) at the end of its block.
 
 Shared by the implicit and finite-difference methods. Every product goes through
-``mlodsl.autodiff`` (``torch.func`` under a transform, the autograd tape otherwise), reverse over reverse (``jvp`` of ``grad`` of some losses hits pytorch#123996), so it stays
-differentiable for a level above; no Hessian or Jacobian is ever formed. ``L`` is
+``mlodsl.autodiff`` (``torch.func`` under a transform, the autograd tape otherwise), reverse over
+reverse (``jvp`` of ``grad`` of some losses hits pytorch#123996), so it stays differentiable for a
+level above; no Hessian or Jacobian is ever formed. ``L`` is
 ``traj.loss``: the lower level's loss on its last batch, with every other level held where the
 block ended.
 """
 from __future__ import annotations
 
-from typing import Callable
 
-import torch
 
 from .. import autodiff
 from .base import Trajectory
