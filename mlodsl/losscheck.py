@@ -22,13 +22,24 @@ def _loss(pl, params: dict, batch, trainable) -> tuple:
         return split_output(pl.level.name, pl.traced(leaves, batch))[0], leaves
 
 
+def _learns_through(levels: dict, name: str) -> set:
+    """``name`` and every level below it: its gradient flows through the solutions of the levels it
+    depends on, and through theirs in turn (a top level learns through a bottom one it only reads)."""
+    seen, todo = {name}, [name]
+    while todo:
+        for dep in levels[todo.pop()].level.depends_on_names:
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return seen
+
+
 def check_losses(levels: dict, params: dict, batches: dict):
     """Evaluate every level's loss (``levels``: name -> ProgramLevel) at ``params`` on ``batches``
     (one batch per level); raise ``ProgramError`` naming the level when one fails or has no gradient."""
     for name, pl in levels.items():
-        lvl = pl.level
         try:
-            loss, _ = _loss(pl, params, batches[name], {name, *lvl.depends_on_names})
+            loss, _ = _loss(pl, params, batches[name], _learns_through(levels, name))
         except Exception as err:
             raise ProgramError(f"level '{name}' failed when evaluated at its initial parameters: "
                                f"{type(err).__name__}: {err}") from err

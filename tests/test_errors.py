@@ -187,6 +187,28 @@ def test_read_cycle_without_depends_on_warns_naming_the_fix(recwarn):
     assert not [w for w in recwarn if issubclass(w.category, ml.ReadCycleWarning)]
 
 
+def test_a_top_level_that_reads_a_level_below_the_one_it_depends_on_learns_through_it():
+    """top depends on middle, middle on bottom; top's loss reads only bottom, which reads top. top's
+    gradient flows through bottom's solution (not a forgotten depends_on). One SGD step of lr 0.5 on
+    (w - t x)^2 lands on w = t x, so top's hypergradient is d/dt sum((t x - 2)^2) = 2 (t x - 2) x."""
+    x = torch.ones(3, dtype=DT)
+
+    @ml.level(hyper(1.0), optimizer=ml.optim.sgd(lr=0.5), data=(x,))
+    def bottom(m, batch, top):
+        return ((m.w - batch[0] * top.w) ** 2).sum()
+
+    @ml.level(hyper(0.0), optimizer=ml.optim.sgd(lr=0.5), data=(x,), depends_on=[bottom])
+    def middle(m, batch, bottom):
+        return ((bottom.w - m.w) ** 2).sum()
+
+    @ml.level(hyper(0.5), optimizer=ml.optim.sgd(lr=0.1), data=(x,), depends_on=[middle])
+    def top(m, batch, bottom):
+        return ((bottom.w - 2.0) ** 2).sum()
+
+    got = ml.Program(top).hypergradient("top")["w"]
+    torch.testing.assert_close(got, 2 * (0.5 * x - 2) * x, rtol=1e-14, atol=1e-14)
+
+
 def test_detached_loss_is_a_build_error_naming_the_level():
     @ml.level(hyper(1.0), optimizer=ml.optim.sgd(lr=0.1))
     def frozen(m):
