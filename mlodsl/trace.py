@@ -176,11 +176,39 @@ class _IntoModulesTracer(fx.Tracer):
             return _batch_norm(m, *args)
         return super().call_module(m, forward, args, kwargs)
 
+    def trace(self, root, concrete_args=None):
+        # A custom autograd.Function is one call in the graph: tracing its forward would record the
+        # forward's ops and differentiate those, silently dropping the user's backward (a
+        # straight-through estimator's gradient would become round()'s zero).
+        function_apply = torch.autograd.Function.__dict__["apply"]
+        tracer = self
+
+        def apply(cls, *args, **kwargs):
+            if any(isinstance(x, fx.Proxy) for x in torch.utils._pytree.tree_leaves((args, kwargs))):
+                return tracer.create_proxy("call_function", _custom_function_call(cls), args, kwargs)
+            return function_apply.__get__(None, cls)(*args, **kwargs)
+
+        torch.autograd.Function.apply = classmethod(apply)
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            torch.autograd.Function.apply = function_apply
+
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
         # get_attr nodes become placeholders later; keep their names free for those placeholders.
         if kind == "get_attr":
             name = "_attr_" + _identifier(str(target))
         return super().create_node(kind, target, args, kwargs, name, type_expr)
+
+
+def _custom_function_call(cls):
+    """``cls.apply`` as a plain function named after ``cls``: the graph's code reads
+    ``<module>_<Function>_apply(x)``."""
+    def call(*args, **kwargs):
+        return cls.apply(*args, **kwargs)
+    call.__name__ = call.__qualname__ = f"{cls.__name__}_apply"
+    call.__module__ = cls.__module__
+    return call
 
 
 def _batch_norm(m, x):

@@ -378,3 +378,69 @@ def test_unroll_replays_under_checkpoint_see_the_masks_of_the_forward_pass():
     got = replayed.hypergradient("outer")["logits"]
     assert len(MASKS) > 6 and not torch.equal(MASKS[0], MASKS[1])  # replays happened; masks differ per update
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+
+
+# -- custom autograd.Functions keep their backward --------------------------------------------------
+
+class _StraightThroughRound(torch.autograd.Function):
+    """round() forward, identity backward: tracing its forward would give round's zero gradient."""
+
+    @staticmethod
+    def forward(x):
+        return x.round()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _StraightThroughRoundWithCtx(torch.autograd.Function):
+    """The same estimator in the older ``forward(ctx, ...)`` style."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.round()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+@pytest.mark.parametrize("function", [_StraightThroughRound, _StraightThroughRoundWithCtx],
+                         ids=["setup_context", "ctx"])
+def test_a_custom_autograd_function_is_one_call_in_the_graph_and_its_backward_is_used(function):
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3, dtype=DT), torch.randn(16, dtype=DT)
+    net = nn.Linear(3, 1).to(DT)
+    w0, b0 = net.weight.detach().clone(), net.bias.detach().clone()
+    scale = ml.Hyper(s=torch.tensor(2.0, dtype=DT))
+
+    @ml.level(net, optimizer=ml.optim.sgd(lr=0.1), data=[(x, y)])
+    def inner(net, batch, outer):
+        x, y = batch
+        return ((net(function.apply(x * outer.s)).squeeze(-1) - y) ** 2).mean()
+
+    @ml.level(scale, optimizer=ml.optim.sgd(lr=0.1), data=[(x, y)], depends_on=[inner])
+    def outer(scale, batch, inner):
+        x, y = batch
+        return ((inner(x).squeeze(-1) - y) ** 2).mean()
+
+    prog = ml.Program(outer)
+    code = prog.levels["inner"].traced.graph.code
+    assert f"{function.__name__}_apply(" in code and ".round()" not in code and "torch.round" not in code
+
+    s = torch.tensor(2.0, dtype=DT, requires_grad=True)
+    w, b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
+    gw, gb = torch.autograd.grad((((function.apply(x * s) @ w.T + b).squeeze(-1) - y) ** 2).mean(), (w, b),
+                                 create_graph=True)
+    w1, b1 = w - 0.1 * gw, b - 0.1 * gb
+    expected = torch.autograd.grad((((x @ w1.T + b1).squeeze(-1) - y) ** 2).mean(), s)[0]
+    assert expected.abs() > 1e-3  # round()'s own derivative would give exactly 0
+    torch.testing.assert_close(prog.hypergradient("outer")["s"], expected, rtol=1e-12, atol=1e-14)
+    prog.step()
+    torch.testing.assert_close(net.weight.detach(), w1.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(scale.s.detach(), 2.0 - 0.1 * expected, rtol=1e-12, atol=1e-14)
