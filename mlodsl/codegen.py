@@ -240,13 +240,13 @@ def generate(plan: Plan, levels: dict, methods: dict, title: str, taken: dict | 
                 "            state = {**state, **sub}"]
     out += ["        return state, log", ""]
 
-    out += ["    def hypergradient(name, state, B):",
+    out += ["    def hypergradient(name, state, B, log=None):",
             '        """(total gradient, loss) of level `name` at its next update; changes nothing."""',
             f"        B = rt.seeded(state, B, {tasked!r})"]
     out += ["        shared = {}"] if shared else []
     for n in shared:
         out += [f"        if name != {n!r} and name not in {list(plan.subtree[n])!r}:",
-                f"            s, shared[{n!r}] = block_{ids[n]}(state, {{}}, 0, None, B)",
+                f"            s, shared[{n!r}] = block_{ids[n]}(state, {{}}, 0, log, B)",
                 "            state = {**state, **s}"]
     for name in plan.subtree:
         has_shared = any(c in shared for c in plan.lowers[name])
@@ -254,7 +254,7 @@ def generate(plan: Plan, levels: dict, methods: dict, title: str, taken: dict | 
         out += [f"        if name == {name!r}:",
                 f"            return gradient_{ids[name]}(rt.restrict(state, {sub!r}), "
                 f"rt.outside(state, {{}}, {sub!r}), "
-                f"0, None, B{', shared' if has_shared else ''})[::2]"]
+                f"0, log, B{', shared' if has_shared else ''})[::2]"]
     out += ["        raise KeyError(name)", "", "    return step, hypergradient", ""]
     return "\n".join(out)
 

@@ -424,7 +424,13 @@ class Program:
             self._pending = self._draw_batches()
         self._share_examples(self._pending)
         self._buffers.begin()  # nothing this computes is committed: buffers stay as they are
-        g, _ = self._hypergradient_fn(name, self._state, self._pending)
+        log = self._runtime.new_log()
+        try:
+            g, _ = self._hypergradient_fn(name, self._state, self._pending, log)
+        finally:
+            self._buffers.begin()
+        # A diverged solve raises here as in step(), rather than returning its huge or NaN result.
+        self._runtime.check_divergence(log["_reports"])
         if self.distributed is not None:
             g = self.distributed.reduce(g)
         return {k: v.detach() for k, v in g.items()}

@@ -227,6 +227,16 @@ def test_a_diverging_solve_raises_naming_level_method_and_fix_and_changes_nothin
     _assert_unchanged(prog, before)
 
 
+@pytest.mark.parametrize("method", [lambda: ml.hypergrad.CG(iters=3), lambda: ml.hypergrad.FixedPoint(iters=60)],
+                         ids=["CG", "FixedPoint"])
+def test_hypergradient_raises_on_a_diverging_solve_as_step_does(method):
+    prog = _saddle(method())
+    before = _snapshot(prog)
+    with pytest.raises(ml.hypergrad.DivergenceError, match="level 'inner'"):
+        prog.hypergradient("outer")
+    _assert_unchanged(prog, before)
+
+
 def test_divergence_can_warn_instead_and_damping_repairs_the_saddle():
     prog = _saddle(ml.hypergrad.CG(iters=3, on_divergence="warn"))
     with pytest.warns(ml.hypergrad.DivergenceWarning, match="level 'inner'"):
