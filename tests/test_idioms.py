@@ -359,3 +359,31 @@ def test_batch_per_is_checked():
     with pytest.raises(ValueError, match="batch_per must be 'update'"):
         ml.level(ml.Hyper(w=torch.zeros(1)), optimizer=ml.optim.sgd(lr=0.1), data=(torch.zeros(1),),
                  batch_per="epoch")(lambda m, batch: m.w.sum())
+
+
+def test_one_batch_per_block_under_a_middle_level_draws_one_batch_per_middle_update():
+    drawn = []
+    pool = distinct_batches(12)
+
+    def next_batch():
+        drawn.append(len(drawn))
+        return pool[len(drawn) - 1]
+
+    x, y = regression(seed=3)
+    bottom_h, middle_h, top_h = (ml.Hyper(w=torch.full((3,), v, dtype=DT)) for v in (0.1, 0.2, 0.3))
+
+    @ml.level(bottom_h, optimizer=ml.optim.sgd(lr=0.1), data=next_batch, steps=3, batch_per="block")
+    def bottom(m, batch, middle):
+        return ((batch[0] @ (m.w + middle.w) - batch[1].squeeze(-1)) ** 2).mean()
+
+    @ml.level(middle_h, optimizer=ml.optim.sgd(lr=0.1), steps=2, depends_on=[bottom])
+    def middle(m, bottom, top):
+        return ((x @ (bottom.w + m.w * top.w) - y.squeeze(-1)) ** 2).mean()
+
+    @ml.level(top_h, optimizer=ml.optim.sgd(lr=0.1), depends_on=[middle])
+    def top(m, bottom):
+        return ((x @ bottom.w - y.squeeze(-1)) ** 2).mean()
+
+    prog = ml.Program(top)
+    prog.step()
+    assert len(drawn) == 2  # one per block: the middle level updates twice per step
