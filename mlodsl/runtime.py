@@ -525,7 +525,7 @@ class Runtime:
     def minimized(self, level: str, loss: Callable) -> Callable:
         """The objective level ``level`` minimizes: ``loss``, negated when its optimizer maximizes.
         A trajectory's L is this, so that at a maximum the implicit methods see a positive definite
-        Hessian, as their solvers (CG, Neumann) and approximations (FiniteDiff: H⁻¹ ≈ I) assume;
+        Hessian, as the Neumann series, CG's damping and FiniteDiff's H⁻¹ ≈ I assume;
         the exact implicit formula is unchanged by the sign."""
         if not getattr(self.optimizers[level], "maximize", False):
             return loss
