@@ -69,7 +69,9 @@ def _consumed(prog, name: str) -> int:
 
 
 def _draws(pending: list) -> list:
-    """The single draws behind one level's pending update batches (micro-batches flattened)."""
+    """The single draws behind one level's pending update batches (micro-batches flattened; a batch
+    shared by a block's updates, ``BlockBatches``, once)."""
+    pending = getattr(pending, "draws", pending)
     return [b for batch in pending for b in (batch if isinstance(batch, MicroBatches) else [batch])]
 
 

@@ -9,6 +9,9 @@
   memory. It cannot be cycled: when it ends, the next draw raises ``DataExhaustedError`` (pass a
   list, a re-iterable or a callable to cycle). Nor can it be rewound, so a checkpoint restores its
   level only at the position the live iterator already stands at (``mlodsl.checkpoint``).
+
+A level draws one batch per update, or, with ``batch_per="block"``, one per block of ``steps``
+updates (``BlockBatches``).
 """
 from __future__ import annotations
 
@@ -71,3 +74,13 @@ class BatchStream:
         """Fast-forward a fresh stream to ``position`` batches drawn (used when resuming)."""
         while self.position < position:
             self.next()
+
+
+class BlockBatches(list):
+    """One step's batches of a level with ``batch_per="block"``, indexed by update as every level's
+    are: each drawn batch stands for the ``every`` updates of its block. ``draws`` holds each drawn
+    batch once (what the stream handed out, for checkpoints)."""
+
+    def __init__(self, draws: list, every: int):
+        super().__init__(b for b in draws for _ in range(every))
+        self.draws = list(draws)

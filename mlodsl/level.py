@@ -34,6 +34,7 @@ class Level:
     read_mode: str = "train"
     precision: str | None = None            # None: the Program's
     clip_grad_norm: float | None = None
+    batch_per: str = "update"               # "block": one batch for all `steps` updates of a block
     name: str = ""
     own_arg: str = ""                       # the name of fn's first parameter
     level_args: tuple = ()                  # the other parameters (names of levels)
@@ -82,7 +83,7 @@ def _check_hypergrad(name, method):
 
 def level(module, *, optimizer, data=None, depends_on=(), steps=1, hypergrad=None,
           start_from=None, tasks=False, name=None, project=None, read_mode="train", precision=None,
-          clip_grad_norm=None):
+          clip_grad_norm=None, batch_per="update"):
     """Declare a level of a multilevel program (see the module docstring for the binding rules).
 
     Args:
@@ -104,6 +105,10 @@ def level(module, *, optimizer, data=None, depends_on=(), steps=1, hypergrad=Non
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` for this level's loss (default: the
             Program's); fp16 levels get their own dynamic loss scale (``mlodsl.precision``).
         clip_grad_norm: clip this level's total gradient to this norm before each update.
+        batch_per: ``"update"`` (default): every update draws the next batch of ``data``;
+            ``"block"``: each block of ``steps`` updates draws one batch and takes all its updates
+            on it ("for each batch: K inner steps on it, then one outer step"), so the data
+            advances one batch per update of the level above.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"@level needs the nn.Module the level learns as its first argument "
@@ -144,12 +149,17 @@ def level(module, *, optimizer, data=None, depends_on=(), steps=1, hypergrad=Non
             check(precision, f"level '{level_name}'")
         if clip_grad_norm is not None and not clip_grad_norm > 0:
             raise ValueError(f"level '{level_name}': clip_grad_norm must be a positive number, got {clip_grad_norm!r}")
+        if batch_per not in ("update", "block"):
+            raise ValueError(f"level '{level_name}': batch_per must be 'update' (a batch per update) or 'block' "
+                             f"(one batch for each block of steps={steps} updates), got {batch_per!r}")
+        if batch_per == "block" and data is None:
+            raise ValueError(f"level '{level_name}': batch_per='block' but the level has no data= to draw from")
         if project is not None and not callable(project):
             raise TypeError(f"level '{level_name}': project must be a function params -> params")
         return Level(fn=fn, module=module, optimizer=optimizer, data=data, depends_on=tuple(depends_on),
                      steps=steps, hypergrad=hypergrad, start_from=start_from, tasks=tasks,
                      project=project, read_mode=read_mode, precision=precision, clip_grad_norm=clip_grad_norm,
-                     name=level_name, own_arg=own, level_args=level_args,
+                     batch_per=batch_per, name=level_name, own_arg=own, level_args=level_args,
                      takes_batch=takes_batch)
 
     return decorate

@@ -16,6 +16,30 @@ A hyperparameter (``lr``, ``momentum``, ``weight_decay``, ...) is a number or a 
 
 ``reads`` maps level names to their current parameters; only callables use it.
 
+**Parameter groups.** ``groups=`` gives parts of the module their own hyperparameters, each a
+number or a callable as above (so an upper level may learn each group's learning rate)::
+
+    ml.optim.sgd(lr=0.1, weight_decay=5e-4,
+                 groups={"features": dict(lr=0.01),                  # a module prefix
+                         "classifier": dict(lr=lambda outer: outer.log_lr.exp()),
+                         "*.bias": dict(weight_decay=0.0)})          # a glob
+
+A key is a parameter name as ``module.named_parameters()`` spells it: it matches that name, every
+parameter under it when it is a module prefix (``"features"`` matches ``features.0.weight``, not
+``features2.weight``), or, when it holds ``*``, ``?`` or ``[``, the names it matches as a glob
+(``fnmatch``). A parameter takes the optimizer's hyperparameters, replaced by those of every group
+that matches it (``classifier.bias`` above takes the classifier's ``lr`` and the biases'
+``weight_decay``). Two groups that set the same hyperparameter of one parameter, and a group that
+matches no parameter, are errors when the ``Program`` is built. This is torch.optim's
+``param_groups`` addressed by name, since a level's optimizer is given before its parameters are
+collected.
+
+**Maximizing.** ``maximize=True`` ascends the level's loss (as torch.optim's ``maximize=True``: the
+gradient is negated before weight decay and momentum), for min-max and adversarial levels. The
+hypergradient methods of such a level linearize the objective it minimizes, the negated loss, so
+that the implicit ones see a positive definite Hessian at a maximum; a user-defined optimizer that
+ascends says so with ``maximize = True``.
+
 A gradient may be ``None``: the parameter does not reach the level's loss (torch.optim sees
 ``p.grad is None`` there). The built-in optimizers then leave that parameter and its state (momentum
 buffer, Adam moments) exactly as they were, as torch.optim does; the Program decides which
@@ -33,6 +57,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from .param_groups import ParamGroups, check_groups
+
 Params = dict  # name -> Tensor
 
 
@@ -46,11 +72,24 @@ class Optimizer(NamedTuple):
     # update() accepts grads[k] = None for a parameter the loss does not reach (and leaves it and its
     # state alone); a user-defined optimizer without this flag gets zeros there instead
     absent_grads: bool = False
+    # True: update() ascends the loss; the hypergradient methods then linearize the negated loss
+    maximize: bool = False
 
     def __repr__(self) -> str:
-        def show(v):
-            return getattr(v, "__name__", "fn") + "()" if callable(v) else repr(v)
-        return f"{self.name}({', '.join(f'{k}={show(v)}' for k, v in self.hyperparams.items())})"
+        return f"{self.name}({_show_hyperparams(self.hyperparams)})"
+
+
+def _show(value) -> str:
+    """A hyperparameter as the schedule prints it: a callable as ``name(its arguments)``."""
+    if callable(value):
+        return f"{getattr(value, '__name__', type(value).__name__)}({', '.join(_argnames(value))})"
+    if isinstance(value, dict):  # groups: {key: {hyperparameter: value}}
+        return "{" + ", ".join(f"{k!r}: dict({_show_hyperparams(v)})" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def _show_hyperparams(hyperparams: dict) -> str:
+    return ", ".join(f"{k}={_show(v)}" for k, v in hyperparams.items())
 
 
 def params_view(params: dict) -> SimpleNamespace:
@@ -77,6 +116,10 @@ def level_reads(hyperparams: dict) -> tuple:
     """Level names that callable hyperparameters take (every argument except ``step``)."""
     names = []
     for value in hyperparams.values():
+        if isinstance(value, dict):  # groups: each group's callables read levels too
+            for name in level_reads({f"{k}.{h}": v for k, group in value.items() for h, v in group.items()}):
+                names += [name] if name not in names else []
+            continue
         names += [n for n in _argnames(value) if n != "step" and n not in names]
     return tuple(names)
 
@@ -107,19 +150,50 @@ def _zero_count(params: dict) -> torch.Tensor:
     return torch.zeros((), dtype=torch.int64, device=next(iter(params.values())).device)
 
 
-def _make(name, init, update, hyperparams):
-    return Optimizer(name, init, update, hyperparams, level_reads(hyperparams), absent_grads=True)
+def _is_zero(value) -> bool:
+    """A hyperparameter that is the plain number 0 (a tensor, even a zero one, is not: it may be learned)."""
+    return isinstance(value, (int, float)) and value == 0
 
 
-def sgd(lr, momentum=0.0, weight_decay=0.0, nesterov=False, dampening=0.0) -> Optimizer:
+def _check_maximize(name, maximize):
+    if not isinstance(maximize, bool):
+        raise TypeError(f"{name}: maximize must be True or False, got {maximize!r}")
+
+
+def _make(name, init, update, hyperparams, groups: dict, maximize: bool):
+    shown = dict(hyperparams)
+    if groups:
+        shown["groups"] = groups
+    if maximize:
+        shown["maximize"] = True
+    return Optimizer(name, init, update, shown, level_reads(shown), absent_grads=True, maximize=maximize)
+
+
+def _grouped_init(groups: ParamGroups, init):
+    """``init`` that first checks the groups against the parameters (errors at build, not mid-step)."""
+    def checked(params):
+        groups.assign(params)
+        return init(params)
+    return checked
+
+
+def sgd(lr, momentum=0.0, weight_decay=0.0, nesterov=False, dampening=0.0, *, maximize=False,
+        groups=None) -> Optimizer:
     """SGD with optional momentum, Nesterov momentum and L2 weight decay (as torch.optim.SGD).
 
-    g ← ∇ + λθ;  b ← μ b + (1-τ) g (b = g at the first update);  θ ← θ - η (g + μ b if Nesterov else b)
+    g ← ±∇ + λθ (−∇ with ``maximize``);  b ← μ b + (1-τ) g (b = g at the first update);
+    θ ← θ - η (g + μ b if Nesterov else b)
+
+    ``groups`` (see the module docstring) may set ``lr``, ``momentum`` and ``weight_decay`` per group.
     """
-    if nesterov and (not callable(momentum) and momentum <= 0):
-        raise ValueError("sgd: nesterov=True needs momentum > 0")
+    _check_maximize("sgd", maximize)
+    groups = check_groups("sgd", groups, ("lr", "momentum", "weight_decay"))
     hp = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
-    use_momentum = callable(momentum) or momentum != 0
+    momenta = [momentum] + [g["momentum"] for g in groups.values() if "momentum" in g]
+    if nesterov and any(not callable(m) and m <= 0 for m in momenta):
+        raise ValueError("sgd: nesterov=True needs momentum > 0 (in every group)")
+    use_momentum = any(callable(m) or m != 0 for m in momenta)
+    plan = ParamGroups("sgd", hp, groups)
 
     def init(params):
         state = {"count": _zero_count(params)}
@@ -129,21 +203,25 @@ def sgd(lr, momentum=0.0, weight_decay=0.0, nesterov=False, dampening=0.0) -> Op
 
     def update(params, grads, state, reads=None):
         count = _count(state)
-        eta, mu, wd = (resolve(hp[k], count, reads) for k in ("lr", "momentum", "weight_decay"))
+        values = plan.values(params, lambda v: resolve(v, count, reads))
         new_params, new_state = {}, {"count": count}
         if use_momentum:
             new_state["momentum"] = {}
         first = None
         for k, p in params.items():
+            eta, mu, wd = values[k]["lr"], values[k]["momentum"], values[k]["weight_decay"]
             g = grads[k]
-            if g is None:  # not reached by the loss: no decay, no momentum (torch.optim skips it)
-                new_params[k] = p
+            if g is None or _is_zero(mu):  # no momentum here: its buffer (if any) stays as it is
                 if use_momentum:
                     new_state["momentum"][k] = state["momentum"][k]
+            if g is None:  # not reached by the loss: no decay, no momentum (torch.optim skips it)
+                new_params[k] = p
                 continue
-            if not (isinstance(wd, float) and wd == 0.0):
+            if maximize:
+                g = -g
+            if not _is_zero(wd):
                 g = g + wd * p
-            if use_momentum:
+            if use_momentum and not _is_zero(mu):
                 if dampening == 0.0:  # b = g at the first update: the buffer starts at zero
                     b = mu * state["momentum"][k] + g
                 else:  # the first update takes g undamped (torch.optim.SGD), without a branch
@@ -154,11 +232,14 @@ def sgd(lr, momentum=0.0, weight_decay=0.0, nesterov=False, dampening=0.0) -> Op
             new_params[k] = p - eta * g
         return new_params, new_state
 
-    return _make("sgd", init, update, hp)
+    return _make("sgd", _grouped_init(plan, init), update, hp, groups, maximize)
 
 
-def _adam(name, lr, betas, eps, weight_decay, decoupled, eps_root):
+def _adam(name, lr, betas, eps, weight_decay, decoupled, eps_root, maximize, groups):
+    _check_maximize(name, maximize)
+    groups = check_groups(name, groups, ("lr", "betas", "eps", "weight_decay"))
     hp = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    plan = ParamGroups(name, hp, groups)
 
     def init(params):
         return {"count": _zero_count(params),
@@ -167,14 +248,17 @@ def _adam(name, lr, betas, eps, weight_decay, decoupled, eps_root):
 
     def update(params, grads, state, reads=None):
         count = _count(state)
-        eta, (b1, b2), e, wd = (resolve(hp[k], count, reads) for k in ("lr", "betas", "eps", "weight_decay"))
+        values = plan.values(params, lambda v: resolve(v, count, reads))
         new_params, m_new, v_new = {}, {}, {}
         for k, p in params.items():
+            eta, (b1, b2), e, wd = (values[k][h] for h in ("lr", "betas", "eps", "weight_decay"))
             g = grads[k]
             if g is None:  # not reached by the loss: no decay, moments unchanged (torch.optim skips it)
                 new_params[k], m_new[k], v_new[k] = p, state["m"][k], state["v"][k]
                 continue
-            if not decoupled and not (isinstance(wd, float) and wd == 0.0):
+            if maximize:
+                g = -g
+            if not decoupled and not _is_zero(wd):
                 g = g + wd * p
             m = b1 * state["m"][k] + (1 - b1) * g
             v = b2 * state["v"][k] + (1 - b2) * g * g
@@ -189,34 +273,41 @@ def _adam(name, lr, betas, eps, weight_decay, decoupled, eps_root):
             m_new[k], v_new[k] = m, v
         return new_params, {"count": count, "m": m_new, "v": v_new}
 
-    return _make(name, init, update, hp)
+    return _make(name, _grouped_init(plan, init), update, hp, groups, maximize)
 
 
-def adam(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, eps_root=1e-16) -> Optimizer:
+def adam(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, eps_root=1e-16, *, maximize=False,
+         groups=None) -> Optimizer:
     """Adam (Kingma & Ba) with L2 weight decay added to the gradient, as torch.optim.Adam.
 
     ``eps_root`` is added under the square root so that unrolled updates stay differentiable.
+    ``maximize=True`` ascends the loss; ``groups`` (see the module docstring) may set ``lr``,
+    ``betas``, ``eps`` and ``weight_decay`` per group.
     """
-    return _adam("adam", lr, betas, eps, weight_decay, decoupled=False, eps_root=eps_root)
+    return _adam("adam", lr, betas, eps, weight_decay, False, eps_root, maximize, groups)
 
 
-def adamw(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, eps_root=1e-16) -> Optimizer:
-    """AdamW (Loshchilov & Hutter): decoupled weight decay θ ← θ(1 - ηλ), as torch.optim.AdamW."""
-    return _adam("adamw", lr, betas, eps, weight_decay, decoupled=True, eps_root=eps_root)
+def adamw(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, eps_root=1e-16, *, maximize=False,
+          groups=None) -> Optimizer:
+    """AdamW (Loshchilov & Hutter): decoupled weight decay θ ← θ(1 - ηλ), as torch.optim.AdamW.
+
+    ``maximize`` and ``groups`` as for ``adam``.
+    """
+    return _adam("adamw", lr, betas, eps, weight_decay, True, eps_root, maximize, groups)
 
 
 class _TorchOptimizer:
-    """The torch.optim instance behind ``ml.optim.torch``; its leaves share storage with the params."""
+    """The torch.optim instance behind ``ml.optim.from_torch``; its leaves share storage with the params."""
 
-    def __init__(self, cls, params: dict, kwargs: dict):
+    def __init__(self, cls, params: dict, kwargs: dict, groups: ParamGroups):
         self.leaves = {k: torch.nn.Parameter(v.detach(), requires_grad=True) for k, v in params.items()}
-        self.optimizer = cls(list(self.leaves.values()), **kwargs)
+        self.optimizer = cls(groups.torch_groups(self.leaves), **kwargs)
 
     def __deepcopy__(self, memo):  # checkpoints and copies keep the same live optimizer
         return self
 
 
-def from_torch(cls, **kwargs) -> Optimizer:
+def from_torch(cls, *, groups=None, **kwargs) -> Optimizer:
     """A ``torch.optim`` optimizer (``ml.optim.from_torch(torch.optim.AdamW, lr=1e-3)``), updating in place.
 
     For big models: no second copy of the parameters or of the optimizer state per update. Nothing
@@ -225,11 +316,23 @@ def from_torch(cls, **kwargs) -> Optimizer:
     FiniteDiff, FirstOrder); the Program checks this at build time. Its update checks its gradient
     first and leaves the parameters untouched when it is not finite; a non-finite value *elsewhere*
     in the same step cannot undo an in-place update that already happened.
+
+    ``groups`` are named as for the functional optimizers (see the module docstring) and become
+    torch.optim's param groups; their values must be plain numbers, since nothing differentiates
+    these updates. ``maximize=True`` is passed on to torch.optim.
     """
-    hp = dict(kwargs)
+    name = f"from_torch:{cls.__name__}"
+    groups = check_groups(name, groups, None)
+    for key, group in groups.items():
+        learned = [h for h, v in group.items() if callable(v)]
+        if learned:
+            raise TypeError(f"{name}: group {key!r} sets {learned} to a function; a torch.optim optimizer takes "
+                            f"numbers (nothing differentiates its updates). Use ml.optim.sgd/adam/adamw to learn them")
+    plan = ParamGroups(name, dict(kwargs), groups)
+    hp = dict(kwargs, **({"groups": groups} if groups else {}))
 
     def init(params):
-        return {"count": _zero_count(params), "torch": _TorchOptimizer(cls, params, kwargs)}
+        return {"count": _zero_count(params), "torch": _TorchOptimizer(cls, params, kwargs, plan)}
 
     def update(params, grads, state, reads=None):
         handle = state["torch"]
@@ -244,4 +347,5 @@ def from_torch(cls, **kwargs) -> Optimizer:
         return {k: leaf.detach() for k, leaf in handle.leaves.items()}, {"count": state["count"] + 1,
                                                                         "torch": handle}
 
-    return Optimizer(f"from_torch:{cls.__name__}", init, update, hp, (), in_place=True, absent_grads=True)
+    return Optimizer(name, init, update, hp, (), in_place=True, absent_grads=True,
+                     maximize=bool(kwargs.get("maximize", False)))

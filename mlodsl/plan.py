@@ -113,7 +113,8 @@ def make_plan(levels: dict, graph: nx.MultiDiGraph, methods: dict) -> Plan:
 
     def emit(b: Block, depth: int):
         lvl = levels[b.level]
-        schedule.append(ScheduleOp(depth, "repeat", b.level, f"{b.steps}× {b.level}"))
+        one_batch = " on one batch" if getattr(lvl, "batch_per", "update") == "block" and b.steps > 1 else ""
+        schedule.append(ScheduleOp(depth, "repeat", b.level, f"{b.steps}× {b.level}{one_batch}"))
         for c in b.children:
             emit(c, depth + 1)
         if lowers[b.level]:

@@ -14,13 +14,14 @@ import torch
 from torch import fx
 
 from . import checkpoint, codegen, distributed
-from .data import BatchStream
+from .data import BatchStream, BlockBatches
 from .draw import LevelDiagram
 from .graph import ProgramError, build_graph, collect_levels
 from .kernels import check_second_order, second_order_levels
 from .hypergrad import Unroll
 from .level import Level
 from .losscheck import check_losses
+from .param_groups import GroupError
 from .compiled import Compiler
 from .plan import make_plan
 from .precision import Autocast, LossScaler, check as check_precision
@@ -28,6 +29,18 @@ from .runtime import MicroBatches, Runtime, split_output
 from .tree import tree_leaves, tree_map
 from .binding import ProgramModules, learnable
 from .trace import BufferState, TracedLevel, trace_level
+
+
+def _batch_every(levels: dict, plan) -> dict:
+    """Updates per drawn batch of each level: its ``steps`` with ``batch_per="block"``, else 1."""
+    every = {}
+    for name, lvl in levels.items():
+        every[name] = lvl.steps if lvl.batch_per == "block" else 1
+        if plan.updates_per_step[name] % every[name]:
+            raise ProgramError(f"level '{name}': batch_per='block' draws one batch per block of steps={lvl.steps} "
+                               f"updates, but the schedule gives it {plan.updates_per_step[name]} updates per step, "
+                               f"not whole blocks; use batch_per='update'")
+    return every
 
 
 class NonFiniteError(FloatingPointError):
@@ -212,6 +225,7 @@ class Program:
         self.plan = make_plan(levels, self.graph, methods)
         self.schedule = self.plan.schedule
         self._streams = {n: BatchStream(n, lvl.data) for n, lvl in levels.items()}
+        self._batch_every = _batch_every(levels, self.plan)
         self._tasked_batches = _tasked_levels(levels, self.plan)  # levels whose batches carry tasks
         if grad_accum > 1 and self._tasked_batches:
             raise ProgramError(f"grad_accum={grad_accum} is not built for levels batched over tasks "
@@ -237,7 +251,10 @@ class Program:
         for name, lvl in levels.items():
             if not self._state[name]["params"]:
                 raise ProgramError(f"level '{name}': its module has no learnable parameters (requires_grad=True)")
-            self._state[name]["opt"] = lvl.optimizer.init(self._state[name]["params"])
+            try:
+                self._state[name]["opt"] = lvl.optimizer.init(self._state[name]["params"])
+            except GroupError as e:  # parameter groups that do not fit this level's parameters
+                raise ProgramError(f"level '{name}': {e}") from None
         starts = _starts(levels, self.graph, self._state)
         self.tasks = {}
         for name in self._tasked_batches:
@@ -292,7 +309,14 @@ class Program:
 
     # -- data ---------------------------------------------------------------------------------
     def _draw_batches(self) -> dict:
-        return {n: [self._draw(s) for _ in range(self.plan.updates_per_step[n])] for n, s in self._streams.items()}
+        """Every level's batches for one step, one per update (``batch_per="block"``: one per block,
+        repeated for its updates)."""
+        out = {}
+        for n, s in self._streams.items():
+            every = self._batch_every[n]
+            draws = [self._draw(s) for _ in range(self.plan.updates_per_step[n] // every)]
+            out[n] = draws if every == 1 else BlockBatches(draws, every)
+        return out
 
     def _draw(self, stream: BatchStream):
         """One update's batch: ``grad_accum`` micro-batches from a stream that changes."""

@@ -121,7 +121,8 @@ class BlockRecord:
             Runtime.report(self.log, level, key, value)
 
         return Trajectory(level, self.steps, self.start, self.final, self.path, upper_name,
-                          up[upper_name], advance, loss, update_map, begin, from_upper, report, advance_vjp,
+                          up[upper_name], advance, rt.minimized(level, loss), update_map, begin, from_upper,
+                          report, advance_vjp,
                           self.taped_vjp(upper_name), self.reverse_vjp(upper_name))
 
 
@@ -512,7 +513,7 @@ class Runtime:
     def lower_loss(self, level: str, upper_name: str, up: dict, final_params: dict, batch) -> Callable:
         """``(own, upper) ↦`` level ``level``'s loss on ``batch`` as a function of its own parameters
         and those of ``upper_name``, every other level held at ``up`` / ``final_params``: the L of a
-        trajectory, whose products the hypergradient methods take."""
+        trajectory, whose products the hypergradient methods take (``minimized``)."""
         def loss(own, upper):
             if self.replicate is not None:  # data parallel: every product of this loss is the ranks' mean
                 both = self.replicate({level: own, upper_name: upper})
@@ -521,9 +522,18 @@ class Runtime:
 
         return loss
 
+    def minimized(self, level: str, loss: Callable) -> Callable:
+        """The objective level ``level`` minimizes: ``loss``, negated when its optimizer maximizes.
+        A trajectory's L is this, so that at a maximum the implicit methods see a positive definite
+        Hessian, as the Neumann series, CG's damping and FiniteDiff's H⁻¹ ≈ I assume;
+        the exact implicit formula is unchanged by the sign."""
+        if not getattr(self.optimizers[level], "maximize", False):
+            return loss
+        return lambda own, upper: -loss(own, upper)
+
     def _products_trajectory(self, lower, upper_name, final, up, batch, reports) -> Trajectory:
         """The part of a ``Trajectory`` that a ``products_only`` method uses, from plain values."""
-        loss = self.lower_loss(lower, upper_name, up, params_of(final), batch)
+        loss = self.minimized(lower, self.lower_loss(lower, upper_name, up, params_of(final), batch))
 
         def unavailable(*args):
             raise LevelError(f"level '{lower}': a products_only method used more of its trajectory than "
