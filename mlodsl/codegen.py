@@ -50,7 +50,7 @@ def _block_fn(ids, name, steps, subtree, method, restarts, leaf, uppers) -> list
     ``uppers``: the levels whose hypergradients go through this block (``rt.tape`` records the
     block on the autograd tape from their parameters when the method asks for it)."""
     f = ids[name]
-    stride = method.path_stride(steps) if hasattr(method, "path_stride") else 1
+    stride = method.path_stride(steps)
     lines = [
         f"    def block_{f}(state, up, i, log, B):",
         f'        """{steps} update(s) of {name!r} from `state`, keeping the iterates {method!r} needs."""',
@@ -219,7 +219,7 @@ def generate(plan: Plan, levels: dict, methods: dict, title: str, taken: dict | 
         out += _gradient_fn(ids, name, children, has_shared, lowers, takes, plan.subtree, suffix)
         if tasked:
             taped = (list(lowers) == tasked[:1] and not plan.lowers[tasked[0]]
-                     and getattr(methods[tasked[0]], "records_tape", False))
+                     and methods[tasked[0]].records_tape)
             out += _tasks_fn(ids, name, tasked[0], taped)
         out += _update_fn(ids, name) if not lowers else _advance_fn(ids, name, has_shared)
 

@@ -128,7 +128,7 @@ def build_graph(levels: dict) -> nx.MultiDiGraph:
                                    f"is the first argument")
             if arg not in lvl.depends_on_names:
                 g.add_edge(name, arg, kind="reads")
-        for arg in getattr(lvl.optimizer, "reads", ()):
+        for arg in lvl.optimizer.reads:
             if arg not in levels:
                 raise _unknown(levels, name, "optimizer hyperparameter argument", arg)
             if not g.has_edge(name, arg):

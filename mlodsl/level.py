@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 from torch import nn
 
+from .optim import as_optimizer
+
 
 @dataclass(eq=False)
 class Level:
@@ -146,7 +148,7 @@ def level(module, *, optimizer, data=None, depends_on=(), steps=1, hypergrad=Non
             raise ValueError(f"level '{level_name}': clip_grad_norm must be a positive number, got {clip_grad_norm!r}")
         if project is not None and not callable(project):
             raise TypeError(f"level '{level_name}': project must be a function params -> params")
-        return Level(fn=fn, module=module, optimizer=optimizer, data=data, depends_on=tuple(depends_on),
+        return Level(fn=fn, module=module, optimizer=as_optimizer(optimizer), data=data, depends_on=tuple(depends_on),
                      steps=steps, hypergrad=hypergrad, start_from=start_from, tasks=tasks,
                      project=project, read_mode=read_mode, precision=precision, clip_grad_norm=clip_grad_norm,
                      name=level_name, own_arg=own, level_args=level_args,
