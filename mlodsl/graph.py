@@ -57,7 +57,7 @@ def collect_levels(tops) -> dict:
         levels[lvl.name] = lvl
         pending += [d for d in lvl.depends_on if isinstance(d, Level)]
         visible = _closure_levels(lvl.fn)
-        for arg in lvl.level_args + tuple(lvl.optimizer.reads if hasattr(lvl.optimizer, "reads") else ()):
+        for arg in lvl.level_args + tuple(lvl.optimizer.reads):
             cand = visible.get(arg)
             if cand is not None and cand.name == arg:
                 pending.append(cand)
