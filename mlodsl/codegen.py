@@ -19,29 +19,49 @@ inlined per step. ``make_step(rt)`` binds the runtime (traced losses, optimizers
 from __future__ import annotations
 
 import hashlib
-import keyword
 import linecache
 import os
-import re
 import tempfile
+from types import SimpleNamespace
 
+from .names import Namespace
 from .plan import Plan
+
+
+# The generated step's identifiers of each level X (``{}``: X's identifier), and the names the
+# source uses that are not derived from a level (none may be taken by a level's).
+_LEVEL_NAMES = {"block": "block_{}", "record": "block_{}_", "gradient": "gradient_{}",
+                "one_task": "gradient_{}_one_task", "partials": "partials_{}", "update": "update_{}",
+                "update_vjp": "update_vjp_{}", "loop": "loop_{}", "advance": "advance_{}",
+                "up": "up_{}", "g": "g_{}", "sub": "sub_{}"}
+_FIXED_NAMES = ("make_step", "rt", "method", "vmap", "step", "hypergradient", "state", "B", "log", "sub",
+                "up", "i", "k", "t", "s", "s0", "s_", "up_", "sub_", "g", "loss", "metrics", "norm", "record",
+                "start", "path", "tape", "batches", "looped", "shared", "leaves", "task_loss", "one_task",
+                "sub_task", "B_task", "params", "batch", "name", "upper", "ct", "print", "range", "KeyError")
 
 
 def level_identifiers(names) -> dict:
     """A unique Python identifier for every level name: ``low-a`` and ``low_a`` must not both
-    become ``low_a`` (the second level's functions would silently replace the first's)."""
-    out, taken = {}, set()
-    for name in names:
-        base = re.sub(r"\W", "_", name)
-        if not base.isidentifier() or keyword.iskeyword(base):
-            base = "_" + base
-        candidate, n = base, 1
-        while candidate in taken:
-            candidate, n = f"{base}_{n}", n + 1
-        out[name] = candidate
-        taken.add(candidate)
-    return out
+    become ``low_a`` (the second is ``low_a_1``)."""
+    ns = Namespace()
+    return {name: ns.create(name, name) for name in names}
+
+
+class StepNames:
+    """The identifiers of the generated step: ``names[level].block`` (``.gradient``, ``.up``, ...,
+    the keys of ``_LEVEL_NAMES``), all from one ``Namespace``, so that no two levels' functions or
+    locals share a name however their names read (``a`` and ``vjp_a`` both want ``update_vjp_a``)."""
+
+    def __init__(self, levels):
+        ids = level_identifiers(levels)
+        ns = Namespace(_FIXED_NAMES)
+        self._levels = {}
+        for name in levels:  # in level order, so that the first level keeps the plain names
+            self._levels[name] = SimpleNamespace(**{kind: ns.create(pattern.format(ids[name]), (kind, name))
+                                                    for kind, pattern in _LEVEL_NAMES.items()})
+
+    def __getitem__(self, level: str) -> SimpleNamespace:
+        return self._levels[level]
 
 
 def _block_fn(ids, name, steps, subtree, method, restarts, leaf, uppers) -> list:
@@ -50,16 +70,16 @@ def _block_fn(ids, name, steps, subtree, method, restarts, leaf, uppers) -> list
     ``uppers``: the levels whose hypergradients go through this block (``rt.tape`` records the
     block on the autograd tape from their parameters when the method asks for it)."""
     f = ids[name]
-    stride = method.path_stride(steps) if hasattr(method, "path_stride") else 1
+    stride = method.path_stride(steps)
     lines = [
-        f"    def block_{f}(state, up, i, log, B):",
+        f"    def {f.block}(state, up, i, log, B):",
         f'        """{steps} update(s) of {name!r} from `state`, keeping the iterates {method!r} needs."""',
         f"        s = rt.restrict(state, {subtree!r})",
-        f"        up_{f} = rt.outside(state, up, {subtree!r})",
-        f"        up_{f}, tape = rt.tape({name!r}, s, up_{f}, {uppers!r})"]
+        f"        {f.up} = rt.outside(state, up, {subtree!r})",
+        f"        {f.up}, tape = rt.tape({name!r}, s, {f.up}, {uppers!r})"]
     if restarts:
         lines += ["        s0 = s",
-                  f"        s = rt.begin({name!r}, s0, up_{f})"]
+                  f"        s = rt.begin({name!r}, s0, {f.up})"]
     lines += [
         f"        start, path = s, ({{0: s}} if method[{name!r}].keeps_path and tape is None else None)"]
     loop = leaf and stride == 1  # the K updates as one compiled region (compile=True), when they can be
@@ -67,24 +87,24 @@ def _block_fn(ids, name, steps, subtree, method, restarts, leaf, uppers) -> list
     if loop:
         lines += [
             f"        batches = [B[{name!r}][i * {steps} + k] for k in range({steps})]",
-            f"        looped = rt.run_loop(loop_{f}, s, up_{f}, batches, path is not None, log)",
+            f"        looped = rt.run_loop({f.loop}, s, {f.up}, batches, path is not None, log)",
             "        if looped is not None:",
             "            s, path = looped",
             "        else:"]
     lines += [
         f"        {indent}with rt.recording(tape):",
         f"        {indent}    for k in range({steps}):",
-        f"        {indent}        s = advance_{f}(s, up_{f}, i * {steps} + k, log, B)",
+        f"        {indent}        s = {f.advance}(s, {f.up}, i * {steps} + k, log, B)",
         f"        {indent}        if path is not None and ((k + 1) % {stride} == 0 or k == {steps - 1}):",
         f"        {indent}            path[k + 1] = s",
-        f"        record = rt.block({name!r}, {steps}, start, s, path, up_{f},",
-        f"                          lambda s_, up_, k: advance_{f}(s_, up_, i * {steps} + k, None, B),",
+        f"        record = rt.block({name!r}, {steps}, start, s, path, {f.up},",
+        f"                          lambda s_, up_, k: {f.advance}(s_, up_, i * {steps} + k, None, B),",
         f"                          B[{name!r}][i * {steps} + {steps - 1}]" + (
             f",\n                          lambda up_: rt.begin({name!r}, s0, up_)" if restarts else ""
         ) + ", log=log" + (
             f",\n                          update_vjp=lambda s_, up_, upper, k, ct: "
-            f"update_vjp_{f}(s_, up_, upper, B[{name!r}][i * {steps} + k], ct)" if leaf else "") + ", tape=tape" + (
-            f",\n                          loop=loop_{f}, batches=batches" if loop else "") + ")",
+            f"{f.update_vjp}(s_, up_, upper, B[{name!r}][i * {steps} + k], ct)" if leaf else "") + ", tape=tape" + (
+            f",\n                          loop={f.loop}, batches=batches" if loop else "") + ")",
         "        return rt.untaped(s, tape), record",
         "",
     ]
@@ -98,7 +118,7 @@ def _wrt(name, lowers, taken, subtree) -> tuple:
 
 def _partials_fn(ids, name, wrt) -> list:
     f = ids[name]
-    return [f"    partials_{f} = rt.region({name!r}, 'partial gradients', lambda params, batch, log: rt.partials(",
+    return [f"    {f.partials} = rt.region({name!r}, 'partial gradients', lambda params, batch, log: rt.partials(",
             f"        {name!r}, params, batch, {wrt!r}, log), trailing=1)",
             ""]
 
@@ -106,18 +126,18 @@ def _partials_fn(ids, name, wrt) -> list:
 def _update_fn(ids, name) -> list:
     """One update of a level with no lower levels, from its batch: one compiled region, and its VJP another."""
     f = ids[name]
-    return [f"    def update_{f}(sub, up, batch, log):",
+    return [f"    def {f.update}(sub, up, batch, log):",
             f'        """One update of {name!r} from its batch: (new state, loss, metrics, gradient norm)."""',
             f"        loss, metrics, g = rt.partials({name!r}, {{**up, **rt.params_of(sub)}}, batch, ({name!r},), log)",
             f"        return rt.apply_update({name!r}, sub, up, g[{name!r}]), loss, metrics, rt.grad_norm(g[{name!r}])",
             "",
-            f"    update_vjp_{f} = rt.update_vjp({name!r}, update_{f})",
-            f"    loop_{f} = rt.update_loop({name!r}, update_{f})",
-            f"    update_{f} = rt.region({name!r}, 'update', update_{f}, trailing=1)",
+            f"    {f.update_vjp} = rt.update_vjp({name!r}, {f.update})",
+            f"    {f.loop} = rt.update_loop({name!r}, {f.update})",
+            f"    {f.update} = rt.region({name!r}, 'update', {f.update}, trailing=1)",
             "",
-            f"    def advance_{f}(sub, up, i, log, B):",
+            f"    def {f.advance}(sub, up, i, log, B):",
             f'        """One update of {name!r}: a pure function of the block state."""',
-            f"        sub, loss, metrics, norm = update_{f}(sub, up, B[{name!r}][i], log)",
+            f"        sub, loss, metrics, norm = {f.update}(sub, up, B[{name!r}][i], log)",
             f"        rt.record(log, {name!r}, loss, metrics, norm)",
             "        return sub",
             ""]
@@ -128,18 +148,18 @@ def _gradient_fn(ids, name, children, shared, lowers, taken, subtree, suffix="")
     f = ids[name]
     sig = "sub, up, i, log, B" + (", shared" if shared else "")
     below = _wrt(name, lowers, taken, subtree)[1:]
-    lines = [f"    def gradient_{f}{suffix}({sig}):",
+    lines = [f"    def {f.one_task if suffix else f.gradient}({sig}):",
              f'        """Total gradient of {name!r} at its update i (its lower levels run first)."""']
     for c in children:
-        lines += [f"        s, block_{ids[c]}_ = block_{ids[c]}(sub, up, i, log, B)",
+        lines += [f"        s, {ids[c].record} = {ids[c].block}(sub, up, i, log, B)",
                   "        sub = {**sub, **s}"]
-    lines += [f"        loss, metrics, g = partials_{f}({{**up, **rt.params_of(sub)}}, B[{name!r}][i], log)",
-              f"        g_{f} = g[{name!r}]"]
+    lines += [f"        loss, metrics, g = {f.partials}({{**up, **rt.params_of(sub)}}, B[{name!r}][i], log)",
+              f"        {f.g} = g[{name!r}]"]
     for c in lowers:
-        record = f"block_{ids[c]}_" if c in children else f"shared[{c!r}]"
+        record = ids[c].record if c in children else f"shared[{c!r}]"
         ct = ", ".join(f"{n!r}: g[{n!r}]" for n in subtree[c] if n in below)
-        lines.append(f"        g_{f} = rt.add(g_{f}, rt.best_response_vjp({c!r}, {name!r}, {record}, {{{ct}}}))")
-    lines += [f"        return g_{f}, sub, loss, metrics", ""]
+        lines.append(f"        {f.g} = rt.add({f.g}, rt.best_response_vjp({c!r}, {name!r}, {record}, {{{ct}}}))")
+    lines += [f"        return {f.g}, sub, loss, metrics", ""]
     return lines
 
 
@@ -149,7 +169,7 @@ def _tasks_fn(ids, name, tasked, taped) -> list:
     (``Unroll``): where ``rt.tape_tasks`` allows, the tasks' mean loss is computed under ``vmap``
     on the autograd tape and differentiated by one backward pass (as a hand-written MAML does)."""
     f, t = ids[name], ids[tasked]
-    lines = [f"    def gradient_{f}(sub, up, i, log, B):",
+    lines = [f"    def {f.gradient}(sub, up, i, log, B):",
              f'        """Total gradient of {name!r}, averaged over the tasks of {tasked!r} '
              '(one vmapped computation)."""']
     if taped:
@@ -158,32 +178,32 @@ def _tasks_fn(ids, name, tasked, taped) -> list:
             "        if leaves is not None:  # the mean task loss on the tape, then one backward pass",
             f"            sub_ = {{**sub, {name!r}: {{**sub[{name!r}], 'params': leaves}}}}",
             "            def task_loss(sub_task, B_task):",
-            f"                s, _ = block_{t}({{**sub_, **sub_task}}, up, i, None, {{**B, **B_task}})",
+            f"                s, _ = {t.block}({{**sub_, **sub_task}}, up, i, None, {{**B, **B_task}})",
             "                params = {**up, **rt.params_of({**sub_, **s})}",
             f"                return rt.evaluate({name!r}, params, B_task[{name!r}][i])[0], "
             f"rt.restrict(s, [{tasked!r}])",
-            f"            loss, sub_{t} = vmap(task_loss, randomness='different')(",
+            f"            loss, {t.sub} = vmap(task_loss, randomness='different')(",
             f"                rt.restrict(sub, [{tasked!r}]), {{{tasked!r}: B[{tasked!r}], {name!r}: B[{name!r}]}})",
             "            g = rt.tape_gradient(loss.mean(), leaves)",
-            f"            return g, {{**sub, **rt.untaped(sub_{t}, leaves)}}, loss.mean().detach(), {{}}"]
+            f"            return g, {{**sub, **rt.untaped({t.sub}, leaves)}}, loss.mean().detach(), {{}}"]
     return lines + [
             "        def one_task(sub_task, B_task):",
-            f"            g, s, loss, _ = gradient_{f}_one_task({{**sub, **sub_task}}, up, i, None, {{**B, **B_task}})",
+            f"            g, s, loss, _ = {f.one_task}({{**sub, **sub_task}}, up, i, None, {{**B, **B_task}})",
             f"            return g, rt.restrict(s, [{tasked!r}]), loss",
-            f"        g, sub_{t}, loss = vmap(one_task, randomness='different')(",
+            f"        g, {t.sub}, loss = vmap(one_task, randomness='different')(",
             f"            rt.restrict(sub, [{tasked!r}]), {{{tasked!r}: B[{tasked!r}], {name!r}: B[{name!r}]}})",
-            f"        return rt.mean_over_tasks(g), {{**sub, **sub_{t}}}, loss.mean(), {{}}",
+            f"        return rt.mean_over_tasks(g), {{**sub, **{t.sub}}}, loss.mean(), {{}}",
             ""]
 
 
 def _advance_fn(ids, name, shared) -> list:
     f = ids[name]
     extra = ", shared" if shared else ""
-    return [f"    def advance_{f}(sub, up, i, log, B{extra}):",
+    return [f"    def {f.advance}(sub, up, i, log, B{extra}):",
             f'        """One update of {name!r}: a pure function of the block state."""',
-            f"        g_{f}, sub, loss, metrics = gradient_{f}(sub, up, i, log, B{extra})",
-            f"        rt.record(log, {name!r}, loss, metrics, rt.grad_norm(g_{f}))",
-            f"        return rt.apply_update({name!r}, sub, up, g_{f})",
+            f"        {f.g}, sub, loss, metrics = {f.gradient}(sub, up, i, log, B{extra})",
+            f"        rt.record(log, {name!r}, loss, metrics, rt.grad_norm({f.g}))",
+            f"        return rt.apply_update({name!r}, sub, up, {f.g})",
             ""]
 
 
@@ -195,7 +215,7 @@ def generate(plan: Plan, levels: dict, methods: dict, title: str, taken: dict | 
     tasked = sorted({n for n in plan.subtree if levels[n].tasks} |  # vmap draws their random numbers
                     {u for u in plan.subtree if any(levels[c].tasks for c in plan.lowers[u])})
     tops = [b.level for b in plan.blocks if b.level not in shared]
-    ids = level_identifiers(plan.subtree)
+    ids = StepNames(plan.subtree)
     out = [f"# The fused step of {title}, generated by mlodsl from its plan.",
            "# State: {level: {'params': {...}, 'opt': {...}}}; B: {level: [its batch for each update]}.",
            "",
@@ -219,7 +239,7 @@ def generate(plan: Plan, levels: dict, methods: dict, title: str, taken: dict | 
         out += _gradient_fn(ids, name, children, has_shared, lowers, takes, plan.subtree, suffix)
         if tasked:
             taped = (list(lowers) == tasked[:1] and not plan.lowers[tasked[0]]
-                     and getattr(methods[tasked[0]], "records_tape", False))
+                     and methods[tasked[0]].records_tape)
             out += _tasks_fn(ids, name, tasked[0], taped)
         out += _update_fn(ids, name) if not lowers else _advance_fn(ids, name, has_shared)
 
@@ -230,12 +250,12 @@ def generate(plan: Plan, levels: dict, methods: dict, title: str, taken: dict | 
             "  # one seed per update of a lower level that draws random numbers"] + (
             ["        shared = {}"] if shared else [])
     for n in shared:
-        out += [f"        s, shared[{n!r}] = block_{ids[n]}(state, {{}}, 0, log, B)",
+        out += [f"        s, shared[{n!r}] = {ids[n].block}(state, {{}}, 0, log, B)",
                 "        state = {**state, **s}"]
     for t in tops:
         has_shared = any(c in shared for c in plan.lowers[t])
         out += [f"        for t in range({levels[t].steps}):",
-                f"            sub = advance_{ids[t]}(rt.restrict(state, {list(plan.subtree[t])!r}), "
+                f"            sub = {ids[t].advance}(rt.restrict(state, {list(plan.subtree[t])!r}), "
                 f"rt.outside(state, {{}}, {list(plan.subtree[t])!r}), t, log, B{', shared' if has_shared else ''})",
                 "            state = {**state, **sub}"]
     out += ["        return state, log", ""]
@@ -246,13 +266,13 @@ def generate(plan: Plan, levels: dict, methods: dict, title: str, taken: dict | 
     out += ["        shared = {}"] if shared else []
     for n in shared:
         out += [f"        if name != {n!r} and name not in {list(plan.subtree[n])!r}:",
-                f"            s, shared[{n!r}] = block_{ids[n]}(state, {{}}, 0, log, B)",
+                f"            s, shared[{n!r}] = {ids[n].block}(state, {{}}, 0, log, B)",
                 "            state = {**state, **s}"]
     for name in plan.subtree:
         has_shared = any(c in shared for c in plan.lowers[name])
         sub = list(plan.subtree[name])
         out += [f"        if name == {name!r}:",
-                f"            return gradient_{ids[name]}(rt.restrict(state, {sub!r}), "
+                f"            return {ids[name].gradient}(rt.restrict(state, {sub!r}), "
                 f"rt.outside(state, {{}}, {sub!r}), "
                 f"0, log, B{', shared' if has_shared else ''})[::2]"]
     out += ["        raise KeyError(name)", "", "    return step, hypergradient", ""]

@@ -83,9 +83,9 @@ class MemoryReport(list):
 
 def kept_iterates(method, steps: int) -> int:
     """How many block states a method holds at its peak (0 when it keeps none)."""
-    if not getattr(method, "keeps_path", False):
+    if not method.keeps_path:
         return 0
-    stride = method.path_stride(steps) if hasattr(method, "path_stride") else 1
+    stride = method.path_stride(steps)
     kept = math.ceil(steps / stride) + 1
     return kept + (stride - 1 if stride > 1 else 0)  # plus one recomputed segment in the reverse pass
 
@@ -171,7 +171,6 @@ def explain(state: dict, plan, methods: dict, activations: dict | None = None,
                 iterates = kept_iterates(method, steps) * block
                 if graph is not None:  # a replayed update's VJP holds its graph, and as much again at
                     activations[name] = max(activations.get(name, 0), 2 * graph)  # the peak of its backward
-            if hasattr(method, "workspace"):
-                workspace = method.workspace(block, params)
+            workspace = method.workspace(block, params)
         report.append(LevelMemory(name, params, opt, iterates, workspace, activations.get(name, 0)))
     return report

@@ -57,7 +57,7 @@ def collect_levels(tops) -> dict:
         levels[lvl.name] = lvl
         pending += [d for d in lvl.depends_on if isinstance(d, Level)]
         visible = _closure_levels(lvl.fn)
-        for arg in lvl.level_args + tuple(lvl.optimizer.reads if hasattr(lvl.optimizer, "reads") else ()):
+        for arg in lvl.level_args + tuple(lvl.optimizer.reads):
             cand = visible.get(arg)
             if cand is not None and cand.name == arg:
                 pending.append(cand)
@@ -128,7 +128,7 @@ def build_graph(levels: dict) -> nx.MultiDiGraph:
                                    f"is the first argument")
             if arg not in lvl.depends_on_names:
                 g.add_edge(name, arg, kind="reads")
-        for arg in getattr(lvl.optimizer, "reads", ()):
+        for arg in lvl.optimizer.reads:
             if arg not in levels:
                 raise _unknown(levels, name, "optimizer hyperparameter argument", arg)
             if not g.has_edge(name, arg):

@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 from torch import nn
 
+from .optim import as_optimizer
+
 
 @dataclass(eq=False)
 class Level:
@@ -156,7 +158,7 @@ def level(module, *, optimizer, data=None, depends_on=(), steps=1, hypergrad=Non
             raise ValueError(f"level '{level_name}': batch_per='block' but the level has no data= to draw from")
         if project is not None and not callable(project):
             raise TypeError(f"level '{level_name}': project must be a function params -> params")
-        return Level(fn=fn, module=module, optimizer=optimizer, data=data, depends_on=tuple(depends_on),
+        return Level(fn=fn, module=module, optimizer=as_optimizer(optimizer), data=data, depends_on=tuple(depends_on),
                      steps=steps, hypergrad=hypergrad, start_from=start_from, tasks=tasks,
                      project=project, read_mode=read_mode, precision=precision, clip_grad_norm=clip_grad_norm,
                      batch_per=batch_per, name=level_name, own_arg=own, level_args=level_args,

@@ -46,8 +46,11 @@ buffer, Adam moments) exactly as they were, as torch.optim does; the Program dec
 parameters these are once, when it is built, so the update stays static. A user-defined optimizer
 gets None only when it says it takes it (``absent_grads = True``), else zeros.
 
-A user-defined optimizer is any object with the same ``init``/``update`` and a ``reads`` attribute
-(the level names its hyperparameters need); the built-ins use nothing more.
+A user-defined optimizer is an ``Optimizer`` built from its two functions (``reads``: the level
+names its hyperparameters need; ``in_place`` and ``absent_grads`` as below, False unless given), or
+any object with the same ``init``/``update`` and any of those attributes: ``as_optimizer`` turns it
+into an ``Optimizer``, with the declared defaults for the attributes it lacks. The built-ins use
+nothing more.
 """
 from __future__ import annotations
 
@@ -63,6 +66,8 @@ Params = dict  # name -> Tensor
 
 
 class Optimizer(NamedTuple):
+    """A functional optimizer: ``init``, ``update`` and what the Program must know about them."""
+
     name: str
     init: Callable[[Params], dict]
     update: Callable[..., tuple[Params, dict]]
@@ -90,6 +95,26 @@ def _show(value) -> str:
 
 def _show_hyperparams(hyperparams: dict) -> str:
     return ", ".join(f"{k}={_show(v)}" for k, v in hyperparams.items())
+
+
+class _Wrapped(Optimizer):
+    """An optimizer object that is not an ``Optimizer`` (see ``as_optimizer``); prints as that object."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def as_optimizer(optimizer) -> Optimizer:
+    """``optimizer`` as an ``Optimizer``: itself when it is one, else its ``init`` and ``update``
+    with the attributes it has among ``reads``, ``in_place`` and ``absent_grads`` (the declared
+    defaults for the others)."""
+    if isinstance(optimizer, Optimizer):
+        return optimizer
+    declared = {f: getattr(optimizer, f) for f in ("reads", "in_place", "absent_grads") if hasattr(optimizer, f)}
+    return _Wrapped(repr(optimizer), optimizer.init, optimizer.update, {},
+                    **{**declared, "reads": tuple(declared.get("reads", ()))})
 
 
 def params_view(params: dict) -> SimpleNamespace:

@@ -19,6 +19,7 @@ from .draw import LevelDiagram
 from .graph import ProgramError, build_graph, collect_levels
 from .kernels import check_second_order, second_order_levels
 from .hypergrad import Unroll
+from .hypergrad.base import as_method
 from .level import Level
 from .losscheck import check_losses
 from .param_groups import GroupError
@@ -74,7 +75,7 @@ def _methods(levels: dict, graph) -> dict:
     methods = {}
     for name, lvl in levels.items():
         if any(k == "depends_on" for _, _, k in graph.in_edges(name, data="kind")):
-            methods[name] = lvl.hypergrad if lvl.hypergrad is not None else Unroll()
+            methods[name] = as_method(lvl.hypergrad) if lvl.hypergrad is not None else Unroll()
             graph.nodes[name]["method"] = repr(methods[name])
     return methods
 
@@ -137,11 +138,11 @@ def _check_in_place(levels: dict, graph, methods: dict):
     from .graph import depends_on_dag
     dag = depends_on_dag(graph)
     for name, lvl in levels.items():
-        if not getattr(lvl.optimizer, "in_place", False):
+        if not lvl.optimizer.in_place:
             continue
         for below in {name} | nx.ancestors(dag, name):
             method = methods.get(below)
-            if method is not None and getattr(method, "replays_updates", True):
+            if method is not None and method.replays_updates:
                 raise ProgramError(
                     f"level '{name}' uses an in-place torch.optim optimizer, but level '{below}' is "
                     f"differentiated by {method!r}, which replays its updates; use ml.optim.sgd/adam/adamw "
@@ -497,13 +498,13 @@ class Program:
             activations[name] = saved_activation_bytes(
                 lambda own: split_output(name, pl.traced({**params, name: own}, batch))[0], params[name])
             method = self._runtime.methods.get(name)
-            if getattr(method, "keeps_path", False):  # it differentiates the updates themselves
+            if method is not None and method.keeps_path:  # it differentiates the updates themselves
                 uppers = {n: params[n] for n in self.plan.subtree if name in self.plan.lowers[n]}
                 update_graphs[name] = taped_update_bytes(
                     lambda own, ups: split_output(name, pl.traced({**params, **ups, name: own}, batch))[0],
                     params[name], uppers)
         taped = {n for n, m in self._runtime.methods.items()  # compiled updates are replayed instead
-                 if getattr(m, "records_tape", False) and not self._runtime.compiler.compiles(n)}
+                 if m.records_tape and not self._runtime.compiler.compiles(n)}
         return explain(self._state, self.plan, self._runtime.methods, activations, update_graphs, taped)
 
     def show(self) -> LevelDiagram:

@@ -168,7 +168,7 @@ def absent_params(traced: dict, lowers: dict, optimizers: dict, starts: dict) ->
     for name in optimizers:
         mine = {p for lvl, p in traced[name].inputs.values() if lvl == name}
         related = {name} | below(name, set())
-        if any(name in getattr(optimizers[r], "reads", ()) or starts.get(r) == name for r in related):
+        if any(name in optimizers[r].reads or starts.get(r) == name for r in related):
             continue
         reached = set()
         for r in related:
@@ -426,7 +426,7 @@ class Runtime:
         """``grad`` with None for the parameters of ``name`` that no loss reaches (``absent``), for
         an optimizer that takes None there (the built-ins: they leave those parameters alone)."""
         absent = self.absent.get(name)
-        if not absent or not getattr(self.optimizers[name], "absent_grads", False):
+        if not absent or not self.optimizers[name].absent_grads:
             return grad
         return {k: None if k in absent else g for k, g in grad.items()}
 
@@ -440,7 +440,7 @@ class Runtime:
 
         The tape costs the activations of every update (what ``torch.autograd`` keeps) instead of
         one replay of every update in the reverse pass: one forward pass instead of two."""
-        if (not getattr(self.methods[name], "records_tape", False) or self.compiler.compiles(name)
+        if (not self.methods[name].records_tape or self.compiler.compiles(name)
                 or not autodiff.on_tape() or not is_plain((state, up))):
             return up, None
         leaves = {u: {k: v.detach().requires_grad_() for k, v in up[u].items()} for u in uppers if u in up}
@@ -451,7 +451,7 @@ class Runtime:
         the tasks of ``tasked`` can be one backward pass over the vmapped tasks' mean loss: the
         tasked level's method records the tape (``Unroll``), nothing else is differentiating, and
         the gradient needs no fp16 loss scale or data-parallel average of cotangents. Else None."""
-        if (not getattr(self.methods[tasked], "records_tape", False) or self.reduce is not None
+        if (not self.methods[tasked].records_tape or self.reduce is not None
                 or name in self.loss_scales or not autodiff.on_tape() or not is_plain((sub, up))):
             return None
         return {k: v.detach().requires_grad_() for k, v in sub[name]["params"].items()}
@@ -495,7 +495,7 @@ class Runtime:
         rebuilt inside the region from plain tensors (final state, parameters, batch), and what it
         reports comes back as outputs for the log."""
         method = self.methods[lower]
-        if not getattr(method, "products_only", False) or not self.compiler.compiles(lower):
+        if not method.products_only or not self.compiler.compiles(lower):
             return method.vjp(record.toward(upper_name), cotangent)
         key = (lower, upper_name)
         if key not in self._products:
@@ -578,15 +578,14 @@ class Runtime:
         after the step, outside every transform and before anything is committed."""
         for level, values in reports.items():
             method = self.methods.get(level)
-            judge = getattr(method, "diverged", None)
-            if judge is None:
+            if method is None:
                 continue
             # every diagnostic is "larger is worse"; a few scalars per step (one per hypergradient)
-            problem = judge({k: max(float(v) for v in vs) for k, vs in values.items()})
+            problem = method.diverged({k: max(float(v) for v in vs) for k, vs in values.items()})
             if problem is None:
                 continue
             message = f"level '{level}': the hypergradient by {method!r} {problem}."
-            if getattr(method, "on_divergence", "raise") == "warn":
+            if method.on_divergence == "warn":
                 warnings.warn(message + " The step is taken all the same (on_divergence='warn').",
                               DivergenceWarning, stacklevel=4)
             else:

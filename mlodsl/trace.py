@@ -27,6 +27,7 @@ from torch import nn
 
 from .binding import ProgramModules, storage_of, storages
 from .graph import ProgramError
+from .names import Namespace
 from .capture import capture_level
 
 
@@ -490,8 +491,9 @@ def _trace(level, program: ProgramModules, example_batch, modes: dict) -> Traced
 
     try:
         graph = _IntoModulesTracer().trace(root)
-        inputs = _parameters_to_placeholders(graph, owner_of_param, (level.name, *level.level_args))
-        buffers = _buffers_to_placeholders(graph, owner_of_buffer)
+        names = Namespace(n.target for n in graph.nodes if n.op == "placeholder")  # the batch's
+        inputs = _parameters_to_placeholders(graph, owner_of_param, (level.name, *level.level_args), names)
+        buffers = _buffers_to_placeholders(graph, owner_of_buffer, names)
         gm = fx.GraphModule(root, graph, class_name=f"level_{_identifier(level.name)}")
         direct = _direct_call(level, program, modes)
         return TracedLevel(level.name, gm, kind, keys, inputs, direct=direct, buffers=buffers)
@@ -511,16 +513,16 @@ def _trace(level, program: ProgramModules, example_batch, modes: dict) -> Traced
         return _opaque_level(level, program, kind, keys, batch_names, modes, reason)
 
 
-def _buffers_to_placeholders(graph: fx.Graph, owner_of_buffer: dict) -> dict:
-    """Buffers the graph reads become placeholders ``<level>_<buffer>``: each call gets copies, so
-    in-place updates (BatchNorm's running statistics) never touch the module."""
+def _buffers_to_placeholders(graph: fx.Graph, owner_of_buffer: dict, names: Namespace) -> dict:
+    """Buffers the graph reads become placeholders ``<level>_<buffer>`` (unique in ``names``): each
+    call gets copies, so in-place updates (BatchNorm's running statistics) never touch the module."""
     first_op = next(n for n in graph.nodes if n.op != "placeholder")
     used = [n for n in graph.nodes if n.op == "get_attr" and n.target in owner_of_buffer]
     buffers, placeholder_of = {}, {}
     with graph.inserting_before(first_op):
         for target in dict.fromkeys(n.target for n in used):
             lvl, module, bname = owner_of_buffer[target]
-            ph = graph.placeholder(_identifier(f"{lvl}_{bname}"))
+            ph = graph.placeholder(names.create(f"{lvl}_{bname}", ("buffer", lvl, bname)))
             buffers[ph.target] = (lvl, module, bname)
             placeholder_of[target] = ph
     for node in used:
@@ -530,8 +532,9 @@ def _buffers_to_placeholders(graph: fx.Graph, owner_of_buffer: dict) -> dict:
     return buffers
 
 
-def _parameters_to_placeholders(graph: fx.Graph, owner_of_param: dict, named: tuple) -> dict:
-    """Turn get_attr nodes of learnable parameters into placeholders named after their level.
+def _parameters_to_placeholders(graph: fx.Graph, owner_of_param: dict, named: tuple, names: Namespace) -> dict:
+    """Turn get_attr nodes of learnable parameters into placeholders named after their level (each
+    name unique in ``names``: level ``a``'s ``b_c`` and level ``a_b``'s ``c`` must not meet).
 
     Every learnable parameter of the levels the function names (itself, its arguments) becomes an
     input, used or not, so a level's graph has the same signature whatever its body touches; so
@@ -546,7 +549,7 @@ def _parameters_to_placeholders(graph: fx.Graph, owner_of_param: dict, named: tu
         for lvl in read:
             for target, (owner, pname) in owner_of_param.items():
                 if owner == lvl:
-                    ph = graph.placeholder(_identifier(f"{lvl}_{pname}"))
+                    ph = graph.placeholder(names.create(f"{lvl}_{pname}", (lvl, pname)))
                     inputs[ph.target] = (lvl, pname)
                     placeholder_of[target] = ph
     for node in list(graph.nodes):
@@ -569,12 +572,14 @@ def _direct_call(level, program: ProgramModules, modes: dict):
     return call_level
 
 
-def _program_inputs(level, program: ProgramModules) -> dict:
+def _program_inputs(level, program: ProgramModules, batch_names) -> dict:
     """``{placeholder: (level, parameter)}`` for every learnable parameter of the program, the
-    level's own and its arguments' first: a function may read any of them."""
+    level's own and its arguments' first: a function may read any of them. The names are unique
+    among themselves and the batch's ``batch_names``."""
     named = (level.name, *level.level_args)
     order = list(named) + [lvl for lvl in program.modules if lvl not in named]
-    return {_identifier(f"{lvl}_{k}"): (lvl, k) for lvl in order for k in program.learnable(lvl)}
+    names = Namespace(batch_names)
+    return {names.create(f"{lvl}_{k}"): (lvl, k) for lvl in order for k in program.learnable(lvl)}
 
 
 def _flat_call(level, program: ProgramModules, kind, keys, modes, inputs: dict):
@@ -596,7 +601,7 @@ def _flat_call(level, program: ProgramModules, kind, keys, modes, inputs: dict):
 def _capture(level, program: ProgramModules, example_batch, modes) -> TracedLevel | str:
     """The level as a graph of aten ops captured by ``make_fx`` (``mlodsl.capture``), or why not."""
     kind, keys, batch_names = _batch_structure(example_batch, level.takes_batch)
-    inputs = _program_inputs(level, program)
+    inputs = _program_inputs(level, program, batch_names)
     values = {ph: program.learnable(lvl)[k].detach() for ph, (lvl, k) in inputs.items()}
     leaves = TracedLevel(level.name, None, kind, keys, inputs).batch_args(example_batch)
     captured = capture_level(level.name, lambda ins: _flat_call(level, program, kind, keys, modes, ins), inputs,
@@ -613,7 +618,7 @@ def _opaque_level(level, program: ProgramModules, kind, keys, batch_names, modes
     learnable parameter of the program (own level and arguments first), since it may read any."""
     graph = fx.Graph()
     batch_phs = [graph.placeholder(n) for n in batch_names]
-    inputs = _program_inputs(level, program)
+    inputs = _program_inputs(level, program, batch_names)
     param_phs = {ph: graph.placeholder(ph) for ph in inputs}
     call_level = _flat_call(level, program, kind, keys, modes, inputs)
     graph.output(graph.call_function(call_level, tuple(batch_phs), param_phs))

@@ -28,24 +28,38 @@ def outer_loss_fn(w, b, batch):
     return F.binary_cross_entropy_with_logits(x @ w + b, y)
 
 
-def make_hpo(K=5, lr=0.5, method=None, d=5, inner_opt=None, outer_opt=None, seed=0, compile=False):
-    """Per-feature L2 for logistic regression, float64. Returns (program, net, hyper, train, val)."""
-    train, val = logreg_data(d=d, seed=seed)
+def hpo_problem(train, val, *, K=5, method=None, inner_opt=None, outer_opt=None, d=5, dtype=DT, seed=0,
+               log_l2=-2.0, extra_hyper=None, metrics=None, inner_precision=None):
+    """The logistic-regression HPO problem every test shares: a learned per-feature L2 penalty
+    exp(log_l2) on a logistic regression fitted by ``K`` steps of ``inner_opt`` (default SGD, lr 0.5)
+    on ``train``; the upper level learns log_l2 from the loss on ``val`` (default SGD, lr 0.1).
+    ``extra_hyper``: more tensors of the upper module (not read by either loss); ``metrics``: what the
+    lower level returns beside its loss. Returns ``(outer level, net, hyper)``."""
     torch.manual_seed(seed)
-    net = nn.Linear(d, 1).to(DT)
-    hyper = ml.Hyper(log_l2=torch.full((d,), -2.0, dtype=DT))
+    net = nn.Linear(d, 1).to(dtype)
+    hyper = ml.Hyper(log_l2=torch.full((d,), log_l2, dtype=dtype), **(extra_hyper or {}))
 
-    @ml.level(net, optimizer=inner_opt or ml.optim.sgd(lr=lr), data=train, steps=K, hypergrad=method)
+    @ml.level(net, optimizer=inner_opt or ml.optim.sgd(lr=0.5), data=train, steps=K, hypergrad=method,
+              precision=inner_precision)
     def inner(net, batch, outer):
         x, y = batch
         fit = F.binary_cross_entropy_with_logits(net(x).squeeze(-1), y)
-        return fit + (outer.log_l2.exp() * net.weight.squeeze(0) ** 2).sum()
+        loss = fit + (outer.log_l2.exp() * net.weight.squeeze(0) ** 2).sum()
+        return loss if metrics is None else (loss, metrics)
 
     @ml.level(hyper, optimizer=outer_opt or ml.optim.sgd(lr=0.1), data=val, depends_on=[inner])
     def outer(hyper, batch, inner):
         x, y = batch
         return F.binary_cross_entropy_with_logits(inner(x).squeeze(-1), y)
 
+    return outer, net, hyper
+
+
+def make_hpo(K=5, lr=0.5, method=None, d=5, inner_opt=None, outer_opt=None, seed=0, compile=False):
+    """``hpo_problem`` on ``logreg_data``, float64. Returns (program, net, hyper, train, val)."""
+    train, val = logreg_data(d=d, seed=seed)
+    outer, net, hyper = hpo_problem(train, val, K=K, method=method, inner_opt=inner_opt or ml.optim.sgd(lr=lr),
+                                   outer_opt=outer_opt, d=d, seed=seed)
     return ml.Program(outer, compile=compile), net, hyper, train, val
 
 
@@ -62,3 +76,25 @@ def reference_hpo(net, hyper, train, val, K, lr, last=None):
         w, b = w - lr * gw, b - lr * gb
     (g,) = torch.autograd.grad(outer_loss_fn(w, b, val), log_l2)
     return g, (w.detach(), b.detach())
+
+
+def reference_implicit_hpo(net, hyper, train, val, K, lr):
+    """Hand-written autograd: the implicit hypergradient -(∂²L/∂λ∂θ) H⁻¹ ∇_θ f at θ_K (K SGD steps
+    from the module's parameters), H = ∂²L/∂θ² formed and solved exactly; θ = (w, b)."""
+    log_l2 = hyper.log_l2.detach().clone().requires_grad_()
+    theta = torch.cat([net.weight.detach().squeeze(0), net.bias.detach()])
+
+    def lower(th, lam):
+        return inner_loss_fn(th[:-1], th[-1], lam, train)
+
+    for _ in range(K):
+        th = theta.clone().requires_grad_()
+        (g,) = torch.autograd.grad(lower(th, log_l2.detach()), th)
+        theta = (th - lr * g).detach()
+    H = torch.autograd.functional.hessian(lambda th: lower(th, log_l2.detach()), theta)
+    th = theta.clone().requires_grad_()
+    (v,) = torch.autograd.grad(outer_loss_fn(th[:-1], th[-1], val), th)
+    x = torch.linalg.solve(H, v)
+    (g_theta,) = torch.autograd.grad(lower(th, log_l2), th, create_graph=True)
+    (cross,) = torch.autograd.grad(g_theta @ x, log_l2)
+    return -cross

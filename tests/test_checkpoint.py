@@ -3,11 +3,10 @@ anything changes, and a resume that continues bit-exactly, history included."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import mlodsl as ml
-from helpers import DT, logreg_data
+from helpers import DT, hpo_problem, logreg_data
 
 
 def build(d=5, dtype=DT, outer="sgd", scale=False, seed=0, init_seed=None):
@@ -16,26 +15,11 @@ def build(d=5, dtype=DT, outer="sgd", scale=False, seed=0, init_seed=None):
     Xt, yt, Xv, yv = (t.to(dtype) for t in (Xt, yt, Xv, yv))
     train = [(Xt[i:i + 10], yt[i:i + 10]) for i in range(0, 40, 10)]
     val = [(Xv[i:i + 10], yv[i:i + 10]) for i in range(0, 40, 10)]
-    torch.manual_seed(seed if init_seed is None else init_seed)
-    net = nn.Linear(d, 1).to(dtype)
-    tensors = {"log_l2": torch.full((d,), -2.0, dtype=dtype)}
-    if scale:
-        tensors["scale"] = torch.ones((), dtype=dtype)
-    hyper = ml.Hyper(**tensors)
     opt = ml.optim.adam(lr=0.05) if outer == "adam" else ml.optim.sgd(lr=0.1)
-
-    @ml.level(net, optimizer=ml.optim.sgd(lr=0.5, momentum=0.5), data=train, steps=3)
-    def inner(net, batch, outer):
-        x, y = batch
-        return F.binary_cross_entropy_with_logits(net(x).squeeze(-1), y) + \
-            (outer.log_l2.exp() * net.weight.squeeze(0) ** 2).sum()
-
-    @ml.level(hyper, optimizer=opt, data=val, depends_on=[inner])
-    def outer(hyper, batch, inner):
-        x, y = batch
-        return F.binary_cross_entropy_with_logits(inner(x).squeeze(-1), y)
-
-    return ml.Program(outer)
+    top, _, _ = hpo_problem(train, val, K=3, inner_opt=ml.optim.sgd(lr=0.5, momentum=0.5), outer_opt=opt, d=d,
+                           dtype=dtype, seed=seed if init_seed is None else init_seed,
+                           extra_hyper={"scale": torch.ones((), dtype=dtype)} if scale else None)
+    return ml.Program(top)
 
 
 def snapshot(prog):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mlodsl as ml
-from helpers import DT, logreg_data
+from helpers import DT, hpo_problem, logreg_data
 from mlodsl import loops
 
 HG = ml.hypergrad
@@ -39,22 +39,9 @@ def hpo_levels(method):
     """Per-feature L2 for logistic regression (helpers.make_hpo without its Program): SGD with momentum
     below, Adam above, so both optimizers' states are made by the library."""
     train, val = logreg_data()
-    torch.manual_seed(0)
-    net = nn.Linear(5, 1).to(DT)
-    hyper = ml.Hyper(log_l2=torch.full((5,), -2.0, dtype=DT))
-
-    @ml.level(net, optimizer=ml.optim.sgd(lr=0.5, momentum=0.9), data=train, steps=3, hypergrad=method)
-    def inner(net, batch, outer):
-        x, y = batch
-        fit = F.binary_cross_entropy_with_logits(net(x).squeeze(-1), y)
-        # a metric that is a Python number becomes a tensor inside a compiled loop
-        return fit + (outer.log_l2.exp() * net.weight.squeeze(0) ** 2).sum(), {"tenth": 0.1}
-
-    @ml.level(hyper, optimizer=ml.optim.adam(lr=0.01), data=val, depends_on=[inner])
-    def outer(hyper, batch, inner):
-        x, y = batch
-        return F.binary_cross_entropy_with_logits(inner(x).squeeze(-1), y)
-
+    # a metric that is a Python number becomes a tensor inside a compiled loop
+    outer, _, _ = hpo_problem(train, val, K=3, method=method, inner_opt=ml.optim.sgd(lr=0.5, momentum=0.9),
+                             outer_opt=ml.optim.adam(lr=0.01), metrics={"tenth": 0.1})
     return outer
 
 

@@ -79,8 +79,13 @@ def test_schedule_and_diagram_print():
     assert text.splitlines()[0] == "repeat 1× outer:"
     assert "  repeat 4× inner:" in text and "hypergradient of outer through inner by Unroll()" in text
     assert "inner" in str(prog.show())
-    png = prog.show()._repr_png_()
-    assert png is None or png[:4] == b"\x89PNG"
+    assert prog.show()._repr_png_()[:4] == b"\x89PNG"  # matplotlib is a test dependency
+
+
+def test_diagram_has_no_png_without_matplotlib(monkeypatch):
+    prog, *_ = make_hpo(K=1)
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)  # its import raises ImportError
+    assert prog.show()._repr_png_() is None
 
 
 def test_fit_records_history_validation_and_callbacks():

@@ -1,10 +1,11 @@
 """Hypergradient methods: how a lower level's response is differentiated for the levels above.
 
 Each method is set on the lower level (``@ml.level(..., hypergrad=ml.hypergrad.CG(iters=10))``) and
-has the interface documented in ``mlodsl.hypergrad.base``. Costs and measured errors of each are in
+implements ``Method`` (``ImplicitMethod`` for those that use the lower level's ``Solution`` alone),
+documented in ``mlodsl.hypergrad.base``. Costs and measured errors of each are in
 ``docs/hypergradients.md``.
 """
-from .base import DivergenceError, DivergenceWarning, Trajectory
+from .base import DivergenceError, DivergenceWarning, ImplicitMethod, Method, Solution, Trajectory
 from .cg import CG
 from .finite_diff import FiniteDiff
 from .fixed_point import FixedPoint
@@ -16,6 +17,6 @@ from .sama import SAMA
 from .unroll import FirstOrder, Forward, Unroll
 from .zero_order import ZeroOrder
 
-__all__ = ["Trajectory", "DivergenceError", "DivergenceWarning", "Unroll", "Forward", "FirstOrder", "Implicit",
-           "CG", "Neumann", "FixedPoint", "FiniteDiff", "SAMA", "ZeroOrder",
-           "Nystrom", "cg_solver", "neumann_solver", "nystrom_solver"]
+__all__ = ["Method", "ImplicitMethod", "Trajectory", "Solution", "DivergenceError", "DivergenceWarning",
+           "Unroll", "Forward", "FirstOrder", "Implicit", "CG", "Neumann", "FixedPoint", "FiniteDiff", "SAMA",
+           "ZeroOrder", "Nystrom", "cg_solver", "neumann_solver", "nystrom_solver"]

@@ -1,42 +1,56 @@
-"""What a hypergradient method is handed: the trajectory a lower level's block took.
+"""The contract of a hypergradient method, and what a method is handed.
 
-A hypergradient method is any object with
+A hypergradient method differentiates a lower level's response for the levels above it: given the
+cotangent ``v = ∂f_U/∂θ_L`` of an upper level's loss on the lower level's final parameters, it
+returns the best-response vector-Jacobian product ``vᵀ dθ_L/dθ_U`` on the upper level's
+parameters. A method is a small class implementing ``Method``: one abstract member, ``vjp``, and
+the flags and hooks below, each declared here once with its default (a method overrides only the
+ones that differ):
 
-* ``keeps_path: bool`` -- whether the block must store every iterate (``Unroll`` does);
-* ``products_only: bool`` (optional) -- whether ``vjp`` uses nothing of the trajectory but
-  ``level``, ``final``, ``own``, ``upper``, ``loss`` and ``report`` (derivative products of the
-  lower loss at the block's end: the implicit methods); under ``compile=True`` such a ``vjp`` is
-  one compiled region;
-* ``records_tape: bool`` (optional) -- whether the block should record its forward updates on the
-  autograd tape when it can (``Trajectory.taped_vjp``; ``keeps_path`` is the fallback where it
-  cannot: under ``torch.compile``, ``vmap``, or a level above differentiating through the block);
-* ``replays_updates: bool`` (optional, True when absent) -- whether the method re-runs or
-  differentiates the lower level's optimizer updates; only levels under methods that do not may
-  use an in-place ``torch.optim`` optimizer (``ml.optim.torch``);
-* ``diverged(diagnostics) -> str | None`` (optional) -- given the worst value in the step of each
-  diagnostic the method reported (``trajectory.report``), what went wrong, or None; the Program
-  checks it after the step, before committing anything, and raises ``DivergenceError`` (or warns,
-  when the method's ``on_divergence`` is ``"warn"``);
-* ``second_order: bool`` (optional, True when absent) -- whether the method differentiates the
-  lower level's gradient (its updates, Hessian or Jacobian products): the lower loss is then
-  differentiated twice, and mlodsl evaluates it under attention kernels that have a double
-  backward (``mlodsl.kernels``); ``differentiates_twice`` reads it;
-* ``vjp(trajectory, cotangent) -> dict`` -- given the cotangent ``v = ∂f_U/∂θ_L`` of the upper
-  level's loss with respect to the lower level's final parameters, return the best-response
-  vector-Jacobian product ``vᵀ dθ_L/dθ_U`` with respect to the upper level's parameters
-  (a dict shaped like ``trajectory.upper``). ``cotangent`` maps level names to parameter
-  cotangents: ``cotangent[trajectory.level]`` is v; when the upper's loss also takes a level
-  deeper in the block (a classifier two levels down), its cotangent is there too, and a method
-  that differentiates the whole block (``Unroll``, ``Forward``) carries it; a method that only
+* ``keeps_path`` (False) -- the block must store its iterates (``Unroll`` replays them);
+* ``records_tape`` (False) -- the block should record its forward updates on the autograd tape
+  where it can (``Trajectory.taped_vjp``; ``keeps_path`` is the fallback where it cannot: under
+  ``torch.compile``, ``vmap``, or a level above differentiating through the block);
+* ``products_only`` (False) -- ``vjp`` uses nothing of the trajectory but its ``Solution`` (the
+  derivative products of the lower loss at the block's end); under ``compile=True`` such a ``vjp``
+  is one compiled region. ``ImplicitMethod`` sets it;
+* ``replays_updates`` (True) -- the method re-runs or differentiates the lower level's optimizer
+  updates; only levels under methods that do not may use an in-place ``torch.optim`` optimizer
+  (``ml.optim.from_torch``);
+* ``second_order`` (True) -- the method differentiates the lower level's gradient (its updates,
+  Hessian or Jacobian products): the lower loss is then differentiated twice and evaluated under
+  attention kernels that have a double backward (``mlodsl.kernels``);
+* ``on_divergence`` (``"raise"``) -- what a step whose solve ``diverged`` does: raise
+  ``DivergenceError`` before anything is committed, or ``"warn"`` and go on;
+* ``diverged(diagnostics) -> str | None`` (None) -- given the worst value in the step of each
+  diagnostic the method reported (``trajectory.report``), what went wrong, or None;
+* ``path_stride(steps) -> int`` (1) -- with ``keeps_path``, keep every ``path_stride``-th iterate;
+* ``workspace(state_bytes, param_bytes) -> int`` (0) -- the bytes of the method's other buffers,
+  for ``prog.explain()``;
+* ``vjp(trajectory, cotangent) -> dict`` (abstract) -- ``cotangent`` maps level names to parameter
+  cotangents: ``cotangent[trajectory.level]`` is v; when the upper's loss also takes a level deeper
+  in the block (a classifier two levels down), its cotangent is there too, and a method that
+  differentiates the whole block (``Unroll``, ``Forward``) carries it; a method that only
   linearizes the lower level's own optimality (the implicit ones) uses v alone.
 
-The built-in methods use nothing more than the ``Trajectory`` below, so a user-defined method is a
-small class with the same two members. Every product must be written with differentiable torch
-operations (``torch.func.vjp``/``jvp``/``grad``), so that a level above can differentiate through it
-in turn.
+An implicit method (``ImplicitMethod``) implements ``solution_vjp(solution, v)`` instead of
+``vjp``: it is handed the narrow ``Solution`` (the level, its parameters at the block's end, the
+upper level's parameters and the lower loss), as jaxopt's ``root_vjp(optimality_fun, sol, args,
+cotangent, solve)`` is.
+
+The built-in methods are frozen dataclasses whose fields are their settings; ``repr`` names every
+setting that differs from its default (``prog.schedule`` prints it). A user-defined method
+subclasses ``Method`` (or ``ImplicitMethod``) the same way. An object that does not, but has a
+``vjp`` and any of the flags above, still works: ``as_method`` wraps it, reading each flag it lacks
+from the defaults declared here. Every product must be written with differentiable torch
+operations (``torch.func.vjp``/``jvp``/``grad``, or ``mlodsl.autodiff``), so that a level above can
+differentiate through it in turn.
 """
 from __future__ import annotations
 
+import abc
+import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -82,12 +96,145 @@ def diverged(diagnostics: dict, growth_fix: str) -> str | None:
     return None
 
 
-SECOND_ORDER_DEFAULT = True  # a method that does not say is assumed to differentiate twice (the safe side)
+def _show(value) -> str:
+    """A setting as ``repr`` prints it: functions by name, ``functools.partial`` by its parts."""
+    if isinstance(value, functools.partial):
+        parts = [_show(value.func), *map(_show, value.args),
+                 *(f"{k}={_show(v)}" for k, v in value.keywords.items())]
+        return f"partial({', '.join(parts)})"
+    if callable(value) and hasattr(value, "__name__"):
+        return value.__name__
+    return repr(value)
 
 
-def differentiates_twice(method) -> bool:
+def settings_repr(obj) -> str:
+    """``Name(field=value, ...)`` of a dataclass, naming every field that differs from its default
+    (so ``eval(repr(m)) == m`` where the values print as Python)."""
+    shown = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.default is not dataclasses.MISSING and value == f.default:
+            continue
+        shown.append(f"{f.name}={_show(value)}")
+    return f"{type(obj).__name__}({', '.join(shown)})"
+
+
+class Method(abc.ABC):
+    """A hypergradient method (see the module docstring): ``vjp`` and the flags it overrides.
+
+    Subclass it, preferably as a frozen dataclass whose fields are the method's settings::
+
+        @dataclass(frozen=True, repr=False)
+        class Scaled(ml.hypergrad.Method):
+            scale: float = 1.0
+            second_order = False                       # a flag: a plain class attribute
+
+            def vjp(self, trajectory, cotangent):
+                return {k: ... for k in trajectory.upper}
+    """
+
+    keeps_path: bool = False
+    records_tape: bool = False
+    products_only: bool = False
+    replays_updates: bool = True
+    second_order: bool = True  # a method that does not say is assumed to differentiate twice (the safe side)
+    on_divergence: str = "raise"
+
+    @abc.abstractmethod
+    def vjp(self, trajectory: "Trajectory", cotangent: dict) -> dict:
+        """``vᵀ dθ_L/dθ_U`` on ``trajectory.upper``, for the cotangents ``cotangent`` (by level)."""
+
+    def diverged(self, diagnostics: dict) -> str | None:
+        """What the step's worst diagnostics (by name) say went wrong, or None (the default: nothing)."""
+        return None
+
+    def path_stride(self, steps: int) -> int:
+        """With ``keeps_path``: keep the iterate after every ``path_stride`` updates (and the last)."""
+        return 1
+
+    def workspace(self, state_bytes: int, param_bytes: int) -> int:
+        """Bytes of the method's buffers besides kept iterates, for ``prog.explain()`` (default 0)."""
+        return 0
+
+    def __repr__(self) -> str:
+        return settings_repr(self) if dataclasses.is_dataclass(self) else f"{type(self).__name__}()"
+
+
+# The members a method may override: the flags, then the hooks (read by ``as_method`` alone).
+FLAGS = ("keeps_path", "records_tape", "products_only", "replays_updates", "second_order", "on_divergence")
+HOOKS = ("diverged", "path_stride", "workspace")
+SECOND_ORDER_DEFAULT = Method.second_order
+
+
+class DuckTypedMethod(Method):
+    """A method object that does not subclass ``Method``: its ``vjp``, the flags and hooks it has,
+    and the declared defaults for the others. Prints as the object it wraps."""
+
+    def __init__(self, method):
+        self.method = method
+        for name in FLAGS + HOOKS:  # an instance attribute overrides the class's default
+            if hasattr(method, name):
+                setattr(self, name, getattr(method, name))
+
+    def vjp(self, trajectory, cotangent):
+        return self.method.vjp(trajectory, cotangent)
+
+    def __repr__(self) -> str:
+        return repr(self.method)
+
+
+def as_method(method) -> Method:
+    """``method`` as a ``Method``: itself when it is one, else wrapped in a ``DuckTypedMethod``."""
+    return method if isinstance(method, Method) else DuckTypedMethod(method)
+
+
+def differentiates_twice(method: Method) -> bool:
     """Whether ``method`` differentiates the lower loss's gradient (its ``second_order`` flag)."""
-    return bool(getattr(method, "second_order", SECOND_ORDER_DEFAULT))
+    return bool(method.second_order)
+
+
+@dataclass(frozen=True)
+class Solution:
+    """What an implicit method is handed: lower level ``level`` at the end of its block.
+
+    * ``params``: θ_L*, the level's parameters there (they stand in for the solution);
+    * ``upper``: θ_U, the parameters of the level being differentiated;
+    * ``loss(own, upper)``: the lower level's loss on its last batch as a function of its own
+      parameters and θ_U, every other level held where the block ended (jaxopt's optimality
+      function is its gradient in ``own``);
+    * ``opt_state``: the level's optimizer state there (``SAMA`` reads Adam's moments);
+    * ``report(name, value)``: a diagnostic scalar (a CG residual) for the level's metrics.
+    """
+
+    level: str
+    params: dict
+    upper: dict
+    loss: Callable
+    opt_state: dict
+    report: Callable = lambda key, value: None
+
+
+class ImplicitMethod(Method):
+    """A method that uses only the lower level's ``Solution``: it implements
+    ``solution_vjp(solution, v)`` with ``v`` the cotangent on ``solution.params`` (deeper levels'
+    cotangents are not used), and ``vjp`` hands it ``trajectory.solution()``. Such a method takes
+    products of the lower loss alone (``products_only``: one compiled region under
+    ``compile=True``) and does not replay the updates (``replays_updates = False``)."""
+
+    products_only = True
+    replays_updates = False
+
+    @abc.abstractmethod
+    def solution_vjp(self, solution: Solution, v: dict) -> dict:
+        """``vᵀ dθ_L*/dθ_U`` on ``solution.upper`` for the cotangent ``v`` on ``solution.params``."""
+
+    def vjp(self, trajectory: "Trajectory", cotangent: dict) -> dict:
+        return self.solution_vjp(trajectory.solution(), cotangent[trajectory.level])
+
+
+def as_solution(point) -> Solution:
+    """A ``Solution``, or a ``Trajectory``'s (for product helpers called with either)."""
+    return point.solution() if isinstance(point, Trajectory) else point
 
 
 @dataclass(frozen=True)
@@ -114,7 +261,7 @@ class Trajectory:
       a call that returns ``None``: then the loop of ``update_vjp`` it stands for);
     * ``taped_vjp``: ``v ↦ vᵀ dθ_K/dθ_U`` (v: cotangents on the final parameters, by level) by one
       backward pass, when the block's forward updates were recorded on the autograd tape for this
-      upper (a method with ``records_tape = True`` asks for that), else ``None``.
+      upper (a method with ``records_tape`` asks for that), else ``None``.
     """
 
     level: str
@@ -160,6 +307,11 @@ class Trajectory:
     def own(self, state: dict) -> dict:
         """The lower level's parameters in a block state."""
         return state[self.level]["params"]
+
+    def solution(self) -> Solution:
+        """The narrow view an implicit method takes: the block's end, θ_U and the loss."""
+        return Solution(self.level, self.own(self.final), self.upper, self.loss,
+                        self.final[self.level].get("opt", {}), self.report)
 
 
 def state_vjp(update: Callable, state: dict, upper: dict, lam: list) -> tuple:

@@ -1,11 +1,16 @@
 """``CG``: implicit differentiation with H x = v solved by conjugate gradient (iMAML, Rajeswaran et al. 2019)."""
 from __future__ import annotations
 
-from .implicit import Implicit
+from dataclasses import dataclass
+from typing import Callable
+
+from .base import check_on_divergence
+from .implicit import LinearSystemMethod, check_damping
 from .linear import cg_solver
 
 
-class CG(Implicit):
+@dataclass(frozen=True, repr=False)
+class CG(LinearSystemMethod):
     """vᵀ dθ_L*/dθ_U ≈ -(∂²L/∂θ_U∂θ_L) x, (H + damping·I) x = v by ``iters`` steps of conjugate gradient.
 
     Exact after d iterations on a d-parameter lower level when H + damping·I is positive definite
@@ -16,13 +21,16 @@ class CG(Implicit):
     Cost: ``iters`` Hessian-vector products, one mixed VJP and two linearizations; memory O(d).
     """
 
-    def __init__(self, iters: int, tol: float | None = None, damping: float = 0.0, on_divergence: str = "raise"):
-        if not isinstance(iters, int) or iters < 1:
-            raise ValueError(f"CG(iters=...) must be a positive int, got {iters!r}")
-        super().__init__(cg_solver(iters, tol), damping, on_divergence)
-        self.iters, self.tol = iters, tol
+    iters: int
+    tol: float | None = None
+    damping: float = 0.0
+    on_divergence: str = "raise"
 
-    def __repr__(self) -> str:
-        extra = (f", tol={self.tol}" if self.tol is not None else "") + \
-                (f", damping={self.damping}" if self.damping else "")
-        return f"CG(iters={self.iters}{extra})"
+    def __post_init__(self):
+        if not isinstance(self.iters, int) or self.iters < 1:
+            raise ValueError(f"CG(iters=...) must be a positive int, got {self.iters!r}")
+        check_damping(self.damping)
+        check_on_divergence(self.on_divergence)
+
+    def solver(self) -> Callable:
+        return cg_solver(self.iters, self.tol)

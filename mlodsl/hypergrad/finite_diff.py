@@ -1,31 +1,35 @@
 """``FiniteDiff``: the DARTS approximation, a central difference of the mixed second derivative."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .base import Trajectory
+from .base import ImplicitMethod, Solution, Trajectory, as_solution
 from .linear import tree_axpy, tree_norm
 from .products import upper_gradient
 
 
-def mixed_difference(traj: Trajectory, direction: dict, eps: float) -> dict:
+def mixed_difference(point: Solution | Trajectory, direction: dict, eps: float) -> dict:
     """-(∂²L/∂θ_U∂θ_L) d  by a central difference along d:
 
         -(∇_{θ_U} L(θ_L + ε'd, θ_U) - ∇_{θ_U} L(θ_L - ε'd, θ_U)) / (2ε'),   ε' = eps / ‖d‖.
 
     Two gradients of the lower loss in θ_U; exact (to rounding) when L is quadratic in θ_L, else the
     error is O(ε'²) times the third derivative. θ_L is the block's final point; nothing is mutated.
-    A zero d gives zero.
+    A zero d gives zero. ``point``: a ``Solution`` (or a trajectory's).
     """
-    own = traj.own(traj.final)
+    sol = as_solution(point)
+    own = sol.params
     norm = tree_norm(direction)
     scale = eps / torch.clamp_min(norm, torch.finfo(norm.dtype).tiny)
-    g_plus = upper_gradient(traj, tree_axpy(scale, direction, own))
-    g_minus = upper_gradient(traj, tree_axpy(-scale, direction, own))
+    g_plus = upper_gradient(sol, tree_axpy(scale, direction, own))
+    g_minus = upper_gradient(sol, tree_axpy(-scale, direction, own))
     return {k: -(g_plus[k] - g_minus[k]) / (2 * scale) for k in g_plus}
 
 
-class FiniteDiff:
+@dataclass(frozen=True, repr=False)
+class FiniteDiff(ImplicitMethod):
     """vᵀ dθ_L*/dθ_U ≈ -(∂²L/∂θ_U∂θ_L) v: the implicit hypergradient with the Hessian taken to be
     the identity (H⁻¹ ≈ I), the mixed product by a central difference (``mixed_difference``).
 
@@ -37,18 +41,13 @@ class FiniteDiff:
     ``darts_alpha``. Cost: two gradients of the lower loss in θ_U; memory O(d).
     """
 
-    keeps_path = False
-    replays_updates = False  # uses the loss alone, not the updates
-    products_only = True  # products of the loss at the final point: one compiled region under compile=True
+    eps: float = 0.01
+
     second_order = False  # gradients of the lower loss only (the mixed product is a difference)
 
-    def __init__(self, eps: float = 0.01):
-        if not eps > 0:
-            raise ValueError(f"FiniteDiff(eps=...) must be > 0, got {eps!r}")
-        self.eps = eps
+    def __post_init__(self):
+        if not self.eps > 0:
+            raise ValueError(f"FiniteDiff(eps=...) must be > 0, got {self.eps!r}")
 
-    def __repr__(self) -> str:
-        return f"FiniteDiff(eps={self.eps})"
-
-    def vjp(self, traj: Trajectory, cotangent: dict) -> dict:
-        return mixed_difference(traj, cotangent[traj.level], self.eps)
+    def solution_vjp(self, solution: Solution, v: dict) -> dict:
+        return mixed_difference(solution, v, self.eps)

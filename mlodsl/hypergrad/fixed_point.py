@@ -1,11 +1,11 @@
 """``FixedPoint``: implicit differentiation through the fixed point of the lower level's update map."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
-
 from .. import autodiff
-from .base import Trajectory, check_on_divergence, diverged
+from .base import Method, Trajectory, check_on_divergence, diverged
 from .linear import neumann_solver, solve_with_info
 
 
@@ -32,7 +32,8 @@ def fixed_point_vjp(traj: Trajectory, v: dict, solve: Callable) -> dict:
     return pull_upper(solve_with_info(solve, matvec, v, traj.report))[0]
 
 
-class FixedPoint:
+@dataclass(frozen=True, repr=False)
+class FixedPoint(Method):
     """vᵀ dθ_L*/dθ_U through the fixed point of the lower level's optimizer update (see
     ``fixed_point_vjp``). ``iters`` iterations of w ← v + (∂Φ/∂θ_L)ᵀ w from w = v; they converge
     when the update is a contraction (SGD: learning rate below 2/λ_max(H)); the error of w after
@@ -44,16 +45,21 @@ class FixedPoint:
     Cost: ``iters`` VJPs of the update map (each one Hessian-vector product), one VJP in θ_U.
     """
 
-    keeps_path = False
+    iters: int
+    solve: Callable | None = None
+    on_divergence: str = "raise"
+
     replays_updates = True  # re-runs or differentiates the optimizer updates
     second_order = True  # VJPs of the update map, which contains the lower gradient
 
-    def __init__(self, iters: int, solve: Callable | None = None, on_divergence: str = "raise"):
-        if not isinstance(iters, int) or iters < 0:
-            raise ValueError(f"FixedPoint(iters=...) must be an int >= 0, got {iters!r}")
-        self.iters = iters
-        self.solve = solve if solve is not None else neumann_solver(iters, 1.0)
-        self.on_divergence = check_on_divergence(on_divergence)
+    def __post_init__(self):
+        if not isinstance(self.iters, int) or self.iters < 0:
+            raise ValueError(f"FixedPoint(iters=...) must be an int >= 0, got {self.iters!r}")
+        check_on_divergence(self.on_divergence)
+
+    def solver(self) -> Callable:
+        """``solve``, or Richardson's iteration with step 1 (``iters`` terms of a Neumann series)."""
+        return self.solve if self.solve is not None else neumann_solver(self.iters, 1.0)
 
     def diverged(self, diagnostics: dict) -> str | None:
         """What the solver's diagnostics say went wrong (``base.diverged``), or None."""
@@ -62,8 +68,5 @@ class FixedPoint:
                                      "(I - ∂Φ/∂θᵀ) w = v that does not iterate the map (solve=), or "
                                      "CG(iters, damping=...) for a non-convex lower level")
 
-    def __repr__(self) -> str:
-        return f"FixedPoint(iters={self.iters})"
-
     def vjp(self, traj: Trajectory, cotangent: dict) -> dict:
-        return fixed_point_vjp(traj, cotangent[traj.level], self.solve)
+        return fixed_point_vjp(traj, cotangent[traj.level], self.solver())

@@ -17,49 +17,69 @@ depends on θ_U (``start_from=<upper>``), does not enter: at a true solution it 
 """
 from __future__ import annotations
 
+import abc
+from dataclasses import dataclass
 from typing import Callable
 
-from .base import Trajectory, check_on_divergence, diverged
+from .base import ImplicitMethod, Solution, Trajectory, as_solution, check_on_divergence, diverged
 from .linear import solve_with_info
 from .products import linearize, negate
 
 
-def implicit_vjp(traj: Trajectory, v: dict, solve: Callable, damping: float = 0.0) -> dict:
-    """-(∂²L/∂θ_U∂θ_L) x with (H + damping·I) x = v solved by ``solve(matvec, v)``."""
-    hessian_matvec, cross_vjp = linearize(traj, damping)
-    x = solve_with_info(solve, hessian_matvec, v, traj.report)
+def implicit_vjp(point: Solution | Trajectory, v: dict, solve: Callable, damping: float = 0.0) -> dict:
+    """-(∂²L/∂θ_U∂θ_L) x with (H + damping·I) x = v solved by ``solve(matvec, v)``, at the
+    ``Solution`` ``point`` (or a trajectory's)."""
+    sol = as_solution(point)
+    hessian_matvec, cross_vjp = linearize(sol, damping)
+    x = solve_with_info(solve, hessian_matvec, v, sol.report)
     return negate(cross_vjp(x))
 
 
-class Implicit:
-    """The implicit hypergradient with any linear solver ``solve(matvec, b) -> x`` (see ``linear``).
+def check_damping(damping: float) -> float:
+    if damping < 0:
+        raise ValueError(f"damping must be >= 0, got {damping!r}")
+    return damping
 
-    ``Implicit(my_solver)`` is a complete method; ``CG`` and ``Neumann`` are this class with the
-    solvers of ``mlodsl.hypergrad.linear``. A solver that writes the diagnostics of those solvers
-    into its ``info`` (``cg_indefinite``, ``cg_residual``, ``neumann_growth``) is checked for
-    divergence after the step (``base.diverged``; ``on_divergence="warn"`` warns instead of raising).
-    """
 
-    keeps_path = False
-    replays_updates = False  # uses the loss alone, not the updates
-    products_only = True  # products of the loss at the final point: one compiled region under compile=True
+class LinearSystemMethod(ImplicitMethod):
+    """The implicit hypergradient with the linear solve ``solver()`` of (H + ``damping``·I) x = v.
+
+    A solver that writes the diagnostics of ``mlodsl.hypergrad.linear``'s solvers into its
+    ``info`` (``cg_indefinite``, ``cg_residual``, ``neumann_growth``) is checked for divergence
+    after the step (``base.diverged``; ``on_divergence="warn"`` warns instead of raising)."""
+
     second_order = True  # Hessian and mixed products of the lower loss
-
+    damping: float = 0.0
     # what to change when a Neumann-type solve grows (the subclasses name their own options)
     growth_fix = "Use a solver that converges on this system, or add damping="
 
-    def __init__(self, solve: Callable, damping: float = 0.0, on_divergence: str = "raise"):
-        if damping < 0:
-            raise ValueError(f"damping must be >= 0, got {damping!r}")
-        self.solve, self.damping = solve, damping
-        self.on_divergence = check_on_divergence(on_divergence)
+    @abc.abstractmethod
+    def solver(self) -> Callable:
+        """``solve(matvec, b) -> x`` (see ``mlodsl.hypergrad.linear``)."""
+
+    def solution_vjp(self, solution: Solution, v: dict) -> dict:
+        return implicit_vjp(solution, v, self.solver(), self.damping)
 
     def diverged(self, diagnostics: dict) -> str | None:
         """What the solver's diagnostics say went wrong (``base.diverged``), or None."""
         return diverged(diagnostics, self.growth_fix)
 
-    def __repr__(self) -> str:
-        return f"Implicit({getattr(self.solve, '__name__', self.solve)!r}, damping={self.damping})"
 
-    def vjp(self, traj: Trajectory, cotangent: dict) -> dict:
-        return implicit_vjp(traj, cotangent[traj.level], self.solve, self.damping)
+@dataclass(frozen=True, repr=False)
+class Implicit(LinearSystemMethod):
+    """The implicit hypergradient with any linear solver ``solve(matvec, b) -> x`` (see ``linear``).
+
+    ``Implicit(my_solver)`` is a complete method; ``CG``, ``Neumann`` and ``Nystrom`` are this
+    method with the solvers of ``mlodsl.hypergrad.linear`` and ``nystrom``.
+    """
+
+    solve: Callable
+    damping: float = 0.0
+    on_divergence: str = "raise"
+
+    def __post_init__(self):
+        check_damping(self.damping)
+        check_on_divergence(self.on_divergence)
+
+    def solver(self) -> Callable:
+        return self.solve

@@ -1,11 +1,16 @@
 """``Neumann``: implicit differentiation with H⁻¹v by a truncated Neumann series (Lorraine et al. 2020)."""
 from __future__ import annotations
 
-from .implicit import Implicit
+from dataclasses import dataclass
+from typing import Callable
+
+from .base import check_on_divergence
+from .implicit import LinearSystemMethod, check_damping
 from .linear import neumann_solver
 
 
-class Neumann(Implicit):
+@dataclass(frozen=True, repr=False)
+class Neumann(LinearSystemMethod):
     """vᵀ dθ_L*/dθ_U ≈ -(∂²L/∂θ_U∂θ_L) x,  x = α Σ_{j=0}^{iters} (I - αH)^j v  ≈ H⁻¹ v
     (H + damping·I in place of H with ``damping``).
 
@@ -17,17 +22,21 @@ class Neumann(Implicit):
     Cost: ``iters`` Hessian-vector products, one mixed VJP; memory O(d).
     """
 
+    iters: int
+    alpha: float
+    damping: float = 0.0
+    on_divergence: str = "raise"
+
     growth_fix = ("Use a smaller alpha= (below 2/λ_max(H)), or, for a non-convex lower level, "
                   "damping= above the magnitude of H's most negative eigenvalue")
 
-    def __init__(self, iters: int, alpha: float, damping: float = 0.0, on_divergence: str = "raise"):
-        if not isinstance(iters, int) or iters < 0:
-            raise ValueError(f"Neumann(iters=...) must be an int >= 0, got {iters!r}")
-        if not alpha > 0:
-            raise ValueError(f"Neumann(alpha=...) must be > 0, got {alpha!r}")
-        super().__init__(neumann_solver(iters, alpha), damping, on_divergence)
-        self.iters, self.alpha = iters, alpha
+    def __post_init__(self):
+        if not isinstance(self.iters, int) or self.iters < 0:
+            raise ValueError(f"Neumann(iters=...) must be an int >= 0, got {self.iters!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"Neumann(alpha=...) must be > 0, got {self.alpha!r}")
+        check_damping(self.damping)
+        check_on_divergence(self.on_divergence)
 
-    def __repr__(self) -> str:
-        return f"Neumann(iters={self.iters}, alpha={self.alpha}" + (
-            f", damping={self.damping})" if self.damping else ")")
+    def solver(self) -> Callable:
+        return neumann_solver(self.iters, self.alpha)

@@ -14,11 +14,13 @@ H does not make it diverge: ρ > 0 bounds the inverse. The draw uses a generator
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
+from typing import Callable
 
 import torch
 
-from .implicit import Implicit
+from .implicit import LinearSystemMethod
 
 
 def _flatten(tree: dict) -> torch.Tensor:
@@ -69,14 +71,18 @@ def nystrom_solver(rank: int, rho: float, seed: int = 0):
     return partial(nystrom_inverse, rank=rank, rho=rho, seed=seed)
 
 
-class Nystrom(Implicit):
+@dataclass(frozen=True, repr=False)
+class Nystrom(LinearSystemMethod):
     """vᵀ dθ_L*/dθ_U ≈ -(∂²L/∂θ_U∂θ_L) x with (Ĥ + ρ I) x = v, Ĥ the rank-``rank`` Nyström
     approximation of H. Cost: ``rank`` Hessian-vector products, a rank×rank solve and one mixed VJP;
     memory O(d · rank). ``rank`` ≥ d is exact up to the bias ρ."""
 
-    def __init__(self, rank: int, rho: float = 1e-3, seed: int = 0):
-        super().__init__(nystrom_solver(rank, rho, seed))
-        self.rank, self.rho, self.seed = rank, rho, seed
+    rank: int
+    rho: float = 1e-3
+    seed: int = 0
 
-    def __repr__(self) -> str:
-        return f"Nystrom(rank={self.rank}, rho={self.rho}" + (f", seed={self.seed})" if self.seed else ")")
+    def __post_init__(self):
+        self.solver()  # checks rank and rho
+
+    def solver(self) -> Callable:
+        return nystrom_solver(self.rank, self.rho, self.seed)

@@ -4,29 +4,31 @@ Shared by the implicit and finite-difference methods. Every product goes through
 ``mlodsl.autodiff`` (``torch.func`` under a transform, the autograd tape otherwise), reverse over
 reverse (``jvp`` of ``grad`` of some losses hits pytorch#123996), so it stays differentiable for a
 level above; no Hessian or Jacobian is ever formed. ``L`` is
-``traj.loss``: the lower level's loss on its last batch, with every other level held where the
+``Solution.loss``: the lower level's loss on its last batch, with every other level held where the
 block ended.
 """
 from __future__ import annotations
 
-
-
 from .. import autodiff
-from .base import Trajectory
+from .base import Solution, Trajectory, as_solution
 
 
-def linearize(traj: Trajectory, damping: float = 0.0) -> tuple:
+def linearize(point: Solution | Trajectory, damping: float = 0.0) -> tuple:
     """``(hessian_matvec, cross_vjp)`` from one linearization of the stationarity
     (θ_L, θ_U) ↦ ∇_{θ_L} L at (θ_L*, θ_U) (a forward and a backward pass):
 
     * ``hessian_matvec(w) = (H + damping·I) w``, H = ∂²L/∂θ_L²: one backward of the backward in
       θ_L (H is symmetric, so the VJP wᵀH is H w);
     * ``cross_vjp(x) = (∂²L/∂θ_U∂θ_L) x``, shaped like θ_U: one backward of the backward in θ_U.
-    """
-    def stationarity(own, upper):
-        return autodiff.grad(traj.loss)(own, upper)
 
-    _, pullback = autodiff.vjp_fn(stationarity, traj.own(traj.final), traj.upper)
+    ``point``: a ``Solution`` (or a trajectory's).
+    """
+    sol = as_solution(point)
+
+    def stationarity(own, upper):
+        return autodiff.grad(sol.loss)(own, upper)
+
+    _, pullback = autodiff.vjp_fn(stationarity, sol.params, sol.upper)
 
     def hessian_matvec(w):
         (hw,) = pullback(w, argnums=(0,))
@@ -38,9 +40,10 @@ def linearize(traj: Trajectory, damping: float = 0.0) -> tuple:
     return hessian_matvec, cross_vjp
 
 
-def upper_gradient(traj: Trajectory, own: dict) -> dict:
+def upper_gradient(point: Solution | Trajectory, own: dict) -> dict:
     """``∇_{θ_U} L(own, θ_U)``: the lower loss's partial gradient in the upper level's parameters."""
-    return autodiff.grad(traj.loss, argnums=1)(own, traj.upper)
+    sol = as_solution(point)
+    return autodiff.grad(sol.loss, argnums=1)(own, sol.upper)
 
 
 def negate(tree: dict) -> dict:

@@ -2,9 +2,11 @@
 (Choe et al., NeurIPS 2023, "Making Scalable Meta Learning Practical")."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .base import Trajectory
+from .base import ImplicitMethod, Solution, Trajectory, as_solution
 from .finite_diff import mixed_difference
 
 
@@ -17,16 +19,17 @@ def adam_direction(g, m, v, count, betas, eps, eps_root):
     return m_hat / (torch.sqrt(v_hat + eps_root) + eps)
 
 
-def adam_preconditioned(traj: Trajectory, v: dict, betas, eps, eps_root) -> dict:
+def adam_preconditioned(point: Solution | Trajectory, v: dict, betas, eps, eps_root) -> dict:
     """D v with D = ∂u/∂g, the (diagonal) Jacobian of Adam's next update direction in the gradient,
     at g = ∇_{θ_L} L(θ_L^K) and the block's final Adam state: one ``jvp`` of the elementwise u.
 
     Without bias correction and eps this is Betty's ``precondition_adam`` up to its learning rate:
-    D = ((1-β₁)β₂ v_old - β₁(1-β₂) g m_old) / (√v + ε)³ elementwise.
+    D = ((1-β₁)β₂ v_old - β₁(1-β₂) g m_old) / (√v + ε)³ elementwise. ``point``: a ``Solution``
+    (or a trajectory's).
     """
-    opt = traj.final[traj.level]["opt"]
-    own = traj.own(traj.final)
-    g = torch.func.grad(traj.loss)(own, traj.upper)
+    sol = as_solution(point)
+    opt = sol.opt_state
+    g = torch.func.grad(sol.loss)(sol.params, sol.upper)
     out = {}
     for k in v:
         def u(gk, k=k):
@@ -35,7 +38,8 @@ def adam_preconditioned(traj: Trajectory, v: dict, betas, eps, eps_root) -> dict
     return out
 
 
-class SAMA:
+@dataclass(frozen=True, repr=False)
+class SAMA(ImplicitMethod):
     """vᵀ dθ_L*/dθ_U ≈ -(∂²L/∂θ_U∂θ_L) D v: ``FiniteDiff`` along the direction D v, where D is the
     Jacobian of the lower optimizer's update direction in the gradient (``adam_preconditioned``).
 
@@ -46,26 +50,25 @@ class SAMA:
     lower optimizer does not rescale the hypergradient by η.
 
     ``betas``, ``adam_eps`` and ``eps_root`` must be those of the lower level's ``ml.optim.adam``
-    (a trajectory carries the optimizer's state, not its hyperparameters); Adam's weight decay is
+    (a solution carries the optimizer's state, not its hyperparameters); Adam's weight decay is
     left out of g. Cost: two gradients of the lower loss in θ_U plus one in θ_L; memory O(d).
     """
 
-    keeps_path = False
-    replays_updates = True  # re-runs or differentiates the optimizer updates
-    products_only = True  # products of the loss at the final point: one compiled region under compile=True
+    eps: float = 0.01
+    betas: tuple = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    eps_root: float = 1e-16
+
+    replays_updates = True  # reads the lower optimizer's state (an in-place torch.optim one has none it knows)
     second_order = False  # gradients of the lower loss only: the jvp is of Adam's direction in g
 
-    def __init__(self, eps: float = 0.01, betas=(0.9, 0.999), adam_eps: float = 1e-8, eps_root: float = 1e-16):
-        if not eps > 0:
-            raise ValueError(f"SAMA(eps=...) must be > 0, got {eps!r}")
-        self.eps, self.betas, self.adam_eps, self.eps_root = eps, tuple(betas), adam_eps, eps_root
+    def __post_init__(self):
+        if not self.eps > 0:
+            raise ValueError(f"SAMA(eps=...) must be > 0, got {self.eps!r}")
+        object.__setattr__(self, "betas", tuple(self.betas))  # a list prints and compares as the tuple
 
-    def __repr__(self) -> str:
-        return f"SAMA(eps={self.eps})"
-
-    def vjp(self, traj: Trajectory, cotangent: dict) -> dict:
-        v = cotangent[traj.level]
-        opt = traj.final[traj.level]["opt"]
+    def solution_vjp(self, solution: Solution, v: dict) -> dict:
+        opt = solution.opt_state
         if "m" in opt and "v" in opt:
-            v = adam_preconditioned(traj, v, self.betas, self.adam_eps, self.eps_root)
-        return mixed_difference(traj, v, self.eps)
+            v = adam_preconditioned(solution, v, self.betas, self.adam_eps, self.eps_root)
+        return mixed_difference(solution, v, self.eps)

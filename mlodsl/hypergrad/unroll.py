@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch.utils import _pytree as pytree
 
 from ..tree import split_differentiable, tree_add, tree_vdot, tree_zeros_like
-from .base import Trajectory
+from .base import Method, Trajectory
 
 
-class Unroll:
+@dataclass(frozen=True, repr=False)
+class Unroll(Method):
     """Reverse mode through the block's updates:  vᵀ dθ_K/dθ_U = Σ_k  ∂S_{k+1}/∂θ_U ᵀ λ_{k+1},
     with λ_K = (v on θ_L, 0 elsewhere) and λ_k = ∂S_{k+1}/∂S_k ᵀ λ_{k+1}.
 
@@ -28,24 +30,23 @@ class Unroll:
     picks n = ⌈√K⌉, memory O(√K·d). Same numbers as keeping every iterate.
     """
 
+    last: int | None = None
+    checkpoint: int | str | None = None
+
     keeps_path = True
     replays_updates = True  # differentiates the optimizer updates
     second_order = True  # the updates contain the lower gradient
 
-    def __init__(self, last: int | None = None, checkpoint: int | str | None = None):
+    def __post_init__(self):
+        last, checkpoint = self.last, self.checkpoint
         if last is not None and (not isinstance(last, int) or last < 1):
             raise ValueError(f"Unroll(last=...) must be a positive int or None, got {last!r}")
         if checkpoint is not None and checkpoint != "sqrt" and (not isinstance(checkpoint, int) or checkpoint < 1):
             raise ValueError(f"Unroll(checkpoint=...) must be None, a positive int or 'sqrt', got {checkpoint!r}")
-        self.last, self.checkpoint = last, checkpoint
-
-    def __repr__(self) -> str:
-        args = [f"last={self.last}"] * (self.last is not None) + [f"checkpoint={self.checkpoint!r}"] * (
-            self.checkpoint is not None)
-        return f"Unroll({', '.join(args)})"
 
     @property
     def records_tape(self) -> bool:
+        """The whole block is differentiated from every iterate: the tape can stand in for them."""
         return self.last is None and self.checkpoint is None
 
     def path_stride(self, steps: int) -> int:
@@ -90,23 +91,21 @@ class Unroll:
         return total
 
 
-class Forward:
+@dataclass(frozen=True, repr=False)
+class Forward(Method):
     """Forward mode: the same quantity as ``Unroll`` from Jacobian-vector products,
     (vᵀ dθ_K/dθ_U)_j = vᵀ (dθ_K/dθ_U e_j), one ``torch.func.jvp`` through the block per
     coordinate e_j of θ_U, ``chunk`` coordinates at a time under ``torch.func.vmap``.
     Memory O(chunk·d), time O(p·K) for p upper parameters.
     """
 
-    keeps_path = False
+    chunk: int = 32  # directions pushed through the block at once (vmapped)
+
     second_order = True  # jvp through the updates, which contain the lower gradient
 
-    def __repr__(self) -> str:
-        return "Forward()"
-
-    def __init__(self, chunk: int = 32):
-        if not isinstance(chunk, int) or chunk < 1:
-            raise ValueError(f"Forward(chunk=...) must be a positive int, got {chunk!r}")
-        self.chunk = chunk  # directions pushed through the block at once (vmapped)
+    def __post_init__(self):
+        if not isinstance(self.chunk, int) or self.chunk < 1:
+            raise ValueError(f"Forward(chunk=...) must be a positive int, got {self.chunk!r}")
 
     def vjp(self, traj: Trajectory, cotangent: dict) -> dict:
         leaves, spec = pytree.tree_flatten(traj.upper)
@@ -129,18 +128,15 @@ class Forward:
         return pytree.tree_unflatten([c.reshape(x.shape) for c, x in zip(torch.split(flat, sizes), leaves)], spec)
 
 
-class FirstOrder:
+@dataclass(frozen=True, repr=False)
+class FirstOrder(Method):
     """Ignores the second-order terms: dθ_L/dθ_U ≈ ∂θ_L^0/∂θ_U, the dependence of the start alone.
 
     With a warm start that is 0 and the upper level's gradient is its partial derivative; with
     ``start_from=<upper>`` it is the identity, which is first-order MAML. Free."""
 
-    keeps_path = False
     replays_updates = False
     second_order = False  # no derivative of the lower loss at all
-
-    def __repr__(self) -> str:
-        return "FirstOrder()"
 
     def vjp(self, traj: Trajectory, cotangent: dict) -> dict:
         if traj.level not in cotangent:

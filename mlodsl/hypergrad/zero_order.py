@@ -1,9 +1,11 @@
 """``ZeroOrder``: an evolution-strategies estimate of the best-response VJP, from lower-level runs only."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .base import Trajectory
+from .base import Method, Trajectory
 from .linear import tree_axpy, tree_scale
 from ..tree import tree_add, tree_vdot, tree_zeros_like
 
@@ -35,7 +37,8 @@ def es_gradient(fn, x: dict, samples: int, sigma: float, antithetic: bool = True
     return tree_scale(1.0 / ((2.0 if antithetic else 1.0) * sigma * samples), total)
 
 
-class ZeroOrder:
+@dataclass(frozen=True, repr=False)
+class ZeroOrder(Method):
     """vᵀ dθ^K/dθ_U estimated by evolution strategies on g(θ_U) = <v, θ^K(θ_U)> (``response``),
     where θ^K(θ_U) re-runs the lower level's block: no derivative of the lower level is taken, so it
     serves lower levels that cannot be differentiated (its own lower levels' methods still run).
@@ -49,19 +52,18 @@ class ZeroOrder:
     sampled directions as constants.
     """
 
-    keeps_path = False
+    samples: int
+    sigma: float
+    antithetic: bool = True
+
     replays_updates = True  # re-runs or differentiates the optimizer updates
     second_order = False  # re-runs the block; no derivative of it
 
-    def __init__(self, samples: int, sigma: float, antithetic: bool = True):
-        if not isinstance(samples, int) or samples < 1:
-            raise ValueError(f"ZeroOrder(samples=...) must be a positive int, got {samples!r}")
-        if not sigma > 0:
-            raise ValueError(f"ZeroOrder(sigma=...) must be > 0, got {sigma!r}")
-        self.samples, self.sigma, self.antithetic = samples, sigma, antithetic
-
-    def __repr__(self) -> str:
-        return f"ZeroOrder(samples={self.samples}, sigma={self.sigma}, antithetic={self.antithetic})"
+    def __post_init__(self):
+        if not isinstance(self.samples, int) or self.samples < 1:
+            raise ValueError(f"ZeroOrder(samples=...) must be a positive int, got {self.samples!r}")
+        if not self.sigma > 0:
+            raise ValueError(f"ZeroOrder(sigma=...) must be > 0, got {self.sigma!r}")
 
     def vjp(self, traj: Trajectory, cotangent: dict) -> dict:
         return es_gradient(lambda upper: response(traj, cotangent, upper), traj.upper,
