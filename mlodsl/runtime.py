@@ -439,7 +439,7 @@ class Runtime:
 
         The tape costs the activations of every update (what ``torch.autograd`` keeps) instead of
         one replay of every update in the reverse pass: one forward pass instead of two."""
-        if (not getattr(self.methods[name], "records_tape", False) or self.compiler.compiles(name)
+        if (not uppers or not getattr(self.methods[name], "records_tape", False) or self.compiler.compiles(name)
                 or not autodiff.on_tape() or not is_plain((state, up))):
             return up, None
         leaves = {u: {k: v.detach().requires_grad_() for k, v in up[u].items()} for u in uppers if u in up}
@@ -507,6 +507,19 @@ class Runtime:
         g, reports = self._products[key](record.final, record.up, record.last_batch, cotangent)
         for k, v in reports.items():
             self.report(record.log, lower, k, v)
+        return g
+
+    @staticmethod
+    def group_vjp(name: str, run: Callable, sub: dict, cotangent: dict) -> dict:
+        """``vᵀ dθ/dθ_X`` of the blocks of one update of level ``name`` that share a level, unrolled
+        together: ``run`` maps X's block state to the state after those blocks (``group_X``), ``sub``
+        is the state they started from, ``cotangent`` maps levels to cotangents on their final
+        parameters. One re-run of the blocks, differentiated in X's parameters."""
+        def final(params):
+            after = run({**sub, name: {**sub[name], "params": params}})
+            return {n: after[n]["params"] for n in cotangent}
+
+        (g,), _ = autodiff.vjp(final, (sub[name]["params"],), cotangent)
         return g
 
     def lower_loss(self, level: str, upper_name: str, up: dict, final_params: dict, batch) -> Callable:
