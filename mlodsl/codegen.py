@@ -278,7 +278,7 @@ def generate(plan: Plan, levels: dict, methods: dict, title: str, taken: dict | 
                 "            state = {**state, **sub}"]
     out += ["        return state, log", ""]
 
-    out += ["    def hypergradient(name, state, B):",
+    out += ["    def hypergradient(name, state, B, log=None):",
             '        """(total gradient, loss) of level `name` at its next update, after the shared blocks it',
             '        reads (which run first, as in the step); changes nothing."""',
             f"        B = rt.seeded(state, B, {tasked!r})"]
@@ -289,11 +289,11 @@ def generate(plan: Plan, levels: dict, methods: dict, title: str, taken: dict | 
         out += ["            shared = {}"] if needed else []
         for n in needed:
             arg = ", shared" * (n in plan.outside)
-            out += [f"            s, shared[{n!r}] = block_{ids[n]}(state, {{}}, 0, None, B{arg})",
+            out += [f"            s, shared[{n!r}] = block_{ids[n]}(state, {{}}, 0, log, B{arg})",
                     "            state = {**state, **s}"]
         out += [f"            return gradient_{ids[name]}(rt.restrict(state, {sub!r}), "
                 f"rt.outside(state, {{}}, {sub!r}), "
-                f"0, None, B{', shared' * (name in plan.outside)})[::2]"]
+                f"0, log, B{', shared' * (name in plan.outside)})[::2]"]
     out += ["        raise KeyError(name)", "", "    return step, hypergradient", ""]
     return "\n".join(out)
 

@@ -204,7 +204,8 @@ def _schedule(roots, levels, methods, lowers, subtree, outside, groups) -> Sched
 
     def emit(b: Block, depth: int):
         name, group = b.level, groups.get(b.level, ())
-        schedule.append(ScheduleOp(depth, "repeat", name, f"{b.steps}× {name}"))
+        one_batch = " on one batch" if getattr(levels[name], "batch_per", "update") == "block" and b.steps > 1 else ""
+        schedule.append(ScheduleOp(depth, "repeat", name, f"{b.steps}× {name}{one_batch}"))
         for c in b.children:
             emit(c, depth + 1)
         through = [f"the blocks of {' + '.join(group)} unrolled together{inside(name, group)}"] if group else []
