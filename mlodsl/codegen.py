@@ -4,7 +4,11 @@ The source defines, for every level X,
 
 * ``block_X``: X's loop (``steps`` updates), keeping the iterates its hypergradient method needs;
 * ``gradient_X``: X's total gradient at one update: its lower blocks run first, then the partial
-  derivatives of X's loss (``torch.func.grad``) plus one best-response VJP per lower level;
+  derivatives of X's loss (``torch.func.grad``) plus one best-response VJP per lower block (per
+  shared block that ran above X, from its record in ``shared``);
+* ``group_X``: where X's update runs a block shared by several uppers (``plan.groups``), that block
+  and its uppers' blocks, a pure function of X's block state: X's gradient runs it, and its VJP in
+  X's parameters (the blocks unrolled together) is X's hypergradient through them;
 * ``advance_X``: one optimizer update of X, a pure function of the block state;
 * ``partials_X``: X's loss and partial gradients; for a level with no lower levels, ``update_X``
   (one whole update from its batch) and ``update_vjp_X`` (that update's VJP, for ``Unroll``).
@@ -33,7 +37,7 @@ from .plan import Plan
 _LEVEL_NAMES = {"block": "block_{}", "record": "block_{}_", "gradient": "gradient_{}",
                 "one_task": "gradient_{}_one_task", "partials": "partials_{}", "update": "update_{}",
                 "update_vjp": "update_vjp_{}", "loop": "loop_{}", "advance": "advance_{}",
-                "up": "up_{}", "g": "g_{}", "sub": "sub_{}"}
+                "up": "up_{}", "g": "g_{}", "sub": "sub_{}", "group": "group_{}"}
 _FIXED_NAMES = ("make_step", "rt", "method", "vmap", "step", "hypergradient", "state", "B", "log", "sub",
                 "up", "i", "k", "t", "s", "s0", "s_", "up_", "sub_", "g", "loss", "metrics", "norm", "record",
                 "start", "path", "tape", "batches", "looped", "shared", "leaves", "task_loss", "one_task",
@@ -64,15 +68,17 @@ class StepNames:
         return self._levels[level]
 
 
-def _block_fn(ids, name, steps, subtree, method, restarts, leaf, uppers) -> list:
+def _block_fn(ids, name, steps, subtree, method, restarts, leaf, uppers, shared=False) -> list:
     """``method``: the lower level's hypergradient method (it says which iterates to keep); ``leaf``:
     the level has no lower levels (its update is one compiled region, and so is the update's VJP);
-    ``uppers``: the levels whose hypergradients go through this block (``rt.tape`` records the
-    block on the autograd tape from their parameters when the method asks for it)."""
+    ``uppers``: the levels whose hypergradients go through this block by its method (``rt.tape``
+    records the block on the autograd tape from their parameters when the method asks for it);
+    ``shared``: the level reads the records of shared blocks that ran above it."""
     f = ids[name]
+    arg = ", shared" if shared else ""
     stride = method.path_stride(steps)
     lines = [
-        f"    def {f.block}(state, up, i, log, B):",
+        f"    def {f.block}(state, up, i, log, B{arg}):",
         f'        """{steps} update(s) of {name!r} from `state`, keeping the iterates {method!r} needs."""',
         f"        s = rt.restrict(state, {subtree!r})",
         f"        {f.up} = rt.outside(state, up, {subtree!r})",
@@ -94,11 +100,11 @@ def _block_fn(ids, name, steps, subtree, method, restarts, leaf, uppers) -> list
     lines += [
         f"        {indent}with rt.recording(tape):",
         f"        {indent}    for k in range({steps}):",
-        f"        {indent}        s = {f.advance}(s, {f.up}, i * {steps} + k, log, B)",
+        f"        {indent}        s = {f.advance}(s, {f.up}, i * {steps} + k, log, B{arg})",
         f"        {indent}        if path is not None and ((k + 1) % {stride} == 0 or k == {steps - 1}):",
         f"        {indent}            path[k + 1] = s",
         f"        record = rt.block({name!r}, {steps}, start, s, path, {f.up},",
-        f"                          lambda s_, up_, k: {f.advance}(s_, up_, i * {steps} + k, None, B),",
+        f"                          lambda s_, up_, k: {f.advance}(s_, up_, i * {steps} + k, None, B{arg}),",
         f"                          B[{name!r}][i * {steps} + {steps - 1}]" + (
             f",\n                          lambda up_: rt.begin({name!r}, s0, up_)" if restarts else ""
         ) + ", log=log" + (
@@ -111,9 +117,12 @@ def _block_fn(ids, name, steps, subtree, method, restarts, leaf, uppers) -> list
     return lines
 
 
-def _wrt(name, lowers, taken, subtree) -> tuple:
-    """The levels X's loss is differentiated in: X, and every level its lower blocks run that it takes."""
-    return (name,) + tuple(dict.fromkeys(n for c in lowers for n in subtree[c] if n in taken or n == c))
+def _wrt(name, plan, taken) -> tuple:
+    """The levels X's loss is differentiated in: X, and every level that the blocks before its
+    update run (its own block's, and the shared ones above it) that it takes or depends on."""
+    lowers, subtree = plan.lowers[name], plan.subtree
+    below = list(subtree[name][1:]) + [n for c in plan.outside.get(name, ()) for n in subtree[c]]
+    return (name,) + tuple(dict.fromkeys(n for n in below if n in taken or n in lowers))
 
 
 def _partials_fn(ids, name, wrt) -> list:
@@ -143,24 +152,50 @@ def _update_fn(ids, name) -> list:
             ""]
 
 
-def _gradient_fn(ids, name, children, shared, lowers, taken, subtree, suffix="") -> list:
-    """``taken``: the levels X's loss takes; ``subtree``: level -> the levels its block runs."""
+def _gradient_fn(ids, name, plan, wrt, suffix="") -> list:
+    """``wrt``: the levels X's loss is differentiated in (``_wrt``)."""
     f = ids[name]
-    sig = "sub, up, i, log, B" + (", shared" if shared else "")
-    below = _wrt(name, lowers, taken, subtree)[1:]
+    outside, group = plan.outside.get(name, ()), plan.groups.get(name, ())
+    kids = [c for c in plan.children[name] if c not in group]  # lower levels, each differentiated by its method
+    sig = "sub, up, i, log, B" + (", shared" if outside else "")
     lines = [f"    def {f.one_task if suffix else f.gradient}({sig}):",
              f'        """Total gradient of {name!r} at its update i (its lower levels run first)."""']
-    for c in children:
+    if group:
+        lines += ["        start = sub",
+                  f"        sub = gro{f.up}(sub, up, i, log, B)"]
+    for c in kids:
         lines += [f"        s, {ids[c].record} = {ids[c].block}(sub, up, i, log, B)",
                   "        sub = {**sub, **s}"]
     lines += [f"        loss, metrics, g = {f.partials}({{**up, **rt.params_of(sub)}}, B[{name!r}][i], log)",
               f"        {f.g} = g[{name!r}]"]
-    for c in lowers:
-        record = ids[c].record if c in children else f"shared[{c!r}]"
-        ct = ", ".join(f"{n!r}: g[{n!r}]" for n in subtree[c] if n in below)
-        lines.append(f"        {f.g} = rt.add({f.g}, rt.best_response_vjp({c!r}, {name!r}, {record}, {{{ct}}}))")
+
+    def cotangent(blocks):
+        return "{" + ", ".join(f"{n!r}: g[{n!r}]" for b in blocks for n in plan.subtree[b] if n in wrt[1:]) + "}"
+
+    for c in kids:
+        lines.append(f"        {f.g} = rt.add({f.g}, rt.best_response_vjp({c!r}, {name!r}, {ids[c].record}, "
+                     f"{cotangent([c])}))")
+    for c in outside:
+        lines.append(f"        {f.g} = rt.add({f.g}, rt.best_response_vjp({c!r}, {name!r}, shared[{c!r}], "
+                     f"{cotangent([c])}))")
+    if group:
+        lines.append(f"        {f.g} = rt.add({f.g}, rt.group_vjp({name!r}, lambda s_: gro{f.up}(s_, up, i, None, B), "
+                     f"start, {cotangent(group)}))")
     lines += [f"        return {f.g}, sub, loss, metrics", ""]
     return lines
+
+
+def _group_fn(ids, name, plan) -> list:
+    """The blocks of X's update that share a level: the shared ones first, then their uppers'."""
+    f, group = ids[name], plan.groups[name]
+    lines = [f"    def gro{f.up}(sub, up, i, log, B):",
+             f'        """The blocks of {" + ".join(group)} in update i of {name!r}: pure in the block state."""',
+             "        shared = {}"]
+    for c in group:
+        record = f"shared[{c!r}]" if c in plan.hosts else "_"
+        lines += [f"        s, {record} = {ids[c].block}(sub, up, i, log, B{', shared' if c in plan.outside else ''})",
+                  "        sub = {**sub, **s}"]
+    return lines + ["        return sub", ""]
 
 
 def _tasks_fn(ids, name, tasked, taped) -> list:
@@ -211,11 +246,14 @@ def generate(plan: Plan, levels: dict, methods: dict, title: str, taken: dict | 
     """The source of ``make_step(rt) -> (step, hypergradient)`` for ``plan``; ``taken`` maps each
     level to the levels whose parameters its loss takes (default: itself and its arguments; a
     function may also read levels through closures)."""
-    shared = {n for n, p in plan.parent.items() if p is None and any(n in lw for lw in plan.lowers.values())}
+    shared = [c for c in plan.children[None] if c in plan.hosts]  # blocks step() runs before the tops
     tasked = sorted({n for n in plan.subtree if levels[n].tasks} |  # vmap draws their random numbers
                     {u for u in plan.subtree if any(levels[c].tasks for c in plan.lowers[u])})
-    tops = [b.level for b in plan.blocks if b.level not in shared]
+    tops = [c for c in plan.children[None] if c not in plan.hosts]
     ids = StepNames(plan.subtree)
+    # level -> the levels whose hypergradients go through its block by its method (not unrolled in a group)
+    toward = {n: [u for u in plan.subtree if n in plan.outside.get(u, ())
+                  or (plan.parent[n] == u and n not in plan.groups.get(u, ()))] for n in plan.subtree}
     out = [f"# The fused step of {title}, generated by mlodsl from its plan.",
            "# State: {level: {'params': {...}, 'opt': {...}}}; B: {level: [its batch for each update]}.",
            "",
@@ -226,21 +264,22 @@ def generate(plan: Plan, levels: dict, methods: dict, title: str, taken: dict | 
            ""]
     for name in plan.subtree:
         lowers = plan.lowers[name]
-        children = [c for c in lowers if plan.parent[c] == name]
-        has_shared = any(c in shared for c in lowers)
-        if plan.parent[name] is not None or name in shared:
-            uppers = [u for u in plan.subtree if name in plan.lowers[u]]
+        has_shared = name in plan.outside
+        if name not in tops:
             out += _block_fn(ids, name, levels[name].steps, list(plan.subtree[name]), methods[name],
-                            levels[name].start_from is not None, not lowers, uppers)
+                            levels[name].start_from is not None, not lowers, toward[name], has_shared)
         takes = taken[name] if taken is not None else {name, *levels[name].level_args}
-        tasked = [c for c in lowers if levels[c].tasks]
-        suffix = "_one_task" if tasked else ""
-        out += _partials_fn(ids, name, _wrt(name, lowers, takes, plan.subtree))
-        out += _gradient_fn(ids, name, children, has_shared, lowers, takes, plan.subtree, suffix)
-        if tasked:
-            taped = (list(lowers) == tasked[:1] and not plan.lowers[tasked[0]]
-                     and methods[tasked[0]].records_tape)
-            out += _tasks_fn(ids, name, tasked[0], taped)
+        task_lowers = [c for c in lowers if levels[c].tasks]
+        suffix = "_one_task" if task_lowers else ""
+        wrt = _wrt(name, plan, takes)
+        out += _partials_fn(ids, name, wrt)
+        if name in plan.groups:
+            out += _group_fn(ids, name, plan)
+        out += _gradient_fn(ids, name, plan, wrt, suffix)
+        if task_lowers:
+            taped = (list(lowers) == task_lowers[:1] and not plan.lowers[task_lowers[0]]
+                     and methods[task_lowers[0]].records_tape)
+            out += _tasks_fn(ids, name, task_lowers[0], taped)
         out += _update_fn(ids, name) if not lowers else _advance_fn(ids, name, has_shared)
 
     out += ["    def step(state, B):",
@@ -250,33 +289,45 @@ def generate(plan: Plan, levels: dict, methods: dict, title: str, taken: dict | 
             "  # one seed per update of a lower level that draws random numbers"] + (
             ["        shared = {}"] if shared else [])
     for n in shared:
-        out += [f"        s, shared[{n!r}] = {ids[n].block}(state, {{}}, 0, log, B)",
+        out += [f"        s, shared[{n!r}] = {ids[n].block}(state, {{}}, 0, log, B{', shared' * (n in plan.outside)})",
                 "        state = {**state, **s}"]
     for t in tops:
-        has_shared = any(c in shared for c in plan.lowers[t])
         out += [f"        for t in range({levels[t].steps}):",
                 f"            sub = {ids[t].advance}(rt.restrict(state, {list(plan.subtree[t])!r}), "
-                f"rt.outside(state, {{}}, {list(plan.subtree[t])!r}), t, log, B{', shared' if has_shared else ''})",
+                f"rt.outside(state, {{}}, {list(plan.subtree[t])!r}), t, log, B{', shared' * (t in plan.outside)})",
                 "            state = {**state, **sub}"]
     out += ["        return state, log", ""]
 
     out += ["    def hypergradient(name, state, B, log=None):",
-            '        """(total gradient, loss) of level `name` at its next update; changes nothing."""',
+            '        """(total gradient, loss) of level `name` at its next update, after the shared blocks it',
+            '        reads (which run first, as in the step); changes nothing."""',
             f"        B = rt.seeded(state, B, {tasked!r})"]
-    out += ["        shared = {}"] if shared else []
-    for n in shared:
-        out += [f"        if name != {n!r} and name not in {list(plan.subtree[n])!r}:",
-                f"            s, shared[{n!r}] = {ids[n].block}(state, {{}}, 0, log, B)",
-                "            state = {**state, **s}"]
     for name in plan.subtree:
-        has_shared = any(c in shared for c in plan.lowers[name])
         sub = list(plan.subtree[name])
-        out += [f"        if name == {name!r}:",
-                f"            return {ids[name].gradient}(rt.restrict(state, {sub!r}), "
+        out += [f"        if name == {name!r}:"]
+        needed = _shared_before(name, plan)
+        out += ["            shared = {}"] if needed else []
+        for n in needed:
+            arg = ", shared" * (n in plan.outside)
+            out += [f"            s, shared[{n!r}] = {ids[n].block}(state, {{}}, 0, log, B{arg})",
+                    "            state = {**state, **s}"]
+        out += [f"            return {ids[name].gradient}(rt.restrict(state, {sub!r}), "
                 f"rt.outside(state, {{}}, {sub!r}), "
-                f"0, log, B{', shared' if has_shared else ''})[::2]"]
+                f"0, log, B{', shared' * (name in plan.outside)})[::2]"]
     out += ["        raise KeyError(name)", "", "    return step, hypergradient", ""]
     return "\n".join(out)
+
+
+def _shared_before(name, plan) -> list:
+    """The shared blocks whose records level ``name`` reads, and those they read in turn, in the
+    order their host runs them."""
+    needed, pending = set(), list(plan.outside.get(name, ()))
+    while pending:
+        c = pending.pop()
+        if c not in needed:
+            needed.add(c)
+            pending += plan.outside.get(c, ())
+    return [c for c in plan.children[plan.parent[name]] if c in needed] if needed else []
 
 
 def build(source: str, runtime):

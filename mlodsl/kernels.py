@@ -27,8 +27,10 @@ from .hypergrad.base import differentiates_twice
 def second_order_levels(plan, methods: dict) -> set:
     """Levels whose loss is differentiated twice: every level of the block of a lower level whose
     method differentiates through its gradient (the lower level's updates or its Hessian products,
-    and, in a deeper block, the updates a level above differentiates through in turn)."""
-    return {n for lower, m in methods.items() if differentiates_twice(m) for n in plan.subtree[lower]}
+    and, in a deeper block, the updates a level above differentiates through in turn), and every
+    level of the blocks a level unrolls together because they share a level (``plan.groups``)."""
+    unrolled = {n for group in plan.groups.values() for m in group for n in plan.subtree[m]}
+    return unrolled | {n for lower, m in methods.items() if differentiates_twice(m) for n in plan.subtree[lower]}
 
 
 def attention_kernel() -> contextlib.AbstractContextManager:

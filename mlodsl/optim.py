@@ -108,11 +108,12 @@ class _Wrapped(Optimizer):
 
 def as_optimizer(optimizer) -> Optimizer:
     """``optimizer`` as an ``Optimizer``: itself when it is one, else its ``init`` and ``update``
-    with the attributes it has among ``reads``, ``in_place`` and ``absent_grads`` (the declared
-    defaults for the others)."""
+    with the attributes it has among ``reads``, ``in_place``, ``absent_grads`` and ``maximize`` (the
+    declared defaults for the others)."""
     if isinstance(optimizer, Optimizer):
         return optimizer
-    declared = {f: getattr(optimizer, f) for f in ("reads", "in_place", "absent_grads") if hasattr(optimizer, f)}
+    flags = ("reads", "in_place", "absent_grads", "maximize")
+    declared = {f: getattr(optimizer, f) for f in flags if hasattr(optimizer, f)}
     return _Wrapped(repr(optimizer), optimizer.init, optimizer.update, {},
                     **{**declared, "reads": tuple(declared.get("reads", ()))})
 

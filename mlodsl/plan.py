@@ -2,17 +2,32 @@
 
 A top level takes ``steps`` updates per step. Before each update of a level U, every level below
 U (its depends_on children) takes its own ``steps`` updates, recursively. A level under several
-uppers runs once per iteration of the loop that contains all of them; mlodsl supports this when
-those uppers are top levels taking one update per step each (the loop is then ``step()`` itself),
-and rejects other shapes with an explanation.
+uppers (``depends_on`` makes a DAG, not a tree) runs
+
+* before each update of its *deepest* upper, the one every other upper depends on, directly or
+  through other levels (Betty's Learning-by-Ignoring shape: the top depends on the middle and on
+  the bottom, the middle on the bottom). The other uppers update only after that upper's whole
+  block, and see the level as the block left it;
+* otherwise (uppers on separate branches: a diamond) once per iteration of the loop of its *host*,
+  the lowest level above all of its uppers (``step()`` itself when they are under different top
+  levels), before the other blocks of that iteration. Each upper must then update exactly once
+  after it, so that its hypergradient is taken at the parameters the shared block saw: an upper is
+  the host itself, or a level whose block the host's update runs, with ``steps=1``. Other shapes
+  are refused with the reason and the nearest program that works.
+
+Hypergradients follow every path. A level differentiates each lower block by that lower level's
+method; the blocks of one iteration that share a level (the shared block and its uppers' blocks)
+it differentiates together, by unrolling them, since their updates use the shared level's response
+and its parameters move both.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import networkx as nx
 
 from .graph import ProgramError, depends_on_dag
+from .hypergrad.unroll import Forward, Unroll
 
 
 @dataclass(frozen=True)
@@ -55,6 +70,7 @@ class Schedule(list):
         p.text(str(self))
 
 
+
 @dataclass(frozen=True)
 class Plan:
     blocks: tuple                 # top-level blocks of one step, in order
@@ -63,41 +79,88 @@ class Plan:
     updates_per_step: dict        # level -> updates (and batches) per step()
     lowers: dict                  # level -> the levels it depends on, in order
     schedule: Schedule
+    children: dict = field(default_factory=dict)  # level (None: step()) -> the blocks its update runs, in order
+    hosts: dict = field(default_factory=dict)     # level shared by separate branches -> its host (None: step())
+    outside: dict = field(default_factory=dict)   # level -> lower levels whose blocks ran above it (shared)
+    groups: dict = field(default_factory=dict)    # level -> the blocks it differentiates together (shared first)
+
+
+def _chain(name, parent) -> list:
+    """``name``, the level whose update runs its block, and so on up to ``None`` (step())."""
+    out = [name]
+    while out[-1] is not None:
+        out.append(parent[out[-1]])
+    return out
+
+
+def _unshareable(name, uppers, host, culprit, levels, parent) -> ProgramError:
+    """Why level ``name`` cannot be shared by ``uppers`` (``culprit`` breaks it), and the nearest
+    programs that work."""
+    loop = f"per update of '{host}', the lowest level above all of them," if host else "per step()"
+    if parent[culprit] != host:
+        where = f"'{host}''s update" if host else "step()"
+        problem = (f"'{culprit}' updates inside the block of '{parent[culprit]}', not directly in {where}: "
+                   f"'{parent[culprit]}' would differentiate its updates without the shared block they use")
+        fix = f"give '{culprit}' its own copy of '{name}'"
+    else:
+        problem = (f"'{culprit}' takes steps={levels[culprit].steps}: its later updates would use {name}'s "
+                   f"response to its earlier parameters")
+        fix = f"steps=1 on '{culprit}'; or give '{culprit}' its own copy of '{name}'"
+    return ProgramError(
+        f"level '{name}' is under uppers on separate branches {uppers} (none of them depends on all the "
+        f"others, directly or through other levels), so no upper's loop holds it: it runs once {loop} "
+        f"before the other blocks there, and each upper must then update exactly once after it, so that "
+        f"its hypergradient through '{name}' is taken at the parameters {name}'s block saw. But {problem}. "
+        f"Nearest program that works: {fix} (a second level with its own module and the same loss, in "
+        f"{culprit}'s depends_on instead of '{name}'), which then runs before each of {culprit}'s updates.")
+
+
+def _host(name, uppers, parent, levels):
+    """The level whose iteration runs the block of ``name``, shared by ``uppers`` on separate
+    branches (None: step()); refuses uppers that do not update exactly once per iteration of it."""
+    chains = [_chain(u, parent) for u in uppers]
+    host = next(a for a in chains[0] if all(a in c for c in chains[1:]))
+    for u in uppers:
+        if u != host and (parent[u] != host or levels[u].steps != 1):
+            raise _unshareable(name, uppers, host, u, levels, parent)
+    return host
+
+
+def _exact(method) -> bool:
+    return isinstance(method, Forward) or (isinstance(method, Unroll) and method.last is None)
 
 
 def make_plan(levels: dict, graph: nx.MultiDiGraph, methods: dict) -> Plan:
     dag = depends_on_dag(graph)
     order = list(levels)  # discovery order: tops first, as the user listed them
-    lowers = {n: [d for d in levels[n].depends_on_names] for n in order}
-    parent: dict = {}
-    for name in order:
-        uppers = [u for u in order if name in lowers[u]]
-        if len(uppers) <= 1:
-            parent[name] = uppers[0] if uppers else None
-            continue
-        not_top = [u for u in uppers if dag.in_degree(u) > 0]
-        multi = [u for u in uppers if levels[u].steps != 1]
-        if not_top or multi:
-            culprit = (f"'{not_top[0]}' is itself below another level" if not_top
-                       else f"'{multi[0]}' takes steps={levels[multi[0]].steps}")
-            raise ProgramError(
-                f"level '{name}' is under several uppers {uppers}; a shared lower level runs once per "
-                f"iteration of the loop containing all its uppers, and each of them must then update once "
-                f"in that loop. mlodsl supports this when the uppers are top levels with steps=1, but "
-                f"{culprit}. Give each upper its own lower level, or make the uppers steps=1 top levels.")
-        parent[name] = None
+    position = {n: i for i, n in enumerate(order)}
+    topological = list(nx.lexicographical_topological_sort(dag, key=position.get))  # uppers first
+    lowers = {n: tuple(levels[n].depends_on_names) for n in order}
+    uppers = {n: [u for u in order if n in lowers[u]] for n in order}
+    parent, hosts = {}, {}
+    for name in topological:
+        ups = uppers[name]
+        deepest = [d for d in ups if all(u == d or nx.has_path(dag, u, d) for u in ups)]
+        if not ups or deepest:
+            parent[name] = deepest[0] if ups else None
+        else:
+            parent[name] = hosts[name] = _host(name, ups, parent, levels)
+
+    # The blocks of each update: shared levels first (lower ones first), then their uppers' blocks,
+    # then the others, as depends_on lists them (the top levels: as Program lists them).
+    children, groups = {}, {}
+    for host in [None, *order]:
+        shared = sorted((c for c, h in hosts.items() if h == host), key=topological.index, reverse=True)
+        mine = [n for n in (lowers[host] if host else order) if parent[n] == host and n not in hosts]
+        users = [n for n in mine if any(n in uppers[c] for c in shared)]
+        children[host] = tuple(shared + users + [n for n in mine if n not in users])
+        if host is not None and shared:
+            groups[host] = tuple(shared + users)
 
     def block(name) -> Block:
-        children = tuple(block(c) for c in lowers[name] if parent[c] == name)
-        return Block(name, levels[name].steps, children)
+        return Block(name, levels[name].steps, tuple(block(c) for c in children[name]))
 
-    roots = []
-    for name in order:
-        if parent[name] is None:
-            roots.append(block(name))
-    # Shared lowers run before the first of their uppers.
-    roots.sort(key=lambda b: 0 if any(b.level in lowers[u] for u in order) else 1)
-
+    roots = [block(n) for n in children[None]]
     subtree, updates = {}, {}
 
     def visit(b: Block, outer_updates: int):
@@ -109,20 +172,50 @@ def make_plan(levels: dict, graph: nx.MultiDiGraph, methods: dict) -> Plan:
 
     for b in roots:
         visit(b, 1)
+    outside = {}
+    for name in order:
+        above = [c for c in lowers[name] if c not in subtree[name]]
+        outside[name] = tuple(c for c in above if not any(c != o and c in subtree[o] for o in above))
+        for c in outside[name]:
+            if c not in hosts:  # every shape make_plan builds reaches its lowers; a guard, not a rule
+                raise ProgramError(f"level '{name}' depends on '{c}', whose block runs neither below it nor "
+                                   f"before it in a loop that contains it; this shape is not supported")
+    for host, group in groups.items():
+        for m in group:
+            if m in lowers[host] and not _exact(methods[m]):
+                raise ProgramError(
+                    f"level '{m}': '{host}' differentiates the blocks of {list(group)} together, by unrolling "
+                    f"them (their updates use the response of the level they share, and {host}'s parameters "
+                    f"move both), so {m}'s hypergradient method must be exact: Unroll() (the default, without "
+                    f"last=) or Forward(); it is {methods[m]!r}. Remove hypergrad= from '{m}'.")
+    schedule = _schedule(roots, levels, methods, lowers, subtree, outside, groups)
+    return Plan(tuple(roots), parent, {k: tuple(v) for k, v in subtree.items()}, updates, lowers, schedule,
+                children, hosts, {k: v for k, v in outside.items() if v}, groups)
+
+
+def _schedule(roots, levels, methods, lowers, subtree, outside, groups) -> Schedule:
+    """The printed plan: each block's loop, then the hypergradient and the update it precedes."""
     schedule = Schedule()
 
+    def inside(name, blocks) -> str:
+        """The lower levels of ``name`` that run inside ``blocks`` (its derivative through them goes there)."""
+        nested = dict.fromkeys(n for b in blocks for n in subtree[b][1:] if n in lowers[name] and n not in blocks)
+        return f" (with {', '.join(nested)} inside)" if nested else ""
+
     def emit(b: Block, depth: int):
-        lvl = levels[b.level]
-        one_batch = " on one batch" if getattr(lvl, "batch_per", "update") == "block" and b.steps > 1 else ""
-        schedule.append(ScheduleOp(depth, "repeat", b.level, f"{b.steps}× {b.level}{one_batch}"))
+        name, group = b.level, groups.get(b.level, ())
+        one_batch = " on one batch" if levels[name].batch_per == "block" and b.steps > 1 else ""
+        schedule.append(ScheduleOp(depth, "repeat", name, f"{b.steps}× {name}{one_batch}"))
         for c in b.children:
             emit(c, depth + 1)
-        if lowers[b.level]:
-            through = ", ".join(f"{c} by {methods[c]!r}" for c in lowers[b.level])
-            schedule.append(ScheduleOp(depth + 1, "hypergradient", b.level, f"through {through}"))
-        schedule.append(ScheduleOp(depth + 1, "update", b.level, f"with {lvl.optimizer!r}"))
+        through = [f"the blocks of {' + '.join(group)} unrolled together{inside(name, group)}"] if group else []
+        through += [f"{c.level} by {methods[c.level]!r}{inside(name, [c.level])}"
+                    for c in b.children if c.level not in group]
+        through += [f"{c} by {methods[c]!r}{inside(name, [c])} (shared: its block ran above)" for c in outside[name]]
+        if through:
+            schedule.append(ScheduleOp(depth + 1, "hypergradient", name, f"through {', '.join(through)}"))
+        schedule.append(ScheduleOp(depth + 1, "update", name, f"with {levels[name].optimizer!r}"))
 
     for b in roots:
         emit(b, 0)
-    return Plan(tuple(roots), parent, {k: tuple(v) for k, v in subtree.items()}, updates,
-                {k: tuple(v) for k, v in lowers.items()}, schedule)
+    return schedule

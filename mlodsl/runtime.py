@@ -440,7 +440,7 @@ class Runtime:
 
         The tape costs the activations of every update (what ``torch.autograd`` keeps) instead of
         one replay of every update in the reverse pass: one forward pass instead of two."""
-        if (not self.methods[name].records_tape or self.compiler.compiles(name)
+        if (not uppers or not self.methods[name].records_tape or self.compiler.compiles(name)
                 or not autodiff.on_tape() or not is_plain((state, up))):
             return up, None
         leaves = {u: {k: v.detach().requires_grad_() for k, v in up[u].items()} for u in uppers if u in up}
@@ -510,6 +510,19 @@ class Runtime:
             self.report(record.log, lower, k, v)
         return g
 
+    @staticmethod
+    def group_vjp(name: str, run: Callable, sub: dict, cotangent: dict) -> dict:
+        """``vᵀ dθ/dθ_X`` of the blocks of one update of level ``name`` that share a level, unrolled
+        together: ``run`` maps X's block state to the state after those blocks (``group_X``), ``sub``
+        is the state they started from, ``cotangent`` maps levels to cotangents on their final
+        parameters. One re-run of the blocks, differentiated in X's parameters."""
+        def final(params):
+            after = run({**sub, name: {**sub[name], "params": params}})
+            return {n: after[n]["params"] for n in cotangent}
+
+        (g,), _ = autodiff.vjp(final, (sub[name]["params"],), cotangent)
+        return g
+
     def lower_loss(self, level: str, upper_name: str, up: dict, final_params: dict, batch) -> Callable:
         """``(own, upper) ↦`` level ``level``'s loss on ``batch`` as a function of its own parameters
         and those of ``upper_name``, every other level held at ``up`` / ``final_params``: the L of a
@@ -527,7 +540,7 @@ class Runtime:
         A trajectory's L is this, so that at a maximum the implicit methods see a positive definite
         Hessian, as the Neumann series, CG's damping and FiniteDiff's H⁻¹ ≈ I assume;
         the exact implicit formula is unchanged by the sign."""
-        if not getattr(self.optimizers[level], "maximize", False):
+        if not self.optimizers[level].maximize:
             return loss
         return lambda own, upper: -loss(own, upper)
 
