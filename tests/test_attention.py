@@ -76,3 +76,28 @@ def test_op_without_double_backward_is_named_at_build():
         _cube_program(ml.hypergrad.Unroll())()
     prog = _cube_program(ml.hypergrad.FiniteDiff())()  # first order: nothing to check, it runs
     assert torch.isfinite(prog.hypergradient("outer")["u"]).all()
+
+
+def test_a_middle_level_whose_loss_reaches_only_the_level_below_builds():
+    """The build's double-backward check differentiates a middle level's loss through the level
+    below it (its own parameters enter only through that level's response). One SGD step of lr 0.5
+    on (w - m x)^2 lands on w = m x, so the middle's hypergradient is 2 (m x - 2) x."""
+    x = torch.ones(3, dtype=DT)
+
+    def hyper(v):
+        return ml.Hyper(w=torch.full((3,), v, dtype=DT))
+
+    @ml.level(hyper(1.0), optimizer=ml.optim.sgd(lr=0.5), data=(x,))
+    def bottom(m, batch, middle):
+        return ((m.w - batch[0] * middle.w) ** 2).sum()
+
+    @ml.level(hyper(0.5), optimizer=ml.optim.sgd(lr=0.1), data=(x,), depends_on=[bottom])
+    def middle(m, batch, bottom):
+        return ((bottom.w - 2.0) ** 2).sum()
+
+    @ml.level(hyper(0.0), optimizer=ml.optim.sgd(lr=0.1), data=(x,), depends_on=[middle])
+    def top(m, batch, middle):
+        return ((middle.w - m.w) ** 2).sum()
+
+    got = ml.Program(top).hypergradient("middle")["w"]
+    torch.testing.assert_close(got, 2 * (0.5 * x - 2) * x, rtol=1e-14, atol=1e-14)
