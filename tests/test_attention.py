@@ -1,6 +1,8 @@
 """Second derivatives through attention without user action (mlodsl.kernels): the losses a
 method differentiates twice run under the math SDPA kernel, the rest keep the fast one, and an op
 with no double backward is named at build."""
+import warnings
+
 import pytest
 import torch
 from torch.autograd.function import once_differentiable
@@ -17,9 +19,14 @@ def test_attention_lower_level_hypergradient_equals_hand_autograd(model, method)
     """Flash attention (the default on CPU) has no double backward; mlodsl picks the math kernel for
     the lower loss, so Unroll and CG run as written and match autograd to rounding."""
     net, logits, train, val = model()
-    hypergrad = ml.hypergrad.Unroll() if method == "Unroll" else ml.hypergrad.CG(iters=CG_ITERS)
+    # Two SGD steps from a random init are not a minimum: CG meets negative curvature, which
+    # mlodsl reports (DivergenceError by default); warned here, the numbers are CG's as written.
+    hypergrad = (ml.hypergrad.Unroll() if method == "Unroll"
+                 else ml.hypergrad.CG(iters=CG_ITERS, on_divergence="warn"))
     prog, _ = reweighting(net, logits, train, val, hypergrad)
-    got = prog.hypergradient("outer")["w"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ml.hypergrad.DivergenceWarning)
+        got = prog.hypergradient("outer")["w"]
     expected = (hand_unroll(net, logits, train, val) if method == "Unroll"
                 else hand_cg(net, logits, train, val, CG_ITERS))
     assert got.dtype == DT and expected.abs().max() > 1e-4
