@@ -5,6 +5,7 @@ has the interface documented in ``mlodsl.hypergrad.base``. Costs and measured er
 ``docs/hypergradients.md``.
 """
 from .base import DivergenceError, DivergenceWarning, Trajectory
+from .bome import BOME
 from .cg import CG
 from .finite_diff import FiniteDiff
 from .fixed_point import FixedPoint
@@ -12,10 +13,11 @@ from .implicit import Implicit
 from .linear import cg_solver, neumann_solver
 from .neumann import Neumann
 from .nystrom import Nystrom, nystrom_solver
+from .penalty import F2SA
 from .sama import SAMA
 from .unroll import FirstOrder, Forward, Unroll
 from .zero_order import ZeroOrder
 
 __all__ = ["Trajectory", "DivergenceError", "DivergenceWarning", "Unroll", "Forward", "FirstOrder", "Implicit",
-           "CG", "Neumann", "FixedPoint", "FiniteDiff", "SAMA", "ZeroOrder",
+           "CG", "Neumann", "FixedPoint", "FiniteDiff", "SAMA", "ZeroOrder", "F2SA", "BOME",
            "Nystrom", "cg_solver", "neumann_solver", "nystrom_solver"]
