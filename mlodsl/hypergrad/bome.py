@@ -9,7 +9,7 @@ import torch
 from .. import autodiff
 from ..tree import tree_vdot
 from .base import Trajectory
-from .penalty import descend, scaled_difference
+from .products import upper_gradient
 
 
 def barrier_weight(v: dict, r: dict, eta: float) -> torch.Tensor:
@@ -79,7 +79,13 @@ class BOME:
             r = gradient(z, traj.upper)
             lam = barrier_weight(v, r, self.eta)
             z = {k: torch.addcmul(torch.add(z[k], v[k], alpha=-self.lr), r[k], lam, value=-self.lr) for k in z}
-        lam = barrier_weight(v, gradient(z, traj.upper), self.eta)
+        # ∇_z L and ∇_{θ_U} L at the last z from one backward pass
+        r, g_z = autodiff.grad(lambda both: traj.loss(*both))((z, traj.upper))
+        lam = barrier_weight(v, r, self.eta)
         traj.report("barrier_weight", lam)
-        value_point = descend(traj, z, self.value_iters, self.value_lr)
-        return scaled_difference(traj, z, value_point, lam)
+        del r
+        for _ in range(self.value_iters):  # θ^T(z); z itself is not kept (one θ_L-sized copy fewer)
+            r = gradient(z, traj.upper)
+            z = {k: torch.add(z[k], r[k], alpha=-self.value_lr) for k in z}
+        g_value = upper_gradient(traj, z)
+        return {k: lam * (g_z[k] - g_value[k]) for k in g_z}

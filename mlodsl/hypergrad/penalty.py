@@ -7,10 +7,7 @@ solution z_λ*(x) = y*(x) + O(1/λ), and
 
     λ (∇_x g(x, z_λ*) - ∇_x g(x, y*))  →  -(∂²g/∂x∂y) H⁻¹ ∇_y f        as λ → ∞,
 
-the implicit hypergradient's second term, from gradients of g alone. The helpers here are shared
-with ``BOME``: gradient descent on the lower loss (tilted by a linear term) and the difference of
-its partial gradient in θ_U at two points.
-"""
+the implicit hypergradient's second term, from gradients of g alone. """
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -42,14 +39,6 @@ def descend(traj: Trajectory, start: dict, iters: int, lr: float, tilt: dict | N
         g = gradient(z, traj.upper)
         z = {k: torch.add(z[k], g[k], alpha=-lr) for k in z}
     return z
-
-
-def scaled_difference(traj: Trajectory, at: dict, ref: dict, weight) -> dict:
-    """``weight · (∇_{θ_U} L(at, θ_U) - ∇_{θ_U} L(ref, θ_U))``, shaped like θ_U: two gradients of
-    the lower loss in the upper level's parameters (θ_U-sized; nothing of θ_L's size is kept)."""
-    g_at = upper_gradient(traj, at)
-    g_ref = upper_gradient(traj, ref)
-    return {k: weight * (g_at[k] - g_ref[k]) for k in g_at}
 
 
 def penalty_at(penalty, traj: Trajectory):
