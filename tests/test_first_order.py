@@ -239,6 +239,25 @@ def test_bome_approaches_the_hypergradient_as_its_step_falls():
     assert 0.8 < scaled_weights[1] / scaled_weights[0] < 1.25  # λ grew tenfold with 1/lr
 
 
+@pytest.mark.parametrize("method", [ml.hypergrad.F2SA(iters=3, lr=0.2, penalty=50.0),
+                                    ml.hypergrad.BOME(iters=3, lr=0.05, value_lr=0.2, value_iters=2)], ids=repr)
+def test_the_copies_never_write_the_lower_levels_parameters(method):
+    """The copies are updated in place after their first step (eagerly), never the lower level's
+    own parameters: a hypergradient leaves them as they were and gives the same numbers twice, and
+    a step commits the lower level's two SGD updates, computed here by hand."""
+    start = _solution() + 0.1
+    prog = _program(method, start=start, steps=2, lr=0.1)
+    first = prog.hypergradient("outer")["theta"]
+    assert torch.equal(prog.params("inner")["w"], start)
+    assert torch.equal(prog.hypergradient("outer")["theta"], first)
+    prog.step()
+    X, y = TRAIN
+    w = start.clone()
+    for _ in range(2):
+        w = w - 0.1 * (X.T @ (X @ w - y) / N + THETA.exp() * w)
+    torch.testing.assert_close(prog.params("inner")["w"], w, rtol=1e-13, atol=1e-15)
+
+
 @pytest.mark.filterwarnings("ignore::mlodsl.TraceWarning")  # the level runs opaquely, on purpose
 def test_no_second_derivative_is_taken():
     """The lower loss squares through an op whose backward cannot be differentiated: a method that

@@ -9,6 +9,7 @@ import torch
 from .. import autodiff
 from ..tree import tree_vdot
 from .base import Trajectory
+from .penalty import in_place_allowed, moved
 from .products import upper_gradient
 
 
@@ -75,17 +76,21 @@ class BOME:
         v = cotangent[traj.level]
         gradient = autodiff.grad(traj.loss)
         z = traj.own(traj.final)
-        for _ in range(self.iters):
+        for j in range(self.iters):
             r = gradient(z, traj.upper)
             lam = barrier_weight(v, r, self.eta)
-            z = {k: torch.addcmul(torch.add(z[k], v[k], alpha=-self.lr), r[k], lam, value=-self.lr) for k in z}
+            if j > 0 and in_place_allowed(z, r, v):  # z is this method's own copy after the first step
+                for k in z:
+                    z[k].add_(v[k], alpha=-self.lr).addcmul_(r[k], lam, value=-self.lr)
+            else:
+                z = {k: torch.addcmul(torch.add(z[k], v[k], alpha=-self.lr), r[k], lam, value=-self.lr) for k in z}
         # ∇_z L and ∇_{θ_U} L at the last z from one backward pass
         r, g_z = autodiff.grad(lambda both: traj.loss(*both))((z, traj.upper))
         lam = barrier_weight(v, r, self.eta)
         traj.report("barrier_weight", lam)
         del r
+        owned = self.iters > 0
         for _ in range(self.value_iters):  # θ^T(z); z itself is not kept (one θ_L-sized copy fewer)
-            r = gradient(z, traj.upper)
-            z = {k: torch.add(z[k], r[k], alpha=-self.value_lr) for k in z}
+            z, owned = moved(z, -self.value_lr, gradient(z, traj.upper), owned), True
         g_value = upper_gradient(traj, z)
         return {k: lam * (g_z[k] - g_value[k]) for k in g_z}

@@ -28,17 +28,34 @@ def descend(traj: Trajectory, start: dict, iters: int, lr: float, tilt: dict | N
         z ← z - lr ∇_z (L(z, θ_U) + scale·⟨tilt, z⟩),
 
     with θ_U held at ``traj.upper``: one gradient of L per step (the tilt's gradient is
-    ``scale·tilt``, added by autograd into the same buffer). Nothing is mutated."""
+    ``scale·tilt``, added by autograd into the same buffer). ``start`` is not written."""
     def tilted(own, upper):
         loss = traj.loss(own, upper)
         return loss if tilt is None else loss + scale * tree_vdot(tilt, own)
 
     gradient = autodiff.grad(tilted)
     z = start
-    for _ in range(iters):
-        g = gradient(z, traj.upper)
-        z = {k: torch.add(z[k], g[k], alpha=-lr) for k in z}
+    for j in range(iters):
+        z = moved(z, -lr, gradient(z, traj.upper), owned=j > 0)
     return z
+
+
+def in_place_allowed(*trees) -> bool:
+    """Whether a method may overwrite the tensors of its own copies: on the autograd tape (no
+    ``torch.func`` transform or ``torch.compile`` trace) and with no graph on them (no level above
+    differentiating through the method, whose graph may have saved them)."""
+    return autodiff.on_tape() and not any(t.requires_grad for tree in trees for t in tree.values())
+
+
+def moved(z: dict, alpha, g: dict, owned: bool) -> dict:
+    """z + alpha·g. When ``owned`` (z is the method's own copy, referenced nowhere else) and
+    ``in_place_allowed``, z's tensors are overwritten: at 100M parameters that is one θ_L-sized
+    buffer fewer at the peak. Else a new tree; the start (θ_L^K, the block's) is never written."""
+    if owned and in_place_allowed(z, g):
+        for k in z:
+            z[k].add_(g[k], alpha=alpha)
+        return z
+    return {k: torch.add(z[k], g[k], alpha=alpha) for k in z}
 
 
 def penalty_at(penalty, traj: Trajectory):
