@@ -84,6 +84,7 @@ class BOME:
                     z[k].add_(v[k], alpha=-self.lr).addcmul_(r[k], lam, value=-self.lr)
             else:
                 z = {k: torch.addcmul(torch.add(z[k], v[k], alpha=-self.lr), r[k], lam, value=-self.lr) for k in z}
+            del r  # not alive while the next gradient is computed
         # ∇_z L and ∇_{θ_U} L at the last z from one backward pass
         r, g_z = autodiff.grad(lambda both: traj.loss(*both))((z, traj.upper))
         lam = barrier_weight(v, r, self.eta)
