@@ -277,6 +277,62 @@ def test_no_second_derivative_is_taken():
     torch.testing.assert_close(bome.hypergradient("outer")["theta"], expected, rtol=1e-9, atol=1e-12)
 
 
+def test_f2sa_at_the_bottom_is_differentiated_by_an_unrolled_middle():
+    """Three levels: the top unrolls the middle's 2 updates, each of which takes F2SA's estimate
+    through the bottom's 3 SGD steps, so the top differentiates through F2SA's copies (out of place
+    then: a graph is on them). Hand-written with autograd: F2SA's two copies on the tape."""
+    g = torch.Generator().manual_seed(5)
+    Xc, yc = torch.randn(12, 3, generator=g, dtype=DT), torch.randn(12, generator=g, dtype=DT)
+    Xb, yb = torch.randn(12, 3, generator=g, dtype=DT), torch.randn(12, generator=g, dtype=DT)
+    target = torch.tensor([0.5, -0.2, 0.1], dtype=DT)
+
+    def loss_c(w, u, a):
+        return 0.5 * ((Xc @ w - yc) ** 2).mean() + 0.5 * (u.exp() * w ** 2).sum() + 0.1 * (a * w).sum()
+
+    def loss_b(u, w, a):
+        return ((Xb @ w - yb) ** 2).mean() + 0.5 * (a.exp() * u ** 2).sum() + 0.5 * ((u * w) ** 2).sum()
+
+    def loss_a(a, u):
+        return ((u - target) ** 2).sum() + 0.1 * (a ** 2).sum()
+
+    u0, w0 = torch.full((3,), -0.5, dtype=DT), torch.linspace(-0.3, 0.3, 3, dtype=DT)
+    a0 = torch.tensor([0.2, -0.1, 0.3], dtype=DT)
+    iters, lr, penalty = 4, 0.3, 20.0
+    C, B, A = ml.Hyper(w=w0.clone()), ml.Hyper(u=u0.clone()), ml.Hyper(a=a0.clone())
+
+    @ml.level(C, optimizer=ml.optim.sgd(lr=0.05), steps=3, hypergrad=ml.hypergrad.F2SA(iters, lr, penalty))
+    def bottom(c, middle, top):
+        return loss_c(c.w, middle.u, top.a)
+
+    @ml.level(B, optimizer=ml.optim.sgd(lr=0.1), steps=2, depends_on=[bottom], hypergrad=ml.hypergrad.Unroll())
+    def middle(b, bottom, top):
+        return loss_b(b.u, bottom.w, top.a)
+
+    @ml.level(A, optimizer=ml.optim.sgd(lr=0.1), depends_on=[middle])
+    def top(t, middle):
+        return loss_a(t.a, middle.u)
+
+    got = ml.Program(top).hypergradient("top")["a"]
+
+    def descend(z, u, a, tilt):
+        for _ in range(iters):
+            z = z - lr * (torch.func.grad(loss_c)(z, u, a) + tilt)
+        return z
+
+    a = a0.clone().requires_grad_()
+    u, w = u0.clone(), w0.clone()
+    for _ in range(2):
+        for _ in range(3):
+            w = w - 0.05 * torch.func.grad(loss_c)(w, u, a)
+        lu, lw = torch.func.grad(loss_b, argnums=(0, 1))(u, w, a)
+        z, y = descend(w, u, a, lw / penalty), descend(w, u, a, 0.0)
+        estimate = penalty * (torch.func.grad(loss_c, argnums=1)(z, u, a) - torch.func.grad(loss_c, argnums=1)(y, u, a))
+        u = u - 0.1 * (lu + estimate)
+    (expected,) = torch.autograd.grad(loss_a(a, u), a)
+    assert expected.abs().max() > 1e-3
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("make", [lambda: ml.hypergrad.F2SA(iters=0, lr=0.1),
                                   lambda: ml.hypergrad.F2SA(iters=3, lr=0.0),
                                   lambda: ml.hypergrad.F2SA(iters=3, lr=0.1, penalty=-1.0),
