@@ -333,6 +333,29 @@ def test_f2sa_at_the_bottom_is_differentiated_by_an_unrolled_middle():
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
 
 
+def test_a_schedule_needs_the_optimizers_count_and_a_refused_step_changes_nothing():
+    """An optimizer without a ``count`` in its state gives the schedule no step: the step raises,
+    naming the level and the fix, and leaves the parameters as they were."""
+    plain = ml.optim.Optimizer("plain", lambda p: {}, lambda p, g, s, reads: ({k: p[k] - 0.1 * g[k] for k in p}, s),
+                               {}, ())
+    low, up = ml.Hyper(w=_solution()), ml.Hyper(theta=THETA.clone())
+
+    @ml.level(low, optimizer=plain, data=TRAIN, hypergrad=ml.hypergrad.F2SA(2, 0.1, penalty=lambda step: 1 + step))
+    def inner(m, batch, outer):
+        x, y = batch
+        return 0.5 * ((x @ m.w - y) ** 2).mean() + 0.5 * (outer.theta.exp() * m.w ** 2).sum()
+
+    @ml.level(up, optimizer=ml.optim.sgd(lr=0.1), data=VAL, depends_on=[inner])
+    def outer(m, batch, inner):
+        x, y = batch
+        return ((x @ inner.w - y) ** 2).mean()
+
+    prog = ml.Program(outer)
+    with pytest.raises(ValueError, match=r"level 'inner': F2SA\(penalty=<schedule>\).*count.*give a number"):
+        prog.step()
+    assert torch.equal(prog.params("inner")["w"], _solution()) and torch.equal(prog.params("outer")["theta"], THETA)
+
+
 @pytest.mark.parametrize("make", [lambda: ml.hypergrad.F2SA(iters=0, lr=0.1),
                                   lambda: ml.hypergrad.F2SA(iters=3, lr=0.0),
                                   lambda: ml.hypergrad.F2SA(iters=3, lr=0.1, penalty=-1.0),

@@ -40,16 +40,18 @@ class BOME:
     Where the inner products are taken: BOME's own λ takes them over (θ_U, θ_L) jointly, for a
     joint step of both. Here θ_U is the Program's to step, its partial ∂f_U/∂θ_U is not the
     method's to see, and λ is taken over the copy z alone. That is what makes the estimate the
-    hypergradient: on a strongly convex lower loss, z settles at distance ~ ``lr`` from the
-    solution, with ∇_z L ∥ -v and λ‖∇_z L‖ → ‖v‖, and the estimate tends to the implicit
-    hypergradient as ``lr`` → 0 (with ``iters`` ~ 1/(η·lr·μ) steps to get there), up to the
-    truncation (1 - value_lr·μ)^value_iters of θ^T (μ: the least curvature of L). The joint λ
-    would give the θ_U-part of the projected joint gradient instead, which differs from the
-    hypergradient by O(1) (measured in docs/hypergradients.md). λ is reported as the metric
-    ``<lower>/barrier_weight``; it grows like 1/lr.
+    hypergradient: on a strongly convex lower loss the barrier's flow takes z to the solution
+    along ∇_z L ∥ -v, where λ‖∇_z L‖ → ‖v‖ and the estimate tends to the implicit hypergradient.
+    With a step ``lr``, z stops at a distance ~lr from the solution, where λ (growing like 1/lr)
+    makes the step along the barrier's tangent unstable; the error falls with ``lr``, after
+    ~1/(η·lr·μ) steps (μ: the least curvature of L), not monotonically in ``iters``, up to the
+    truncation (1 - value_lr·μ)^value_iters of θ^T. The joint λ would give the θ_U-part of the
+    projected joint gradient instead, which differs from the hypergradient by O(1) (measured in
+    docs/hypergradients.md). λ is reported as the metric ``<lower>/barrier_weight``.
 
     Cost: ``iters`` + 1 + ``value_iters`` gradients of L in θ_L, 2 in θ_U; no backward of a
-    backward. Memory: z, its gradient and the next z beside θ_L^K and v.
+    backward. Memory: z and its gradient beside θ_L^K and v (z is updated in place eagerly, when
+    nothing differentiates through the method).
     """
 
     iters: int

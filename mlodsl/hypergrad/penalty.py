@@ -7,7 +7,8 @@ solution z_λ*(x) = y*(x) + O(1/λ), and
 
     λ (∇_x g(x, z_λ*) - ∇_x g(x, y*))  →  -(∂²g/∂x∂y) H⁻¹ ∇_y f        as λ → ∞,
 
-the implicit hypergradient's second term, from gradients of g alone. """
+the implicit hypergradient's second term, from gradients of g alone.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -88,8 +89,8 @@ class F2SA:
 
     For a lower loss strongly convex in θ_L, z - y = -(α Σ_{j<iters} (I - αH)^j) v/λ + O(1/λ²), so
     the estimate is the implicit hypergradient with H⁻¹ by a Neumann series of ``iters`` terms of
-    step α = ``lr``, plus a bias O(1/λ) from L's curvature in θ_L between y and z (zero for a
-    quadratic L with θ_U entering linearly). Running y alongside z (``paired``) cancels the
+    step α = ``lr``, plus a bias O(1/λ) from the curvature of ∇_{θ_U} L in θ_L between y and z (zero
+    where ∇_{θ_U} L is affine in θ_L). Running y alongside z (``paired``) cancels the
     lower level's own optimization error to first order; with ``paired=False`` the reference is
     θ_L^K itself (one copy less: memory and half the gradients), and a residual gradient r at
     θ_L^K adds ≈ -λ B H⁻¹ r (λ times the lower level's error), so it needs ‖r‖ ≪ ‖v‖/λ.
