@@ -76,7 +76,7 @@ def penalty_at(penalty, traj: Trajectory):
     return penalty(opt["count"].to(dtype))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class F2SA:
     """vᵀ dθ_L*/dθ_U ≈ λ (∇_{θ_U} L(z, θ_U) - ∇_{θ_U} L(y, θ_U)): first-order, no Hessian or mixed
     product, so the lower loss is only ever differentiated once.
@@ -122,6 +122,10 @@ class F2SA:
             raise ValueError(f"F2SA(lr=...) must be > 0, got {self.lr!r}")
         if not callable(self.penalty) and not self.penalty > 0:
             raise ValueError(f"F2SA(penalty=...) must be > 0 or a schedule step -> penalty, got {self.penalty!r}")
+
+    def __repr__(self) -> str:  # a schedule by its name, not its address (the plan prints this)
+        penalty = f"{getattr(self.penalty, '__name__', 'fn')}(step)" if callable(self.penalty) else repr(self.penalty)
+        return f"F2SA(iters={self.iters}, lr={self.lr!r}, penalty={penalty}, paired={self.paired})"
 
     def vjp(self, traj: Trajectory, cotangent: dict) -> dict:
         v = cotangent[traj.level]
