@@ -21,6 +21,19 @@ def barrier_weight(v: dict, r: dict, eta: float) -> torch.Tensor:
     return excess / torch.where(rr == 0, torch.ones_like(rr), rr)  # r = 0 gives excess = 0: λ = 0
 
 
+def barrier_step(gradient, z: dict, v: dict, upper: dict, lr: float, eta: float, owned: bool) -> dict:
+    """z - lr (v + λ r), r = ∇_z L(z, θ_U) and λ its barrier weight; in place when ``owned`` and
+    ``in_place_allowed`` (as ``penalty.moved``). r dies here: it is not alive while the next step's
+    gradient is computed."""
+    r = gradient(z, upper)
+    lam = barrier_weight(v, r, eta)
+    if owned and in_place_allowed(z, r, v):
+        for k in z:
+            z[k].add_(v[k], alpha=-lr).addcmul_(r[k], lam, value=-lr)
+        return z
+    return {k: torch.addcmul(torch.add(z[k], v[k], alpha=-lr), r[k], lam, value=-lr) for k in z}
+
+
 @dataclass(frozen=True)
 class BOME:
     """vᵀ dθ_L*/dθ_U ≈ λ (∇_{θ_U} L(z, θ_U) - ∇_{θ_U} L(θ^T(z), θ_U)), with z moved by BOME's
@@ -74,24 +87,19 @@ class BOME:
             if not getattr(self, name) > 0:
                 raise ValueError(f"BOME({name}=...) must be > 0, got {getattr(self, name)!r}")
 
+    def weight_and_upper_gradient(self, traj: Trajectory, z: dict, v: dict) -> tuple:
+        """(λ, ∇_{θ_U} L) at z, from one backward pass (∇_z L is not kept)."""
+        r, g_z = autodiff.grad(lambda both: traj.loss(*both))((z, traj.upper))
+        return barrier_weight(v, r, self.eta), g_z
+
     def vjp(self, traj: Trajectory, cotangent: dict) -> dict:
         v = cotangent[traj.level]
         gradient = autodiff.grad(traj.loss)
         z = traj.own(traj.final)
-        for j in range(self.iters):
-            r = gradient(z, traj.upper)
-            lam = barrier_weight(v, r, self.eta)
-            if j > 0 and in_place_allowed(z, r, v):  # z is this method's own copy after the first step
-                for k in z:
-                    z[k].add_(v[k], alpha=-self.lr).addcmul_(r[k], lam, value=-self.lr)
-            else:
-                z = {k: torch.addcmul(torch.add(z[k], v[k], alpha=-self.lr), r[k], lam, value=-self.lr) for k in z}
-            del r  # not alive while the next gradient is computed
-        # ∇_z L and ∇_{θ_U} L at the last z from one backward pass
-        r, g_z = autodiff.grad(lambda both: traj.loss(*both))((z, traj.upper))
-        lam = barrier_weight(v, r, self.eta)
+        for j in range(self.iters):  # z is this method's own copy after the first step
+            z = barrier_step(gradient, z, v, traj.upper, self.lr, self.eta, owned=j > 0)
+        lam, g_z = self.weight_and_upper_gradient(traj, z, v)
         traj.report("barrier_weight", lam)
-        del r
         owned = self.iters > 0
         for _ in range(self.value_iters):  # θ^T(z); z itself is not kept (one θ_L-sized copy fewer)
             z, owned = moved(z, -self.value_lr, gradient(z, traj.upper), owned), True
