@@ -9,7 +9,7 @@ so every implicit method (and the first-order F2SA and BOME, whose copies start 
 exact solution. Float64, d = 20, n = 100. ZeroOrder and Unroll
 estimate the total derivative of the updates they run, so they get their own setting: 100 SGD steps
 of lr 1/L from w = 0. Run: ``python benchmarks/hypergrad_error.py`` (about a minute on one core;
-BOME's 6000-step row takes most of it).
+ZeroOrder and BOME's 6000-step row take most of it).
 Writes the markdown table to stdout.
 """
 from __future__ import annotations
