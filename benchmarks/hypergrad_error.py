@@ -5,9 +5,11 @@ the closed form, and of Betty's methods at their defaults on the same problem (i
     closed form:  ∂f/∂θ_i = -λ_i w*_i (H⁻¹ ∇_w f)_i,  H = XᵀX/n + diag λ,  λ = exp θ.
 
 The lower level starts at w*(θ) and takes one SGD step of lr 1e-6 (its gradient there is ~1e-16),
-so every implicit method sees the exact solution. Float64, d = 20, n = 100. ZeroOrder and Unroll
+so every implicit method (and the first-order F2SA and BOME, whose copies start there) sees the
+exact solution. Float64, d = 20, n = 100. ZeroOrder and Unroll
 estimate the total derivative of the updates they run, so they get their own setting: 100 SGD steps
-of lr 1/L from w = 0. Run: ``python benchmarks/hypergrad_error.py`` (about a minute on one core).
+of lr 1/L from w = 0. Run: ``python benchmarks/hypergrad_error.py`` (about a minute on one core;
+ZeroOrder and BOME's 6000-step row take most of it).
 Writes the markdown table to stdout.
 """
 from __future__ import annotations
@@ -115,6 +117,8 @@ def mlodsl_rows(exact, H):
         g, t = timed(lambda: prog.hypergradient("outer")["theta"])
         rows.append((name, cost, mem, rel(g, exact), t))
 
+    rows += first_order_rows(exact, L)
+
     # Methods that differentiate the updates themselves: 100 SGD steps of lr 1/L from w = 0.
     K, zero = 100, torch.zeros(D, dtype=DT)
     prog = program(hg.Unroll(), lr=1 / L, steps=K, start=zero)
@@ -128,6 +132,63 @@ def mlodsl_rows(exact, H):
                  rel(es, exact), t))
     rows.append(("  … the same ZeroOrder against Unroll (its target)", "", "", rel(es, unrolled), float("nan")))
     return rows, mu, L
+
+
+def first_order_rows(exact, L):
+    """F2SA and BOME (no second derivative) at the solution; BOME's error oscillates with iters, so
+    its rows take iters = 60/(lr·L), past its transient."""
+    hg = ml.hypergrad
+    settings = [(f"F2SA(iters=100, lr=1/L, penalty={p:g})", hg.F2SA(iters=100, lr=1 / L, penalty=p),
+                 "2·100 gradients in θ_L + 2 in θ_U", "2·d") for p in (1e1, 1e2, 1e3, 1e4)]
+    settings += [(f"F2SA(iters={k}, lr=1/L, penalty=1e6)", hg.F2SA(iters=k, lr=1 / L, penalty=1e6),
+                  f"2·{k} gradients in θ_L + 2 in θ_U", "2·d") for k in (10, 30)]
+    settings += [("F2SA(iters=100, lr=1/L, penalty=1e4, paired=False)",
+                  hg.F2SA(iters=100, lr=1 / L, penalty=1e4, paired=False), "100 gradients in θ_L + 2 in θ_U",
+                  "2·d")]
+    settings += [(f"BOME(iters={60 * s}, lr=1/{'' if s == 1 else s}L, value_lr=1/L, value_iters=100)",
+                  hg.BOME(iters=60 * s, lr=1 / (s * L), value_lr=1 / L, value_iters=100),
+                  f"{60 * s + 101} gradients in θ_L + 2 in θ_U", "2·d") for s in (1, 10, 100)]
+    rows = []
+    for name, method, cost, mem in settings:
+        prog = program(method)
+        g, t = timed(lambda: prog.hypergradient("outer")["theta"], repeat=1 if "BOME" in name else 3)
+        rows.append((name, cost, mem, rel(g, exact), t))
+    joint = joint_bome(iters=600, lr=1 / (10 * L), value_lr=1 / L, value_iters=100)
+    rows.append(("  … BOME's joint barrier weight (hand-written, lr=1/10L, 600 iters)", "", "", rel(joint, exact),
+                 float("nan")))
+    return rows
+
+
+def joint_bome(iters, lr, value_lr, value_iters, eta=0.5):
+    """BOME as published, by hand: λ from the inner products over (θ, z) jointly (here ∂f/∂θ = 0, so
+    only ‖∇q‖² gains ∇_θ q's part); the θ-direction λ ∇_θ q (+ ∂f/∂θ = 0) at the last z."""
+    X, y = TRAIN
+    theta = THETA.clone().requires_grad_()
+    w = solution(THETA.exp())
+    Xv, yv = VAL
+    v = 2 * Xv.T @ (Xv @ w - yv) / N
+
+    # value_iters gradient steps on the quadratic lower loss from z: θ^T(z) = w* + (I - αH)^T (z - w*)
+    H = X.T @ X / N + torch.diag(THETA.exp())
+    contraction = torch.linalg.matrix_power(torch.eye(D, dtype=DT) - value_lr * H, value_iters)
+
+    def grads(z):  # (∇_z L, ∇_θ q), θ^T(z) held constant
+        t = w + contraction @ (z - w)
+        z = z.detach().requires_grad_()
+        r, gz = torch.autograd.grad(inner_loss(z, X, y, theta), (z, theta))
+        gt = torch.autograd.grad(inner_loss(t, X, y, theta), theta)[0]
+        return r, gz - gt
+
+    def weight(r, q_theta):
+        rr = r @ r + q_theta @ q_theta
+        return max(eta * rr - v @ r, 0.0) / rr if rr > 0 else 0.0
+
+    z = w.clone()
+    for _ in range(iters):
+        r, q_theta = grads(z)
+        z = z - lr * (v + weight(r, q_theta) * r)
+    r, q_theta = grads(z)
+    return weight(r, q_theta) * q_theta
 
 
 def betty_rows(exact):

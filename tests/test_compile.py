@@ -31,6 +31,8 @@ METHODS = {
     "finite_diff": lambda: HG.FiniteDiff(eps=0.01),
     "sama": lambda: HG.SAMA(eps=0.01),
     "zero_order": lambda: HG.ZeroOrder(samples=2, sigma=0.01),
+    "f2sa": lambda: HG.F2SA(iters=3, lr=0.1, penalty=lambda step: 10.0 * step),
+    "bome": lambda: HG.BOME(iters=3, lr=0.05, value_lr=0.1, value_iters=2),
 }
 
 
@@ -79,11 +81,12 @@ def test_compiled_step_equals_eager_for_every_method(name):
     for a, b in zip(eager, compiled):
         assert a.dtype == b.dtype == torch.float32
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-    for key in ("inner/cg_residual", "inner/neumann_change"):  # what a method reports reaches the log
+    # what a method reports reaches the log
+    for key in ("inner/cg_residual", "inner/neumann_change", "inner/penalty", "inner/barrier_weight"):
         if key in eager_prog.history[-1]:
             assert abs(prog.history[-1][key] - eager_prog.history[-1][key]) < 1e-4
     used = regions(prog)
-    if name in ("cg", "neumann", "finite_diff", "sama"):  # the hypergradient's products: one region
+    if name in ("cg", "neumann", "finite_diff", "sama", "f2sa", "bome"):  # the hypergradient's products: one region
         assert used["hypergradient products toward 'outer'"].compiled_calls == 2
     assert compiled_updates(used) >= 2 * 4  # every inner update ran compiled (checkpoints rerun some)
     assert regions(prog, "outer")["partial gradients"].compiled_calls == 2

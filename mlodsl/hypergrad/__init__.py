@@ -6,6 +6,7 @@ documented in ``mlodsl.hypergrad.base``. Costs and measured errors of each are i
 ``docs/hypergradients.md``.
 """
 from .base import DivergenceError, DivergenceWarning, ImplicitMethod, Method, Solution, Trajectory
+from .bome import BOME
 from .cg import CG
 from .finite_diff import FiniteDiff
 from .fixed_point import FixedPoint
@@ -13,10 +14,11 @@ from .implicit import Implicit
 from .linear import cg_solver, neumann_solver
 from .neumann import Neumann
 from .nystrom import Nystrom, nystrom_solver
+from .penalty import F2SA
 from .sama import SAMA
 from .unroll import FirstOrder, Forward, Unroll
 from .zero_order import ZeroOrder
 
 __all__ = ["Method", "ImplicitMethod", "Trajectory", "Solution", "DivergenceError", "DivergenceWarning",
            "Unroll", "Forward", "FirstOrder", "Implicit", "CG", "Neumann", "FixedPoint", "FiniteDiff", "SAMA",
-           "ZeroOrder", "Nystrom", "cg_solver", "neumann_solver", "nystrom_solver"]
+           "ZeroOrder", "F2SA", "BOME", "Nystrom", "cg_solver", "neumann_solver", "nystrom_solver"]
