@@ -73,6 +73,11 @@ def _hvp_or_raise(runtime, name, params, batch):
         broken = _broken_nodes(g for g, _ in pairs)
         if broken:
             raise RuntimeError(f"the gradient's graph has {broken[0]} nodes: a derivative is missing")
+        # @once_differentiable marks its gradient only when the incoming gradient requires grad;
+        # under a sum or mean that gradient is a constant, so the gradient is silently detached.
+        if _once_differentiable(loss):
+            raise RuntimeError("its backward is @once_differentiable: its gradient is a constant to a "
+                               "second derivative")
     except RuntimeError as err:
         what = _culprit(err, loss)
         method = runtime.methods.get(name)
@@ -103,18 +108,29 @@ def _broken_nodes(tensors) -> list:
                    if type(n).__name__ in ("Error", "DelayedError", "NotImplemented")})
 
 
-def _culprit(err: Exception, loss: torch.Tensor) -> str:
-    """The op named by the error, else the custom autograd.Functions in the loss's graph."""
-    op = re.search(r"aten::\w+", str(err))
-    if op:
-        return f"'{op.group(0)}'"
+def _custom_functions(loss: torch.Tensor) -> list:
+    """The custom autograd.Function classes in the loss's graph, in the order they are met."""
     custom = []
     for node in _graph_nodes([loss.grad_fn]):
         cls = getattr(node, "_forward_cls", None)  # the Function class of a custom autograd node
         if cls is not None and cls not in custom:
             custom.append(cls)
-    # @once_differentiable wraps backward (functools.wraps): those are the culprits when present.
-    once = [c for c in custom if hasattr(c.backward, "__wrapped__")] or custom
+    return custom
+
+
+def _once_differentiable(loss: torch.Tensor) -> list:
+    """The custom Functions of the loss whose backward is wrapped by @once_differentiable
+    (functools.wraps leaves ``__wrapped__``)."""
+    return [c for c in _custom_functions(loss) if hasattr(c.backward, "__wrapped__")]
+
+
+def _culprit(err: Exception, loss: torch.Tensor) -> str:
+    """The op named by the error, else the custom autograd.Functions in the loss's graph."""
+    op = re.search(r"aten::\w+", str(err))
+    if op:
+        return f"'{op.group(0)}'"
+    # @once_differentiable ones are the culprits when present.
+    once = _once_differentiable(loss) or _custom_functions(loss)
     if once:
         return "the autograd.Function " + " / ".join(f"'{c.__name__}'" for c in once)
     return "an op of its loss"

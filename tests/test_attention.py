@@ -85,6 +85,24 @@ def test_op_without_double_backward_is_named_at_build():
     assert torch.isfinite(prog.hypergradient("outer")["u"]).all()
 
 
+def test_once_differentiable_under_a_plain_sum_is_refused_too():
+    """Under a sum the gradient entering Cube's backward is a constant, so @once_differentiable does
+    not mark its output: the second derivative would be silently cut (a zero hypergradient)."""
+    low, up = ml.Hyper(w=torch.ones(3, dtype=DT)), ml.Hyper(u=torch.zeros(3, dtype=DT))
+
+    @ml.level(low, optimizer=ml.optim.sgd(lr=0.1), steps=2)
+    def inner(m, outer):
+        w = m.w if m.w.shape[0] == 3 else m.w.flip(0)  # keeps the level calling Cube (see above)
+        return Cube.apply(w - outer.u).sum() + (w ** 2).sum()
+
+    @ml.level(up, optimizer=ml.optim.sgd(lr=0.1), depends_on=[inner])
+    def outer(m, inner):
+        return (inner.w - 2.0).pow(2).sum()
+
+    with pytest.raises(ml.ProgramError, match=r"(?s)level 'inner'.*'Cube'.*no double backward.*once_differentiable"):
+        ml.Program(outer)
+
+
 def test_a_middle_level_whose_loss_reaches_only_the_level_below_builds():
     """The build's double-backward check differentiates a middle level's loss through the level
     below it (its own parameters enter only through that level's response). One SGD step of lr 0.5
