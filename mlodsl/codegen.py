@@ -64,9 +64,10 @@ def _block_fn(ids, name, steps, subtree, method, restarts, leaf, uppers) -> list
         f"        start, path = s, ({{0: s}} if method[{name!r}].keeps_path and tape is None else None)"]
     loop = leaf and stride == 1  # the K updates as one compiled region (compile=True), when they can be
     indent = "    " if loop else ""
+    if leaf:  # the block's batches, one per update (a compiled loop's input; MixedUnroll's update_split)
+        lines += [f"        batches = [B[{name!r}][i * {steps} + k] for k in range({steps})]"]
     if loop:
         lines += [
-            f"        batches = [B[{name!r}][i * {steps} + k] for k in range({steps})]",
             f"        looped = rt.run_loop(loop_{f}, s, up_{f}, batches, path is not None, log)",
             "        if looped is not None:",
             "            s, path = looped",
@@ -84,7 +85,7 @@ def _block_fn(ids, name, steps, subtree, method, restarts, leaf, uppers) -> list
         ) + ", log=log" + (
             f",\n                          update_vjp=lambda s_, up_, upper, k, ct: "
             f"update_vjp_{f}(s_, up_, upper, B[{name!r}][i * {steps} + k], ct)" if leaf else "") + ", tape=tape" + (
-            f",\n                          loop=loop_{f}, batches=batches" if loop else "") + ")",
+            f",\n                          loop=loop_{f}" if loop else "") + (", batches=batches" if leaf else "") + ")",
         "        return rt.untaped(s, tape), record",
         "",
     ]

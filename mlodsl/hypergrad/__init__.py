@@ -10,12 +10,13 @@ from .finite_diff import FiniteDiff
 from .fixed_point import FixedPoint
 from .implicit import Implicit
 from .linear import cg_solver, neumann_solver
+from .mixed import MixedUnroll
 from .neumann import Neumann
 from .nystrom import Nystrom, nystrom_solver
 from .sama import SAMA
 from .unroll import FirstOrder, Forward, Unroll
 from .zero_order import ZeroOrder
 
-__all__ = ["Trajectory", "DivergenceError", "DivergenceWarning", "Unroll", "Forward", "FirstOrder", "Implicit",
-           "CG", "Neumann", "FixedPoint", "FiniteDiff", "SAMA", "ZeroOrder",
+__all__ = ["Trajectory", "DivergenceError", "DivergenceWarning", "Unroll", "MixedUnroll", "Forward", "FirstOrder",
+           "Implicit", "CG", "Neumann", "FixedPoint", "FiniteDiff", "SAMA", "ZeroOrder",
            "Nystrom", "cg_solver", "neumann_solver", "nystrom_solver"]

@@ -17,6 +17,8 @@ A hypergradient method is any object with
   diagnostic the method reported (``trajectory.report``), what went wrong, or None; the Program
   checks it after the step, before committing anything, and raises ``DivergenceError`` (or warns,
   when the method's ``on_divergence`` is ``"warn"``);
+* ``leaf_only: bool`` (optional) -- whether the method can differentiate only a lower level with
+  no lower levels of its own (it uses ``Trajectory.update_split``); the Program refuses others;
 * ``second_order: bool`` (optional, True when absent) -- whether the method differentiates the
   lower level's gradient (its updates, Hessian or Jacobian products): the lower loss is then
   differentiated twice, and mlodsl evaluates it under attention kernels that have a double
@@ -114,7 +116,10 @@ class Trajectory:
       a call that returns ``None``: then the loop of ``update_vjp`` it stands for);
     * ``taped_vjp``: ``v ↦ vᵀ dθ_K/dθ_U`` (v: cotangents on the final parameters, by level) by one
       backward pass, when the block's forward updates were recorded on the autograd tape for this
-      upper (a method with ``records_tape = True`` asks for that), else ``None``.
+      upper (a method with ``records_tape = True`` asks for that), else ``None``;
+    * ``update_split``: ``k ↦ (losses, scale, apply)``, the k-th update as ``apply(S_k, θ_U, g)``
+      with the lower level's gradient g = Σ_m ∇_θ losses[m](θ_k, θ_U) / scale
+      (``Runtime.update_split``), for a lower level with no lower levels, else ``None``.
     """
 
     level: str
@@ -133,6 +138,7 @@ class Trajectory:
     advance_vjp: Callable | None = None  # (S_k, k, λ_{k+1}) -> (λ_k, upper cotangent), on floating leaves
     taped_vjp: Callable | None = None  # v -> vᵀ dθ_K/dθ_U over the recorded tape
     reverse_vjp: Callable | None = None  # (first, λ_K, total) -> (λ_first, total') | None, one compiled loop
+    update_split: Callable | None = None  # k -> (losses, scale, apply): the k-th update split at its gradient
 
     def update_vjp(self, state: dict, k: int, lam: list) -> tuple:
         """The VJP of the k-th update at state S_k with cotangent λ_{k+1} on its floating leaves
