@@ -85,7 +85,8 @@ def _block_fn(ids, name, steps, subtree, method, restarts, leaf, uppers) -> list
         ) + ", log=log" + (
             f",\n                          update_vjp=lambda s_, up_, upper, k, ct: "
             f"update_vjp_{f}(s_, up_, upper, B[{name!r}][i * {steps} + k], ct)" if leaf else "") + ", tape=tape" + (
-            f",\n                          loop=loop_{f}" if loop else "") + (", batches=batches" if leaf else "") + ")",
+            f",\n                          loop=loop_{f}" if loop else "") + (
+            ", batches=batches" if leaf else "") + ")",
         "        return rt.untaped(s, tape), record",
         "",
     ]
