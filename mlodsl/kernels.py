@@ -82,17 +82,33 @@ def _hvp_or_raise(runtime, name, params, batch):
             f"@once_differentiable).") from err
 
 
+@contextlib.contextmanager
+def _under_func():
+    """Products as under a ``torch.func`` transform (``autodiff.use_torch_func``)."""
+    from . import autodiff
+    previous = autodiff._FORCE_FUNC[0]
+    autodiff.use_torch_func(True)
+    try:
+        yield
+    finally:
+        autodiff.use_torch_func(previous)
+
+
 def _jvp_of_grad_or_raise(runtime, name, params, batch):
     """One forward-over-reverse product (``torch.func.jvp`` of ``torch.func.grad``) of level
     ``name``'s loss in every level's parameters, as ``MixedUnroll`` takes them."""
-    def gradient(ps):
-        return torch.func.grad(lambda p: runtime.evaluate(name, p, batch)[0])(ps)
+    from . import autodiff
+    own = {k: v.detach() for k, v in params[name].items()}
+    others = {n: {k: v.detach() for k, v in p.items()} for n, p in params.items() if n != name}
 
-    primals = {n: {k: v.detach() for k, v in p.items()} for n, p in params.items()}
-    tangents = {n: {k: (torch.ones_like(v) if n == name else torch.zeros_like(v)) for k, v in p.items()}
-                for n, p in primals.items()}
+    def loss(own_, others_):
+        return runtime.evaluate(name, {**others_, name: own_}, batch)[0]
+
     try:
-        torch.func.jvp(gradient, (primals,), (tangents,))
+        for transformed in (False, True):  # on the tape (eager) and under torch.func (vmap, compile)
+            with (_under_func() if transformed else contextlib.nullcontext()):
+                autodiff.forward_over_reverse(loss, (own, others), ({k: torch.ones_like(v) for k, v in own.items()},
+                                                                    None))
     except RuntimeError as err:
         first = str(err).splitlines()[0]
         hint = (" (F.mse_loss with reduction='mean' is one, as of torch 2.13: write ((pred - target) ** 2).mean())"

@@ -2,8 +2,6 @@
 Hessian-vector products and one update rematerialized at a time."""
 from __future__ import annotations
 
-import torch
-
 from .. import autodiff
 from ..tree import split_differentiable, tree_add, tree_map, tree_zeros_like
 from .base import Trajectory
@@ -84,10 +82,9 @@ class MixedUnroll:
         (lam_state, upper_ct, u), _ = autodiff.vjp(applied, (floats, upper, grad), lam)
 
         # H u in (θ, θ_U) by forward-over-reverse: the tangent of the joint gradient along (u, 0)
-        zero_upper = tree_zeros_like(upper)
         h_own, h_upper = None, None
         for loss in losses:
-            _, (ho, hu) = torch.func.jvp(torch.func.grad(loss, argnums=(0, 1)), (own, upper), (u, zero_upper))
+            ho, hu = autodiff.forward_over_reverse(loss, (own, upper), (u, None))
             h_own = ho if h_own is None else tree_add(h_own, ho)
             h_upper = hu if h_upper is None else tree_add(h_upper, hu)
         lam_tree = join(lam_state)
