@@ -15,10 +15,13 @@ gradients' graphs, one backward), ``replay`` (``Unroll(checkpoint=1)``: the iter
 update's VJP by reverse-over-reverse in the reverse pass) and ``mixed`` (``MixedUnroll()``).
 Memory: each (model, T, contender) runs in a fresh process (as ``benchmarks.common.worker``): the
 program is built and its hypergradient taken once, then the kernel's peak-RSS mark is reset and the
-figure is the peak extra resident memory of one more ``prog.hypergradient``, float32. The error
-table compares the three hypergradients in float64 at T = 8.
+figure is the peak extra resident memory of one more ``prog.hypergradient``, float32. A second
+table measures one Hessian-vector product of the lower loss alone, by reverse-over-reverse and by
+forward-over-reverse, on the autograd tape and by torch.func (what one update of the reverse pass
+holds besides the iterates); the last compares the three hypergradients in float64 at T = 8.
 
     python benchmarks/mixed_unroll.py [--T 8,16,32] [--models mlp,transformer] [--threads 1]
+    python benchmarks/mixed_unroll.py --T ''     # the product and error tables only (about a minute)
 """
 from __future__ import annotations
 
@@ -118,8 +121,43 @@ def worker(model: str, T: int, method: str) -> dict:
             "method": "VmHWM after clear_refs" if ok else "ru_maxrss"}
 
 
-def measure(model: str, T: int, method: str, threads: int) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", model, str(T), method, "--threads", str(threads)]
+PRODUCTS = {  # one Hessian-vector product of the lower loss, four ways
+    "reverse-over-reverse, tape": ("tape", "reverse"), "reverse-over-reverse, torch.func": ("func", "reverse"),
+    "forward-over-reverse, tape (forward_ad)": ("tape", "forward"),
+    "forward-over-reverse, torch.func": ("func", "forward")}
+
+
+def product(model: str, kind: str) -> dict:
+    """In a fresh process: peak extra RSS of one HVP H u of the lower loss (float32), the way
+    ``kind`` names (``PRODUCTS``); what one update of the reverse pass holds besides the iterates."""
+    from mlodsl import autodiff
+    from mlodsl.kernels import attention_kernel
+    _prime()
+    net, (x, y), _ = model_and_data(model, torch.float32)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    u = {k: torch.randn_like(v) for k, v in params.items()}
+
+    def loss(p):
+        return F.cross_entropy(torch.func.functional_call(net, p, (x,)), y)
+
+    where, mode = PRODUCTS[kind]
+    autodiff.use_torch_func(where == "func")
+
+    def hvp():
+        with attention_kernel():
+            if mode == "forward":
+                return autodiff.forward_over_reverse(loss, (params,), (u,))
+            return autodiff.vjp(autodiff.grad(loss), (params,), u)[0]
+
+    hvp()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    base, ok = reset_peak()
+    hvp()
+    return {"delta_mib": (peak_kb(ok) - base) / 1024}
+
+
+def _run(args: list, threads: int) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), *args, "--threads", str(threads)]
     # A fixed mmap threshold: glibc otherwise raises it after the first large free, and the blocks
     # of the warm-up hypergradient then stay resident, hiding the measured one's peak.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -129,6 +167,22 @@ def measure(model: str, T: int, method: str, threads: int) -> dict:
             return json.loads(line)
     tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["no output"]
     return {"error": tail[0][:200]}
+
+
+def measure(model: str, T: int, method: str, threads: int) -> dict:
+    return _run(["--worker", model, str(T), method], threads)
+
+
+def products(models, threads: int) -> list:
+    lines = ["Peak extra RSS of one Hessian-vector product of the lower loss (MiB, float32):", "",
+             "| product | " + " | ".join(models) + " |", "| --- |" + " ---: |" * len(models)]
+    for kind in PRODUCTS:
+        cells = []
+        for model in models:
+            r = _run(["--product", model, kind], threads)
+            cells.append(f"{r['delta_mib']:.1f}" if "delta_mib" in r else f"failed: {r['error']}")
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def errors(models, T: int = 8) -> list:
@@ -149,11 +203,15 @@ def main(argv=None):
     p.add_argument("--models", default="mlp,transformer")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--worker", nargs=3, metavar=("MODEL", "T", "METHOD"), help=argparse.SUPPRESS)
+    p.add_argument("--product", nargs=2, metavar=("MODEL", "KIND"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.worker:
         model, T, method = args.worker
         print(json.dumps(worker(model, int(T), method)))
+        return
+    if args.product:
+        print(json.dumps(product(*args.product)))
         return
     models = args.models.split(",")
     lines = ["Peak extra RSS of one hypergradient (MiB, float32) and its time (s); ratios: Unroll's peak "
@@ -163,7 +221,7 @@ def main(argv=None):
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     print("\n".join(lines), flush=True)
     for model in models:
-        for T in (int(t) for t in args.T.split(",")):
+        for T in (int(t) for t in args.T.split(",") if t):
             r = {m: measure(model, T, m, args.threads) for m in METHODS}
             bad = [f"{m}: {r[m]['error']}" for m in METHODS if "error" in r[m]]
             if bad:
@@ -179,6 +237,7 @@ def main(argv=None):
             lines.append(line)
             print(line, flush=True)
     print()
+    print("\n".join(products(models, args.threads)))
     print("\n".join(errors(models)))
 
 

@@ -19,6 +19,9 @@ A hypergradient method is any object with
   when the method's ``on_divergence`` is ``"warn"``);
 * ``leaf_only: bool`` (optional) -- whether the method can differentiate only a lower level with
   no lower levels of its own (it uses ``Trajectory.update_split``); the Program refuses others;
+* ``forward_over_reverse: bool`` (optional) -- whether it takes forward-over-reverse products of
+  the lower loss (``autodiff.forward_over_reverse``); the Program takes one at build to check that
+  every op of the loss has them;
 * ``second_order: bool`` (optional, True when absent) -- whether the method differentiates the
   lower level's gradient (its updates, Hessian or Jacobian products): the lower loss is then
   differentiated twice, and mlodsl evaluates it under attention kernels that have a double
