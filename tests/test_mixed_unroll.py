@@ -262,3 +262,22 @@ def test_maml_over_a_task_batch_under_vmap_equals_a_hand_written_loop():
     got = prog.hypergradient("outer")
     for k in expected:
         torch.testing.assert_close(got[k], expected[k], **TOL)
+
+
+def test_the_reverse_pass_sees_the_dropout_masks_of_the_forward_pass():
+    """Each update's gradient and product are recomputed in the reverse pass: under the update's
+    seed, so they draw the masks its forward evaluation drew."""
+    from test_numerics import MASKS, _reweighting
+    K = 3
+    prog, w, logits, inner_loss, outer_loss = _reweighting(ml.hypergrad.MixedUnroll(), steps=K)
+    MASKS.clear()
+    got = prog.hypergradient("outer")["logits"]
+    forward = MASKS[:K]
+    assert not torch.equal(forward[0], forward[1])  # every update draws its own mask
+    logits = logits.clone().requires_grad_()
+    for mask in forward:  # the block by hand, with the masks the forward pass drew
+        w = w if w.requires_grad else w.clone().requires_grad_()
+        (gw,) = torch.autograd.grad(inner_loss(w, logits, mask), w, create_graph=True)
+        w = w - 0.1 * gw
+    (expected,) = torch.autograd.grad(outer_loss(w), logits)
+    torch.testing.assert_close(got, expected, **TOL)
