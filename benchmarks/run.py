@@ -25,8 +25,9 @@ from benchmarks.common import machine, memory_in_subprocess, time_round_robin, v
 
 BENCHES = {"b1": "benchmarks.b1_hpo", "b2": "benchmarks.b2_mwn", "b3": "benchmarks.b3_maml",
            "b4": "benchmarks.b4_scaling"}
-# Scripts with tables of their own, run in a subprocess: B5 (100M parameters, ~30 min), B6 (tasks).
-SCRIPTS = {"b5": "b5_scale.py", "b6": "b6_tasks.py"}
+# Scripts with tables of their own, run in a subprocess: B5 (100M parameters, ~30 min), B6 (tasks),
+# B7 (Unroll against MixedUnroll's peak memory, ~10 min).
+SCRIPTS = {"b5": "b5_scale.py", "b6": "b6_tasks.py", "b7": "mixed_unroll.py"}
 # warm-up steps, timed rounds, time budget (s) of the timed rounds per configuration
 SETTINGS = {False: {"warmup": 2, "rounds": 12, "budget": 25.0, "mem_steps": 3},
             True: {"warmup": 1, "rounds": 3, "budget": 5.0, "mem_steps": 1}}
@@ -160,7 +161,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="mlodsl benchmarks against Betty, higher, TorchOpt and floors")
     ap.add_argument("--quick", action="store_true", help="a short run (≤ 3 minutes on 2 cores)")
     ap.add_argument("--only", default="b1,b2,b3,b4,b6",
-                    help="comma-separated subset of b1,...,b6 (b5, 100M parameters, only when named)")
+                    help="comma-separated subset of b1,...,b7 (b5, 100M parameters, and b7, mixed-mode "
+                         "unrolling's memory, only when named)")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-contender memory subprocesses")
     ap.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"), help="markdown report ('' for none)")

@@ -170,3 +170,33 @@ def vjp_fn(fn, *primals):
     if not nested:
         out = detached(out)
     return out, pullback
+
+
+def forward_over_reverse(fn, primals: tuple, tangents: tuple) -> tuple:
+    """The tangent of the gradient of a scalar ``fn`` in every primal (a tuple of pytrees) along
+    ``tangents`` (shaped like ``primals``; ``None`` for a primal whose tangent is zero): H t, for
+    H the Hessian of ``fn`` in all its primals, by forward mode over reverse mode. H is symmetric,
+    so this is also tᵀH, the VJP of the gradient, without a second backward pass.
+
+    On the tape it is one backward pass over dual tensors (``torch.autograd.forward_ad``), built
+    with ``create_graph`` only when a product around it differentiates it (that keeps the
+    backward's own graph, which forward mode otherwise never needs); under a ``torch.func``
+    transform it is ``torch.func.jvp`` of ``torch.func.grad``."""
+    if not _tape():
+        zeros = tuple(pytree.tree_map(torch.zeros_like, p) if t is None else t for p, t in zip(primals, tangents))
+        grad = torch.func.grad(fn, argnums=tuple(range(len(primals))))
+        return torch.func.jvp(grad, primals, zeros)[1]
+    from torch.autograd import forward_ad
+    flat, unflatten = flatten(list(primals))
+    flat_tangents = [t for p, tan in zip(primals, tangents)
+                     for t in (flatten(tan)[0] if tan is not None else [None] * len(flatten(p)[0]))]
+    with torch.enable_grad(), forward_ad.dual_level():
+        inputs, nested = _inputs(flat)
+        duals = [x if t is None else forward_ad.make_dual(x, t) for x, t in zip(inputs, flat_tangents)]
+        with evaluating():
+            out = fn(*unflatten(duals))
+        grads = (torch.autograd.grad(out, duals, create_graph=nested, allow_unused=True)
+                 if out.requires_grad else [None] * len(duals))
+        found = [None if g is None else forward_ad.unpack_dual(g).tangent for g in grads]
+    products = [torch.zeros_like(x) if t is None else (t if nested else t.detach()) for t, x in zip(found, flat)]
+    return tuple(unflatten(products))

@@ -90,9 +90,10 @@ def _block_fn(ids, name, steps, subtree, method, restarts, leaf, uppers, shared=
         f"        start, path = s, ({{0: s}} if method[{name!r}].keeps_path and tape is None else None)"]
     loop = leaf and stride == 1  # the K updates as one compiled region (compile=True), when they can be
     indent = "    " if loop else ""
+    if leaf:  # the block's batches, one per update (a compiled loop's input; MixedUnroll's update_split)
+        lines += [f"        batches = [B[{name!r}][i * {steps} + k] for k in range({steps})]"]
     if loop:
         lines += [
-            f"        batches = [B[{name!r}][i * {steps} + k] for k in range({steps})]",
             f"        looped = rt.run_loop({f.loop}, s, {f.up}, batches, path is not None, log)",
             "        if looped is not None:",
             "            s, path = looped",
@@ -110,7 +111,8 @@ def _block_fn(ids, name, steps, subtree, method, restarts, leaf, uppers, shared=
         ) + ", log=log" + (
             f",\n                          update_vjp=lambda s_, up_, upper, k, ct: "
             f"{f.update_vjp}(s_, up_, upper, B[{name!r}][i * {steps} + k], ct)" if leaf else "") + ", tape=tape" + (
-            f",\n                          loop={f.loop}, batches=batches" if loop else "") + ")",
+            f",\n                          loop={f.loop}" if loop else "") + (
+            ", batches=batches" if leaf else "") + ")",
         "        return rt.untaped(s, tape), record",
         "",
     ]

@@ -10,7 +10,8 @@ or ``FirstOrder``) keeps the fast kernel.
 
 ``check_second_order`` takes one Hessian-vector product of each such level at build time, so an
 op with no double backward at all (a custom ``autograd.Function`` marked ``once_differentiable``)
-is reported there, named, with the fix, instead of in the middle of training.
+is reported there, named, with the fix, instead of in the middle of training; a level whose
+method takes forward-over-reverse products (``MixedUnroll``) gets one of those too.
 """
 from __future__ import annotations
 
@@ -48,6 +49,9 @@ def check_second_order(runtime, names, params: dict, batches: dict, modules: dic
     try:
         for name in names:
             _hvp_or_raise(runtime, name, params, batches[name])
+            method = runtime.methods.get(name)
+            if method is not None and method.forward_over_reverse:
+                _jvp_of_grad_or_raise(runtime, name, params, batches[name])
     finally:
         with torch.no_grad():
             for buffer, value in saved:
@@ -88,6 +92,45 @@ def _hvp_or_raise(runtime, name, params, batch):
             f"(hypergrad=ml.hypergrad.FiniteDiff() or FirstOrder()), or implement the double backward "
             f"(a custom autograd.Function whose backward uses differentiable torch ops, without "
             f"@once_differentiable).") from err
+
+
+@contextlib.contextmanager
+def _under_func():
+    """Products as under a ``torch.func`` transform (``autodiff.use_torch_func``)."""
+    from . import autodiff
+    previous = autodiff._FORCE_FUNC[0]
+    autodiff.use_torch_func(True)
+    try:
+        yield
+    finally:
+        autodiff.use_torch_func(previous)
+
+
+def _jvp_of_grad_or_raise(runtime, name, params, batch):
+    """One forward-over-reverse product (``torch.func.jvp`` of ``torch.func.grad``) of level
+    ``name``'s loss in every level's parameters, as ``MixedUnroll`` takes them."""
+    from . import autodiff
+    own = {k: v.detach() for k, v in params[name].items()}
+    others = {n: {k: v.detach() for k, v in p.items()} for n, p in params.items() if n != name}
+
+    def loss(own_, others_):
+        return runtime.evaluate(name, {**others_, name: own_}, batch)[0]
+
+    try:
+        for transformed in (False, True):  # on the tape (eager) and under torch.func (vmap, compile)
+            with (_under_func() if transformed else contextlib.nullcontext()):
+                autodiff.forward_over_reverse(loss, (own, others), ({k: torch.ones_like(v) for k, v in own.items()},
+                                                                    None))
+    except RuntimeError as err:
+        first = str(err).splitlines()[0]
+        hint = (" (F.mse_loss with reduction='mean' is one, as of torch 2.13: write ((pred - target) ** 2).mean())"
+                if "ZeroTensors are immutable" in first else "")
+        raise ProgramError(
+            f"level '{name}': its method {runtime.methods.get(name)!r} takes forward-mode derivatives of its "
+            f"loss's gradient, but an op of its loss has no forward-mode derivative of its backward{hint} "
+            f"({first}). Fix: hypergrad=ml.hypergrad.Unroll() (the same numbers by reverse-over-reverse), "
+            f"or write the loss with ops that have one (a custom autograd.Function needs a jvp "
+            f"staticmethod).") from err
 
 
 def _graph_nodes(roots):

@@ -149,6 +149,17 @@ def _check_in_place(levels: dict, graph, methods: dict):
                     f"there, or a method that does not (CG, Neumann, FiniteDiff, FirstOrder)")
 
 
+def _check_leaf_only(plan, methods: dict):
+    """A method that differentiates one loss's gradient per update (``leaf_only``: ``MixedUnroll``)
+    cannot take a lower level whose update's gradient runs levels below it."""
+    for name, method in methods.items():
+        if method.leaf_only and plan.lowers[name]:
+            raise ProgramError(
+                f"level '{name}' has lower levels {list(plan.lowers[name])}, but its hypergrad={method!r} "
+                f"differentiates a level whose update is the gradient of its own loss alone (one without "
+                f"lower levels); use hypergrad=ml.hypergrad.Unroll() on '{name}'")
+
+
 def _compile_options(compile) -> dict | None:
     """``compile=`` as ``torch.compile`` keyword arguments (None: eager)."""
     if compile is False or compile is None:
@@ -224,6 +235,7 @@ class Program:
         methods = _methods(levels, self.graph)
         _check_in_place(levels, self.graph, methods)
         self.plan = make_plan(levels, self.graph, methods)
+        _check_leaf_only(self.plan, methods)
         self.schedule = self.plan.schedule
         self._streams = {n: BatchStream(n, lvl.data) for n, lvl in levels.items()}
         self._batch_every = _batch_every(levels, self.plan)

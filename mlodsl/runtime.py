@@ -120,10 +120,15 @@ class BlockRecord:
         def report(key, value):
             Runtime.report(self.log, level, key, value)
 
+        update_split = None
+        if self.batches is not None:  # a level with no lower levels: its k-th update's batch is known
+            def update_split(k):
+                return rt.update_split(level, up, upper_name, self.batches[k])
+
         return Trajectory(level, self.steps, self.start, self.final, self.path, upper_name,
                           up[upper_name], advance, rt.minimized(level, loss), update_map, begin, from_upper,
                           report, advance_vjp,
-                          self.taped_vjp(upper_name), self.reverse_vjp(upper_name))
+                          self.taped_vjp(upper_name), self.reverse_vjp(upper_name), update_split)
 
 
 _NO_GRADIENT = {"detach", "detach_", "requires_grad_", "size", "dim", "numel"}
@@ -316,6 +321,26 @@ class Runtime:
                              sub, up[upper_name], lam)
 
         return self.region(name, "update's VJP", vjp)
+
+    def update_split(self, name: str, up: dict, upper_name: str, batch) -> tuple:
+        """One update of level ``name`` (a level with no lower levels) on ``batch``, split at its
+        gradient: ``(losses, scale, apply)`` where the gradient is g = Σ_m ∇_θ losses[m](θ, θ_U) / scale
+        (one loss per micro-batch, each weighted 1/count, times the fp16 loss scale; this rank's own,
+        as ``partials`` computes it) and ``apply(S, θ_U, g)`` is the rest of the update (data-parallel
+        mean, clipping, optimizer, projection), so that the update is ``apply(S, θ_U, g(S, θ_U))``."""
+        scale = self.loss_scales[name].scale if name in self.loss_scales else 1.0
+        parts = list(batch) if isinstance(batch, MicroBatches) else [batch]
+
+        def loss_on(mb):
+            def loss(own, upper):
+                params = {**up, upper_name: upper, name: own}
+                return self.evaluate(name, params, mb)[0] * (scale / len(parts))
+            return loss
+
+        def apply(sub, upper, grad):
+            return self.apply_update(name, sub, {**up, upper_name: upper}, grad)
+
+        return [loss_on(mb) for mb in parts], scale, apply
 
     def seeded(self, state: dict, B: dict, exclude=()) -> dict:
         """The step's batches with a seed for each update of a lower level whose loss draws random

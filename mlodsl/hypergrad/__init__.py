@@ -12,6 +12,7 @@ from .finite_diff import FiniteDiff
 from .fixed_point import FixedPoint
 from .implicit import Implicit
 from .linear import cg_solver, neumann_solver
+from .mixed import MixedUnroll
 from .neumann import Neumann
 from .nystrom import Nystrom, nystrom_solver
 from .penalty import F2SA
@@ -20,5 +21,6 @@ from .unroll import FirstOrder, Forward, Unroll
 from .zero_order import ZeroOrder
 
 __all__ = ["Method", "ImplicitMethod", "Trajectory", "Solution", "DivergenceError", "DivergenceWarning",
-           "Unroll", "Forward", "FirstOrder", "Implicit", "CG", "Neumann", "FixedPoint", "FiniteDiff", "SAMA",
-           "ZeroOrder", "F2SA", "BOME", "Nystrom", "cg_solver", "neumann_solver", "nystrom_solver"]
+           "Unroll", "MixedUnroll", "Forward", "FirstOrder", "Implicit", "CG", "Neumann", "FixedPoint",
+           "FiniteDiff", "SAMA", "ZeroOrder", "F2SA", "BOME", "Nystrom", "cg_solver", "neumann_solver",
+           "nystrom_solver"]

@@ -30,7 +30,10 @@ ones that differ):
 * ``vjp(trajectory, cotangent) -> dict`` (abstract) -- ``cotangent`` maps level names to parameter
   cotangents: ``cotangent[trajectory.level]`` is v; when the upper's loss also takes a level deeper
   in the block (a classifier two levels down), its cotangent is there too, and a method that
-  differentiates the whole block (``Unroll``, ``Forward``) carries it; a method that only
+  differentiates the whole block (``Unroll``, ``Forward``) carries it; a method that only;
+      * ``update_split``: ``k ↦ (losses, scale, apply)``, the k-th update as ``apply(S_k, θ_U, g)``
+        with the lower level's gradient g = Σ_m ∇_θ losses[m](θ_k, θ_U) / scale
+        (``Runtime.update_split``), for a lower level with no lower levels, else ``None``.
   linearizes the lower level's own optimality (the implicit ones) uses v alone.
 
 An implicit method (``ImplicitMethod``) implements ``solution_vjp(solution, v)`` instead of
@@ -138,6 +141,8 @@ class Method(abc.ABC):
     products_only: bool = False
     replays_updates: bool = True
     second_order: bool = True  # a method that does not say is assumed to differentiate twice (the safe side)
+    leaf_only: bool = False
+    forward_over_reverse: bool = False
     on_divergence: str = "raise"
 
     @abc.abstractmethod
@@ -161,7 +166,8 @@ class Method(abc.ABC):
 
 
 # The members a method may override: the flags, then the hooks (read by ``as_method`` alone).
-FLAGS = ("keeps_path", "records_tape", "products_only", "replays_updates", "second_order", "on_divergence")
+FLAGS = ("keeps_path", "records_tape", "products_only", "replays_updates", "second_order", "leaf_only",
+         "forward_over_reverse", "on_divergence")
 HOOKS = ("diverged", "path_stride", "workspace")
 SECOND_ORDER_DEFAULT = Method.second_order
 
@@ -261,7 +267,10 @@ class Trajectory:
       a call that returns ``None``: then the loop of ``update_vjp`` it stands for);
     * ``taped_vjp``: ``v ↦ vᵀ dθ_K/dθ_U`` (v: cotangents on the final parameters, by level) by one
       backward pass, when the block's forward updates were recorded on the autograd tape for this
-      upper (a method with ``records_tape`` asks for that), else ``None``.
+      upper (a method with ``records_tape`` asks for that), else ``None``;
+      * ``update_split``: ``k ↦ (losses, scale, apply)``, the k-th update as ``apply(S_k, θ_U, g)``
+        with the lower level's gradient g = Σ_m ∇_θ losses[m](θ_k, θ_U) / scale
+        (``Runtime.update_split``), for a lower level with no lower levels, else ``None``.
     """
 
     level: str
@@ -280,6 +289,7 @@ class Trajectory:
     advance_vjp: Callable | None = None  # (S_k, k, λ_{k+1}) -> (λ_k, upper cotangent), on floating leaves
     taped_vjp: Callable | None = None  # v -> vᵀ dθ_K/dθ_U over the recorded tape
     reverse_vjp: Callable | None = None  # (first, λ_K, total) -> (λ_first, total') | None, one compiled loop
+    update_split: Callable | None = None  # k -> (losses, scale, apply): the k-th update split at its gradient
 
     def update_vjp(self, state: dict, k: int, lam: list) -> tuple:
         """The VJP of the k-th update at state S_k with cotangent λ_{k+1} on its floating leaves
