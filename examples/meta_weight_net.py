@@ -123,7 +123,8 @@ def build_baseline(train, class_weights, *, seed=0, batch=100, lr=0.1, model="ml
     @ml.level(net, optimizer=inner_optimizer(lr, decay_at), data=sampler(train, batch, seed))
     def classify(net, batch):
         x, y = batch
-        return weighted_mean(F.cross_entropy(net(x), y, reduction="none"), class_weights[y])
+        losses, w = F.cross_entropy(net(x), y, reduction="none"), class_weights[y]
+        return (w * losses).sum() / w.sum()
 
     return ml.Program(classify, seed=seed), net
 
