@@ -24,7 +24,7 @@ one-step look-ahead: online hyper-cleaning) and, as a ceiling, plain training on
 only.
 
     python examples/meta_weight_net.py                     # imbalance 10, 50, 100; ~1 min
-    python examples/meta_weight_net.py --noise 0.4         # 40 % uniform label noise; ~2 min
+    python examples/meta_weight_net.py --noise 0.4         # 40 % uniform label noise; ~1 min
     python examples/meta_weight_net.py --iters 20 --imbalance 100   # a smoke run
     python examples/meta_weight_net.py --seeds 0 1 2 --iters 3000
 """
