@@ -41,7 +41,8 @@ _LEVEL_NAMES = {"block": "block_{}", "record": "block_{}_", "gradient": "gradien
 _FIXED_NAMES = ("make_step", "rt", "method", "vmap", "step", "hypergradient", "state", "B", "log", "sub",
                 "up", "i", "k", "t", "s", "s0", "s_", "up_", "sub_", "g", "loss", "metrics", "norm", "record",
                 "start", "path", "tape", "batches", "looped", "shared", "leaves", "task_loss", "one_task",
-                "sub_task", "B_task", "params", "batch", "name", "upper", "ct", "print", "range", "KeyError")
+                "sub_task", "B_task", "task_log", "outcomes", "params", "batch", "name", "upper", "ct", "print",
+                "range", "KeyError")
 
 
 def level_identifiers(names) -> dict:
@@ -225,10 +226,12 @@ def _tasks_fn(ids, name, tasked, taped) -> list:
             f"            return g, {{**sub, **rt.untaped({t.sub}, leaves)}}, loss.mean().detach(), {{}}"]
     return lines + [
             "        def one_task(sub_task, B_task):",
-            f"            g, s, loss, _ = {f.one_task}({{**sub, **sub_task}}, up, i, None, {{**B, **B_task}})",
-            f"            return g, rt.restrict(s, [{tasked!r}]), loss",
-            f"        g, {t.sub}, loss = vmap(one_task, randomness='different')(",
+            "            task_log = rt.task_log()",
+            f"            g, s, loss, _ = {f.one_task}({{**sub, **sub_task}}, up, i, task_log, {{**B, **B_task}})",
+            f"            return g, rt.restrict(s, [{tasked!r}]), loss, rt.task_outcome(task_log)",
+            f"        g, {t.sub}, loss, outcomes = vmap(one_task, randomness='different')(",
             f"            rt.restrict(sub, [{tasked!r}]), {{{tasked!r}: B[{tasked!r}], {name!r}: B[{name!r}]}})",
+            "        rt.merge_task_outcomes(log, outcomes)",
             f"        return rt.mean_over_tasks(g), {{**sub, **{t.sub}}}, loss.mean(), {{}}",
             ""]
 

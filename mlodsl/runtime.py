@@ -268,6 +268,13 @@ class MicroBatches(list):
     """The ``grad_accum`` micro-batches of one update: the level's loss is their mean."""
 
 
+class TaskLog(dict):
+    """The log of one task's evaluation under ``vmap`` (``tasks=True``). Nothing can be written
+    from inside the transform to a log outside it, so a task's method diagnostics (a CG residual)
+    and loss health come back as outputs of the vmapped function (``task_outcome``) and are merged
+    into the step's log (``merge_task_outcomes``); running statistics are not staged from it."""
+
+
 class Runtime:
     """Binds the program's traced losses, optimizers and methods for the generated step.
 
@@ -404,7 +411,8 @@ class Runtime:
         forward pass, not a re-evaluation), the level's buffers (running statistics) advance.
         """
         traced = self.traced[name]
-        if log is not None and self.buffer_state is not None and getattr(traced, "buffers", None):
+        if (log is not None and not isinstance(log, TaskLog) and self.buffer_state is not None
+                and getattr(traced, "buffers", None)):
             with self.buffer_state.writing(name):
                 return self.partials(name, params, batch, wrt)
         taken = {lvl for lvl, _ in traced.inputs.values()}
@@ -599,6 +607,30 @@ class Runtime:
     @staticmethod
     def new_log() -> dict:
         return {"_finite": {}, "_reports": {}}
+
+    @staticmethod
+    def task_log() -> TaskLog:
+        return TaskLog(_finite={}, _reports={})
+
+    @staticmethod
+    def task_outcome(log: TaskLog) -> dict:
+        """What one task's evaluation reported, as tensors (an output of the vmapped function)."""
+        return {"_finite": log["_finite"],
+                "_reports": {lvl: {k: [torch.as_tensor(v) for v in vs] for k, vs in keys.items()}
+                             for lvl, keys in log["_reports"].items()}}
+
+    @staticmethod
+    def merge_task_outcomes(log, outcomes: dict):
+        """Every task's reports and loss health (stacked over tasks by ``vmap``) into the step's
+        log: a diagnostic is the worst over the tasks, so one task's diverged solve is caught."""
+        if log is None:
+            return
+        for name, values in outcomes["_finite"].items():
+            log["_finite"].setdefault(name, []).extend(values)
+        for level, keys in outcomes["_reports"].items():
+            for key, values in keys.items():
+                for value in values:
+                    Runtime.report(log, level, key, value.max())
 
     @staticmethod
     def report(log, level: str, key: str, value):

@@ -247,3 +247,35 @@ def test_plain_torch_optim_for_a_level_nothing_differentiates_through():
     cg, *_ = make_hpo(K=3, method=ml.hypergrad.CG(iters=3), inner_opt=ml.optim.from_torch(torch.optim.SGD, lr=0.5))
     plain, *_ = make_hpo(K=3, method=ml.hypergrad.CG(iters=3), inner_opt=ml.optim.sgd(lr=0.5))
     torch.testing.assert_close(cg.hypergradient("outer"), plain.hypergradient("outer"), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("curvature, diverges", [(0.0, False), (2.0, True)], ids=["convex", "indefinite"])
+def test_a_method_of_a_tasked_level_reports_its_diagnostics_and_divergence(curvature, diverges):
+    """Under vmap over tasks, CG's residual and negative-curvature checks still reach the step's
+    log (the worst over the tasks): an indefinite lower loss raises as it does without tasks."""
+    torch.manual_seed(0)
+    meta = nn.Linear(3, 1).double()
+    fast = copy.deepcopy(meta)
+    x, y = torch.randn(4, 8, 3, dtype=torch.float64), torch.randn(4, 8, 1, dtype=torch.float64)
+
+    @ml.level(fast, optimizer=ml.optim.sgd(lr=0.01), data=(x, y), steps=3,
+              hypergrad=ml.hypergrad.CG(iters=3), start_from="meta", tasks=True)
+    def adapt(fast, batch, meta):
+        a, b = batch
+        return (((fast(a) - b) ** 2).mean() + 0.5 * ((fast.weight - meta.weight) ** 2).sum()
+                - curvature * (fast.weight ** 2).sum())
+
+    @ml.level(meta, optimizer=ml.optim.adam(lr=1e-3), data=(x, y), depends_on=[adapt], name="meta")
+    def meta_level(meta, batch, adapt):
+        a, b = batch
+        return ((adapt(a) - b) ** 2).mean()
+
+    prog = ml.Program(meta_level, seed=0)
+    before = {k: v.clone() for k, v in prog.params("meta").items()}
+    if diverges:
+        with pytest.raises(ml.hypergrad.DivergenceError, match="level 'adapt'.*negative curvature"):
+            prog.step()
+        assert all(torch.equal(before[k], v) for k, v in prog.params("meta").items())
+    else:
+        prog.step()
+        assert prog.history[-1]["adapt/cg_indefinite"] == 0 and "adapt/cg_residual" in prog.history[-1]
