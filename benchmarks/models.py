@@ -124,7 +124,8 @@ def worker(model: str, mode: str, inner_steps: int, steps: int) -> dict:
     traced = prog.levels["inner"].traced
     ops = sum(1 for n in traced.graph.graph.nodes if n.op == "call_function") if not traced.opaque else None
     return {"model": model, "mode": mode, "build_s": built - t0, "first_step_s": first - built,
-            "step_s": statistics.median(times), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "step_s": statistics.median(times),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "captured": not traced.opaque, "inner_ops": ops,
             "compiler": repr(prog.compiler),
             "compile_warnings": sorted({str(w.message)[:200] for w in caught

@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from . import autodiff
 from .compiled import Compiler, is_plain
 from .hypergrad.base import DivergenceError, DivergenceWarning, Trajectory, state_vjp
+from .hypergrad.implicit import ConvergenceWarning
 from .kernels import attention_kernel
 from .loops import StackedPath, UpdateLoop
 from .tree import detached
@@ -291,6 +292,7 @@ class Runtime:
         self.compiler = compiler or Compiler(None)  # compile=True: the step's compiled regions
         self.second_order = second_order or set()  # levels whose loss is differentiated twice (mlodsl.kernels)
         self._products: dict = {}             # (lower, upper) -> compiled region of a products_only vjp
+        self.warned_unconverged: set = set()  # levels whose method's solve has been said not to converge
         # level -> parameters no loss it is differentiated through reaches: their gradient is absent
         # (None to the optimizer, as torch.optim's p.grad), so decay and moments leave them alone
         self.absent = absent_params(traced, lowers, optimizers, self.starts) if lowers is not None else {}
@@ -572,8 +574,10 @@ class Runtime:
             if judge is None:
                 continue
             # every diagnostic is "larger is worse"; a few scalars per step (one per hypergradient)
-            problem = judge({k: max(float(v) for v in vs) for k, vs in values.items()})
+            worst = {k: max(float(v) for v in vs) for k, vs in values.items()}
+            problem = judge(worst)
             if problem is None:
+                self.warn_unconverged(level, method, worst)
                 continue
             message = f"level '{level}': the hypergradient by {method!r} {problem}."
             if getattr(method, "on_divergence", "raise") == "warn":
@@ -582,6 +586,19 @@ class Runtime:
             else:
                 raise DivergenceError(message + " The program's parameters and optimizer states are unchanged "
                                       "(on_divergence='warn' on the method warns and goes on instead).")
+
+    def warn_unconverged(self, level: str, method, worst: dict):
+        """Warn, once per level, when the method's solve stopped short of converging (its
+        ``unconverged(diagnostics)``, optional: ``CG``'s residual above ``warn_residual``)."""
+        advise = getattr(method, "unconverged", None)
+        if advise is None or level in self.warned_unconverged:
+            return
+        note = advise(worst)
+        if note is not None:
+            self.warned_unconverged.add(level)
+            warnings.warn(f"level '{level}': the hypergradient by {method!r} {note}. The step is taken; "
+                          f"this warning is given once for this level (the residual is its metric "
+                          f"'{level}/cg_residual' in the history).", ConvergenceWarning, stacklevel=5)
 
     @staticmethod
     def grad_norm(grad: dict) -> torch.Tensor:

@@ -8,7 +8,7 @@ from .base import DivergenceError, DivergenceWarning, Trajectory
 from .cg import CG
 from .finite_diff import FiniteDiff
 from .fixed_point import FixedPoint
-from .implicit import Implicit
+from .implicit import ConvergenceWarning, Implicit
 from .linear import cg_solver, neumann_solver
 from .neumann import Neumann
 from .nystrom import Nystrom, nystrom_solver
@@ -16,6 +16,6 @@ from .sama import SAMA
 from .unroll import FirstOrder, Forward, Unroll
 from .zero_order import ZeroOrder
 
-__all__ = ["Trajectory", "DivergenceError", "DivergenceWarning", "Unroll", "Forward", "FirstOrder", "Implicit",
-           "CG", "Neumann", "FixedPoint", "FiniteDiff", "SAMA", "ZeroOrder",
+__all__ = ["Trajectory", "DivergenceError", "DivergenceWarning", "ConvergenceWarning", "Unroll", "Forward",
+           "FirstOrder", "Implicit", "CG", "Neumann", "FixedPoint", "FiniteDiff", "SAMA", "ZeroOrder",
            "Nystrom", "cg_solver", "neumann_solver", "nystrom_solver"]
