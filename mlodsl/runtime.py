@@ -194,9 +194,21 @@ def draws_random(traced) -> bool | None:
     for node in traced.graph.graph.nodes:
         if node.op in ("call_function", "call_method"):
             name = str(getattr(node.target, "__name__", node.target)).lower()
+            if "dropout" in name and _dropout_is_identity(node):
+                continue
             if "dropout" in name or name == "normal" or name.startswith(_RANDOM_PREFIXES):
                 return True
     return False
+
+
+def _dropout_is_identity(node) -> bool:
+    """A dropout node whose probability is the constant 0, or whose training flag is the constant
+    False (``F.dropout(x, p, training)``, ``aten.dropout(x, p, train)``): it draws nothing. Models
+    configured without dropout (``dropout=0.0``, Hugging Face's ``*_dropout_prob=0``) keep such
+    calls; seeding their updates would cost a generator fork per evaluation for nothing."""
+    p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+    train = node.kwargs.get("training", node.kwargs.get("train", node.args[2] if len(node.args) > 2 else True))
+    return (isinstance(p, (int, float)) and p == 0) or train is False
 
 
 class _RandomOps(TorchDispatchMode):

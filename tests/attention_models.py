@@ -60,7 +60,7 @@ def _token_data(seed):
     return train, val
 
 
-def reweighting(net, logits, train, val, method, steps=2, lr=0.1):
+def reweighting(net, logits, train, val, method, steps=2, lr=0.1, compile=False):
     """Lower level: the model on per-example weighted cross-entropy; upper: the weights (``w``, one
     per training example) on validation cross-entropy through the model's solution."""
     hyper = ml.Hyper(w=torch.zeros(N, dtype=DT))
@@ -75,7 +75,7 @@ def reweighting(net, logits, train, val, method, steps=2, lr=0.1):
         x, y = batch
         return F.cross_entropy(logits(inner, x), y)
 
-    return ml.Program(outer), hyper
+    return ml.Program(outer, compile=compile), hyper
 
 
 def _losses(net, logits, train, val):
