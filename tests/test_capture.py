@@ -96,6 +96,7 @@ def test_dropout_in_a_captured_graph_draws_at_run_time_as_the_function_does():
     prog, _ = reweighting(net, logits, train, val, ml.hypergrad.Unroll())
     traced = prog.levels["inner"].traced
     assert not traced.opaque and "aten.dropout" in traced.graph.code
+    assert prog._runtime.stochastic["inner"]  # each update gets a seed: its replays see its masks
     params, args = _params(prog), traced.batch_args(train)
     kwargs = {ph: params[lvl][p] for ph, (lvl, p) in traced.inputs.items()}
     outs = []
@@ -104,6 +105,18 @@ def test_dropout_in_a_captured_graph_draws_at_run_time_as_the_function_does():
         outs.append(traced.graph(*args, **kwargs) if through_graph else traced.direct(params, train))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=0)  # same seed: the same masks
     assert not torch.allclose(outs[0], outs[2])                       # another seed: other masks
+
+
+def test_dropout_of_probability_zero_draws_nothing_and_needs_no_seed():
+    """A model configured without dropout keeps its aten.dropout(x, 0.0, True) calls; they draw
+    nothing from the generator, so the level's updates are not seeded (a generator fork per
+    evaluation, a quarter of an eager step here, for nothing)."""
+    net, logits, train, val = encoder()
+    prog, _ = reweighting(net, logits, train, val, ml.hypergrad.Unroll())
+    assert "aten.dropout" in prog.levels["inner"].graph.code and prog._runtime.stochastic == {"inner": False}
+    state = torch.get_rng_state()
+    prog.step()
+    assert torch.equal(torch.get_rng_state(), state)  # the step drew nothing
 
 
 def test_captured_graph_is_guarded_by_the_batch_shapes():
