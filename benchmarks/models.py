@@ -10,6 +10,9 @@ through Unroll), float64, tiny random-init configs (nothing is downloaded):
 * ``gpt2``: Hugging Face ``GPT2LMHeadModel`` (2 layers, 64, 2 heads), the last position's logits;
 * ``lora-bert``: that BERT with peft LoRA adapters (r = 4 on query and value), base frozen.
 
+Modes: ``eager``; ``compiled`` (``compile=True``: levels over the compile budget ``max_ops`` run
+eagerly, with a warning); ``compiled-all`` (``compile={"max_ops": None}``: everything compiled).
+
 Each (model, eager | compiled) row runs in a fresh process with an empty inductor cache
 (``TORCHINDUCTOR_CACHE_DIR`` in a new temporary directory: a cold cache), and reports the build
 time (tracing, capture, checks), the first step (for ``compile=True``: compiling every region it
@@ -17,8 +20,8 @@ meets), the median of the next ``--steps`` steps, peak RSS, whether the lower le
 captured, how many operations it holds, and which regions compiled or ran eagerly (and why).
 A row that does not finish within ``--timeout`` seconds is reported as such.
 
-    python benchmarks/models.py                       # every row (~10 minutes on 2 cores)
-    python benchmarks/models.py --models bert --modes compiled --timeout 300
+    python benchmarks/models.py                       # eager and compile=True, about a minute
+    python benchmarks/models.py --models bert --modes compiled-all --timeout 600   # minutes
 """
 from __future__ import annotations
 
@@ -82,7 +85,7 @@ def make(model: str):
     return net, logits, (x(), y()), (x(), y())
 
 
-def program(model: str, compile: bool, inner_steps: int):
+def program(model: str, compile, inner_steps: int):
     import torch
     import torch.nn.functional as F
 
@@ -103,6 +106,9 @@ def program(model: str, compile: bool, inner_steps: int):
     return ml.Program(outer, compile=compile)
 
 
+COMPILE = {"eager": False, "compiled": True, "compiled-all": {"max_ops": None}}
+
+
 def worker(model: str, mode: str, inner_steps: int, steps: int) -> dict:
     import warnings
 
@@ -112,7 +118,7 @@ def worker(model: str, mode: str, inner_steps: int, steps: int) -> dict:
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        prog = program(model, mode == "compiled", inner_steps)
+        prog = program(model, COMPILE[mode], inner_steps)
         built = time.perf_counter()
         prog.step()
         first = time.perf_counter()
@@ -166,7 +172,9 @@ def table(rows: list) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
-    ap.add_argument("--modes", default="eager,compiled")
+    ap.add_argument("--modes", default="eager,compiled",
+                    help="comma-separated, of eager, compiled (compile=True, with its budget) and compiled-all "
+                         "(compile={'max_ops': None}: every level compiled, minutes per row)")
     ap.add_argument("--inner-steps", type=int, default=2, help="SGD steps of the lower level per step (default 2)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps after the first (default 3)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per row before it is reported unfinished")

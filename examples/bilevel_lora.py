@@ -9,8 +9,8 @@ training labels is flipped; a small validation set and the test set are clean.
 The model: a 2-layer ``BertForSequenceClassification`` (hidden 32, random init, frozen) with peft
 LoRA adapters (rank 4) on every attention projection, and its classification head trained.
 
-    lower (fine-tune):  the adapters and the head, full-batch SGD, ``--inner-steps`` steps per upper
-                        step, warm-started; loss = mean_i sigmoid(c_i) · CE_i over the noisy set
+    lower (fine-tune):  the adapters and the head, full-batch Adam (lr 1e-2), ``--inner-steps`` steps
+                        per upper step, warm-started; loss = mean_i sigmoid(c_i) · CE_i over the noisy set
     upper (reweight):   the logits c (one per training example, ml.Hyper, start at 0), Adam; loss =
                         the cross-entropy of the fine-tuned model on the clean validation set,
                         through the lower level's K steps (Unroll)
@@ -37,12 +37,15 @@ POSITIVE, NEGATIVE = range(0, CUE), range(CUE, 2 * CUE)
 
 
 def sentences(n: int, generator: torch.Generator):
-    """``n`` sentences and their clean labels (1: more positive than negative words)."""
-    ids = torch.randint(0, VOCAB, (2 * n + 64, LENGTH), generator=generator)
-    pos = torch.isin(ids, torch.tensor(POSITIVE)).sum(1)
-    neg = torch.isin(ids, torch.tensor(NEGATIVE)).sum(1)
-    keep = pos != neg
-    return ids[keep][:n], (pos > neg)[keep][:n].long()
+    """``n`` sentences of neutral words with one or two cue words of the same polarity at random
+    places, and their labels (1: positive)."""
+    ids = torch.randint(2 * CUE, VOCAB, (n, LENGTH), generator=generator)
+    label = torch.randint(0, 2, (n,), generator=generator)
+    for _ in range(2):
+        cue = torch.randint(0, CUE, (n,), generator=generator) + CUE * (1 - label)  # positive: 0..CUE-1
+        place = torch.randint(0, LENGTH, (n,), generator=generator)
+        ids[torch.arange(n), place] = cue
+    return ids, label
 
 
 def task(seed: int = 0, n_train: int = 256, n_val: int = 64, n_test: int = 1000, noise: float = 0.4):
@@ -70,12 +73,12 @@ def lora_bert(seed: int = 0):
                                            modules_to_save=["classifier"]))
 
 
-def build(train, val, *, seed=0, inner_steps=5, lr=0.5, outer_lr=0.1):
+def build(train, val, *, seed=0, inner_steps=5, lr=1e-2, outer_lr=0.1):
     """The bilevel program. Returns ``(prog, model, weights)``."""
     model = lora_bert(seed)
     weights = ml.Hyper(c=torch.zeros(len(train[1])))           # sigmoid(0) = 0.5 each
 
-    @ml.level(model, optimizer=ml.optim.sgd(lr=lr), data=train, steps=inner_steps, hypergrad=ml.hypergrad.Unroll())
+    @ml.level(model, optimizer=ml.optim.adam(lr=lr), data=train, steps=inner_steps, hypergrad=ml.hypergrad.Unroll())
     def finetune(model, batch, reweight):
         ids, y = batch
         losses = F.cross_entropy(model(ids).logits, y, reduction="none")
@@ -90,11 +93,11 @@ def build(train, val, *, seed=0, inner_steps=5, lr=0.5, outer_lr=0.1):
     return ml.Program(reweight, seed=seed), model, weights
 
 
-def finetune_plain(train, *, seed=0, steps=750, lr=0.5):
+def finetune_plain(train, *, seed=0, steps=750, lr=1e-2):
     """The baseline: the same LoRA fine-tuning, every example weighted 1 (a one-level program)."""
     model = lora_bert(seed)
 
-    @ml.level(model, optimizer=ml.optim.sgd(lr=lr), data=train)
+    @ml.level(model, optimizer=ml.optim.adam(lr=lr), data=train)
     def finetune(model, batch):
         ids, y = batch
         return F.cross_entropy(model(ids).logits, y)
