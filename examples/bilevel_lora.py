@@ -69,8 +69,9 @@ def lora_bert(seed: int = 0):
                      intermediate_size=64, max_position_embeddings=LENGTH, num_labels=2,
                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     base = BertForSequenceClassification(cfg)
-    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "key", "value"],
-                                           modules_to_save=["classifier"]))
+    adapters = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "key", "value"],
+                          modules_to_save=["classifier"])
+    return get_peft_model(base, adapters)
 
 
 def build(train, val, *, seed=0, inner_steps=5, lr=1e-2, outer_lr=0.1):
@@ -133,7 +134,7 @@ def main(argv=None):
 
     t0 = time.perf_counter()
     train, val, test, flipped = task(args.seed, n_train=args.train, noise=args.noise)
-    print(f"bilevel LoRA on a generated sentiment-count task: {len(train[1])} training sentences, "
+    print(f"bilevel LoRA on a generated cue-word task: {len(train[1])} training sentences, "
           f"{int(flipped.sum())} labels flipped; {len(val[1])} clean validation, {len(test[1])} test")
     prog, model, weights = build(train, val, seed=args.seed, inner_steps=args.inner_steps, outer_lr=args.outer_lr)
     learned = sum(p.numel() for p in prog.params("finetune").values())
