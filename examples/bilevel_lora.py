@@ -6,11 +6,13 @@ The task (generated here, nothing downloads): sentences of ``LENGTH`` tokens ove
 whether a sentence holds more positive than negative words (no ties). A fraction ``--noise`` of the
 training labels is flipped; a small validation set and the test set are clean.
 
-The model: a 2-layer ``BertForSequenceClassification`` (hidden 32, random init, frozen) with peft
-LoRA adapters (rank 4) on every attention projection, and its classification head trained.
+The model: a 2-layer ``BertForSequenceClassification`` (hidden 32) from random init, "pretrained"
+here for ``--pretrain-steps`` Adam steps on a related task (which of the 6 cue words a sentence
+holds: its features know the words, not their polarity), then frozen, with a new two-class head and
+peft LoRA adapters (rank 4) on query, key and value: the head and the adapters are fine-tuned.
 
-    lower (fine-tune):  the adapters and the head, full-batch Adam (lr 1e-2), ``--inner-steps`` steps
-                        per upper step, warm-started; loss = mean_i sigmoid(c_i) · CE_i over the noisy set
+    lower (fine-tune):  the adapters and the head, full-batch SGD (lr 1), ``--inner-steps`` steps per
+                        upper step, warm-started; loss = mean_i sigmoid(c_i) · CE_i over the noisy set
     upper (reweight):   the logits c (one per training example, ml.Hyper, start at 0), Adam; loss =
                         the cross-entropy of the fine-tuned model on the clean validation set,
                         through the lower level's K steps (Unroll)
@@ -19,12 +21,14 @@ Baseline: the same LoRA fine-tuning on the same noisy data, every weight 1, for 
 the bilevel run's lower level took. Then both recipes are scored on the clean test set, and the
 learned weights on how well they find the flipped labels.
 
-    python examples/bilevel_lora.py                    # 150 upper steps x 5 inner steps, ~2 minutes
+    python examples/bilevel_lora.py                    # 150 upper steps x 5 inner steps, a few minutes
     python examples/bilevel_lora.py --noise 0.2 --seed 1
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import time
 
 import torch
@@ -59,27 +63,47 @@ def task(seed: int = 0, n_train: int = 256, n_val: int = 64, n_test: int = 1000,
     return (x, torch.where(flipped, 1 - y, y)), val, test, flipped
 
 
-def lora_bert(seed: int = 0):
-    """A random-init 2-layer BERT classifier, frozen, with rank-4 LoRA adapters on query, key and
-    value and a trainable head (peft's ``modules_to_save``)."""
-    from peft import LoraConfig, get_peft_model
+@functools.lru_cache(maxsize=4)
+def _pretrained(seed: int, steps: int):
+    """A 2-layer BERT (hidden 32) pretrained from random init on a related task, which cue word a
+    sentence holds (one of ``2 * CUE``): its features know the words, not their polarity."""
     from transformers import BertConfig, BertForSequenceClassification
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=LENGTH, num_labels=2,
+                     intermediate_size=64, max_position_embeddings=LENGTH, num_labels=2 * CUE,
                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    base = BertForSequenceClassification(cfg)
+    bert = BertForSequenceClassification(cfg)
+    g = torch.Generator().manual_seed(seed + 100)
+    ids = torch.randint(2 * CUE, VOCAB, (512, LENGTH), generator=g)
+    word = torch.randint(0, 2 * CUE, (512,), generator=g)
+    ids[torch.arange(512), torch.randint(0, LENGTH, (512,), generator=g)] = word
+    opt = torch.optim.Adam(bert.parameters(), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(bert(ids).logits, word).backward()
+        opt.step()
+    return bert
+
+
+def lora_bert(seed: int = 0, pretrain_steps: int = 100):
+    """The pretrained BERT, frozen, with a new two-class head (trained) and rank-4 LoRA adapters
+    on query, key and value (peft; the head is peft's ``modules_to_save``)."""
+    from peft import LoraConfig, get_peft_model
+    bert = copy.deepcopy(_pretrained(seed, pretrain_steps))
+    torch.manual_seed(seed)
+    bert.classifier = torch.nn.Linear(bert.config.hidden_size, 2)
+    bert.config.num_labels = bert.num_labels = 2
     adapters = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "key", "value"],
                           modules_to_save=["classifier"])
-    return get_peft_model(base, adapters)
+    return get_peft_model(bert, adapters)
 
 
-def build(train, val, *, seed=0, inner_steps=5, lr=1e-2, outer_lr=0.1):
+def build(train, val, *, seed=0, inner_steps=5, lr=1.0, outer_lr=0.1, pretrain_steps=100):
     """The bilevel program. Returns ``(prog, model, weights)``."""
-    model = lora_bert(seed)
+    model = lora_bert(seed, pretrain_steps)
     weights = ml.Hyper(c=torch.zeros(len(train[1])))           # sigmoid(0) = 0.5 each
 
-    @ml.level(model, optimizer=ml.optim.adam(lr=lr), data=train, steps=inner_steps, hypergrad=ml.hypergrad.Unroll())
+    @ml.level(model, optimizer=ml.optim.sgd(lr=lr), data=train, steps=inner_steps, hypergrad=ml.hypergrad.Unroll())
     def finetune(model, batch, reweight):
         ids, y = batch
         losses = F.cross_entropy(model(ids).logits, y, reduction="none")
@@ -94,11 +118,11 @@ def build(train, val, *, seed=0, inner_steps=5, lr=1e-2, outer_lr=0.1):
     return ml.Program(reweight, seed=seed), model, weights
 
 
-def finetune_plain(train, *, seed=0, steps=750, lr=1e-2):
+def finetune_plain(train, *, seed=0, steps=750, lr=1.0, pretrain_steps=100):
     """The baseline: the same LoRA fine-tuning, every example weighted 1 (a one-level program)."""
-    model = lora_bert(seed)
+    model = lora_bert(seed, pretrain_steps)
 
-    @ml.level(model, optimizer=ml.optim.adam(lr=lr), data=train)
+    @ml.level(model, optimizer=ml.optim.sgd(lr=lr), data=train)
     def finetune(model, batch):
         ids, y = batch
         return F.cross_entropy(model(ids).logits, y)
@@ -126,6 +150,8 @@ def main(argv=None):
     ap.add_argument("--inner-steps", type=int, default=5, help="LoRA steps per upper step (default 5)")
     ap.add_argument("--noise", type=float, default=0.4, help="fraction of flipped training labels (default 0.4)")
     ap.add_argument("--train", type=int, default=256, help="training sentences (default 256)")
+    ap.add_argument("--pretrain-steps", type=int, default=100,
+                    help="Adam steps of the base's pretraining (default 100)")
     ap.add_argument("--outer-lr", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -136,12 +162,14 @@ def main(argv=None):
     train, val, test, flipped = task(args.seed, n_train=args.train, noise=args.noise)
     print(f"bilevel LoRA on a generated cue-word task: {len(train[1])} training sentences, "
           f"{int(flipped.sum())} labels flipped; {len(val[1])} clean validation, {len(test[1])} test")
-    prog, model, weights = build(train, val, seed=args.seed, inner_steps=args.inner_steps, outer_lr=args.outer_lr)
+    prog, model, weights = build(train, val, seed=args.seed, inner_steps=args.inner_steps, outer_lr=args.outer_lr,
+                                 pretrain_steps=args.pretrain_steps)
     learned = sum(p.numel() for p in prog.params("finetune").values())
     print(f"trainable (adapters + head): {learned} of {sum(p.numel() for p in model.parameters())} parameters")
     prog.fit(args.iters, progress=False)
     w = torch.sigmoid(weights.c.detach())
-    plain = finetune_plain(train, seed=args.seed, steps=args.iters * args.inner_steps)
+    plain = finetune_plain(train, seed=args.seed, steps=args.iters * args.inner_steps,
+                           pretrain_steps=args.pretrain_steps)
     precision, recall = detection(w, flipped)
     print(f"test accuracy: plain LoRA on the noisy labels {accuracy(plain, test):.4f}; "
           f"bilevel LoRA (reweighted) {accuracy(model, test):.4f}")

@@ -3,12 +3,12 @@
 #
 # In the style of BiLoRA and ScaleBiO: a pretrained transformer is fine-tuned with LoRA adapters on
 # data whose labels are partly wrong, and an upper level learns how much each training example
-# should count, from a small clean validation set. Here the transformer is a tiny random-init BERT
-# (nothing downloads) and the text task is generated: sentences of neutral words with one or two cue
+# should count, from a small clean validation set. Here the transformer is a tiny BERT pretrained
+# in a few seconds from random init (nothing downloads) and the text task is generated: sentences of neutral words with one or two cue
 # words whose polarity is the label; 40 % of the training labels are flipped.
 #
 # * lower level `finetune`: the LoRA adapters (query, key, value) and the classification head, on
-#   the training loss weighted by sigmoid(c_i), Adam, a few steps per upper step;
+#   the training loss weighted by sigmoid(c_i), SGD, a few steps per upper step;
 # * upper level `reweight`: the logits c (one per training sentence) on the validation loss through
 #   the fine-tuning steps (`Unroll`).
 #
@@ -26,19 +26,20 @@ from mlodsl_examples.bilevel_lora import accuracy, detection, finetune_plain, lo
 SMALL = os.environ.get("MLODSL_SMALL") == "1"
 torch.set_num_threads(1)
 
-ITERS, INNER, N_TRAIN = (3, 2, 64) if SMALL else (150, 5, 256)
+ITERS, INNER, N_TRAIN, PRETRAIN = (3, 2, 64, 10) if SMALL else (150, 5, 256, 100)
 train, val, test, flipped = task(0, n_train=N_TRAIN, noise=0.4)
 print(len(train[1]), "training sentences,", int(flipped.sum()), "labels flipped; first one:", train[0][0].tolist())
 
 # %% [markdown]
-# The model: peft freezes the BERT and adds the adapters; only the adapters and the head are the
-# lower level's parameters (`prog.params("finetune")`).
+# The model: a BERT "pretrained" here on a related task (which cue word a sentence holds: its
+# features know the words, not their polarity), frozen by peft, with a new two-class head and the
+# adapters; only the adapters and the head are the lower level's parameters (`prog.params("finetune")`).
 
 # %%
-model = lora_bert(0)
+model = lora_bert(0, PRETRAIN)
 weights = ml.Hyper(c=torch.zeros(len(train[1])))
 
-@ml.level(model, optimizer=ml.optim.adam(lr=1e-2), data=train, steps=INNER, hypergrad=ml.hypergrad.Unroll())
+@ml.level(model, optimizer=ml.optim.sgd(lr=1.0), data=train, steps=INNER, hypergrad=ml.hypergrad.Unroll())
 def finetune(model, batch, reweight):
     ids, y = batch
     losses = F.cross_entropy(model(ids).logits, y, reduction="none")
@@ -67,7 +68,7 @@ print("\n".join(line for line in code.splitlines() if "scaled_dot_product" in li
 # %%
 history = prog.fit(ITERS, progress=False)
 w = torch.sigmoid(weights.c.detach())
-plain = finetune_plain(train, seed=0, steps=ITERS * INNER)
+plain = finetune_plain(train, seed=0, steps=ITERS * INNER, pretrain_steps=PRETRAIN)
 precision, recall = detection(w, flipped)
 print(f"test accuracy: plain LoRA on the noisy labels {accuracy(plain, test):.4f}, "
       f"bilevel LoRA {accuracy(model, test):.4f}")
