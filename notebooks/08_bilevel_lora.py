@@ -4,8 +4,9 @@
 # In the style of BiLoRA and ScaleBiO: a pretrained transformer is fine-tuned with LoRA adapters on
 # data whose labels are partly wrong, and an upper level learns how much each training example
 # should count, from a small clean validation set. Here the transformer is a tiny BERT pretrained
-# in a few seconds from random init (nothing downloads) and the text task is generated: sentences of neutral words with one or two cue
-# words whose polarity is the label; 40 % of the training labels are flipped.
+# in a few seconds from random init (nothing downloads) and the text task is generated: sentences of
+# neutral words with one or two cue words whose polarity is the label; 40 % of the training labels
+# are flipped.
 #
 # * lower level `finetune`: the LoRA adapters (query, key, value) and the classification head, on
 #   the training loss weighted by sigmoid(c_i), SGD, a few steps per upper step;
