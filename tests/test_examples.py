@@ -60,7 +60,8 @@ ZOO = {
     "three_level_sources.py": (("--iters", "2", "--bottom-steps", "2"),
                                ("learned source weights", "three levels (source + example weights)")),
     "hpo_optimizer.py": (("--iters", "3", "--inner-steps", "5"), ("learned: lr", "grid best", "learned (lr, wd, L2)")),
-    "bilevel_lora.py": (("--iters", "2", "--inner-steps", "2", "--train", "32", "--pretrain-steps", "5"),
+    "bilevel_lora.py": (("--iters", "2", "--inner-steps", "2", "--train", "32", "--pretrain-steps", "5",
+                         "--plain-lrs", "0.3"),
                         ("plain LoRA on the noisy labels", "bilevel LoRA (reweighted)", "precision", "mean weight")),
 }
 
