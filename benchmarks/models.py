@@ -162,7 +162,8 @@ def table(rows: list) -> str:
         if "error" in r:
             out.append(f"| {r['model']} | {r['mode']} | | | {r['error']} | | | |")
             continue
-        notes = "; ".join(r["compile_warnings"]) or ""
+        said = r["compile_warnings"]
+        notes = ("levels over max_ops run eagerly" if any("max_ops" in m for m in said) else "; ".join(said))
         out.append(f"| {r['model']} | {r['mode']} | {'yes' if r['captured'] else 'no'} ({r['inner_ops']}) | "
                    f"{r['build_s']:.1f} s | {r['first_step_s']:.1f} s | {1e3 * r['step_s']:.0f} ms | "
                    f"{r['peak_rss_mib']:.0f} MiB | {notes} |")
