@@ -36,6 +36,21 @@ class CompileWarning(UserWarning):
     """A region of the step could not be compiled and runs eagerly."""
 
 
+# The compile budget: under compile=True, a level whose traced graph has more operations than this
+# runs eagerly, with a CompileWarning (``Program(compile={"max_ops": n})`` moves it; None: no budget).
+# Measured on this project's 2-core CPU (docs/compile.md): transformer levels of 66-111 operations
+# took 1-4 minutes to their first compiled step and then ran slower than eager; the largest graphs
+# the examples compile (a DARTS cell, 43 operations) stay under it.
+MAX_OPS = 50
+
+
+def graph_ops(traced) -> int | None:
+    """The number of operations in a level's traced graph (None for an opaque level: unknown)."""
+    if getattr(traced, "opaque", True) or getattr(traced, "graph", None) is None:
+        return None
+    return sum(1 for node in traced.graph.graph.nodes if node.op in ("call_function", "call_method", "call_module"))
+
+
 def is_plain(args) -> bool:
     """True when no derivative has to flow through a call on ``args``: no tensor in them requires
     grad, no ``torch.func`` transform is active, and no enclosing tape product is evaluating."""

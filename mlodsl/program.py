@@ -23,7 +23,7 @@ from .hypergrad.base import as_method
 from .level import Level
 from .losscheck import check_losses
 from .param_groups import GroupError
-from .compiled import Compiler
+from .compiled import MAX_OPS, Compiler, graph_ops
 from .plan import make_plan
 from .precision import Autocast, LossScaler, check as check_precision
 from .runtime import MicroBatches, Runtime, split_output
@@ -160,19 +160,25 @@ def _check_leaf_only(plan, methods: dict):
                 f"lower levels); use hypergrad=ml.hypergrad.Unroll() on '{name}'")
 
 
-def _compile_options(compile) -> dict | None:
-    """``compile=`` as ``torch.compile`` keyword arguments (None: eager)."""
+def _compile_options(compile) -> tuple[dict | None, int | None]:
+    """``compile=`` as ``torch.compile`` keyword arguments (None: eager), and the compile budget
+    ``max_ops`` (mlodsl's own key of the dict; ``compiled.MAX_OPS`` by default, None: no budget)."""
     if compile is False or compile is None:
-        return None
+        return None, None
     if compile is True:
-        return {}
+        return {}, MAX_OPS
     if isinstance(compile, dict):
         import inspect
+        options = dict(compile)
+        max_ops = options.pop("max_ops", MAX_OPS)
+        if max_ops is not None and (not isinstance(max_ops, int) or isinstance(max_ops, bool) or max_ops < 1):
+            raise ValueError(f"compile: max_ops must be a positive int or None, got {max_ops!r}")
         known = set(inspect.signature(torch.compile).parameters) - {"model"}
-        unknown = sorted(set(compile) - known)
+        unknown = sorted(set(options) - known)
         if unknown:
-            raise ValueError(f"compile: unknown torch.compile options {unknown} (known: {sorted(known)})")
-        return dict(compile)
+            raise ValueError(f"compile: unknown torch.compile options {unknown} (known: {sorted(known)}, "
+                             f"and mlodsl's max_ops)")
+        return options, max_ops
     raise ValueError(f"compile must be True, False or a dict of torch.compile options, got {compile!r}")
 
 
@@ -220,7 +226,7 @@ class Program:
     def __init__(self, *tops, compile=False, precision="fp32", grad_accum=1, seed=None, nonfinite="raise"):
         if not tops:
             raise ProgramError("Program needs at least one top level")
-        compile_options = _compile_options(compile)
+        compile_options, max_ops = _compile_options(compile)
         check_precision(precision, "Program")
         if not isinstance(grad_accum, int) or isinstance(grad_accum, bool) or grad_accum < 1:
             raise ValueError(f"grad_accum must be a positive int, got {grad_accum!r}")
@@ -295,7 +301,7 @@ class Program:
                                 reduce=dp and dp.reduce, replicate=dp and dp.replicate,
                                 weigh=dp and dp.weigh,
                                 clip={n: lvl.clip_grad_norm for n, lvl in levels.items() if lvl.clip_grad_norm},
-                                compiler=Compiler(compile_options, self._eager_levels(compile_options)),
+                                compiler=Compiler(compile_options, self._eager_levels(compile_options, max_ops)),
                                 lowers=self.plan.lowers,
                                 second_order=second_order_levels(self.plan, methods))
         self.compiler = self._runtime.compiler
@@ -306,12 +312,18 @@ class Program:
         self.step_count = 0
         self.history: list[dict] = []
 
-    def _eager_levels(self, options) -> dict:
+    def _eager_levels(self, options, max_ops: int | None = None) -> dict:
         """Levels whose regions stay eager under compile=True, and why (decided before compiling)."""
         if options is None:
             return {}
         why = {}
         for name, pl in self.levels.items():
+            ops = graph_ops(pl.traced)
+            if max_ops is not None and ops is not None and ops > max_ops:
+                why[name] = (f"its graph has {ops} operations, above the compile budget max_ops={max_ops} (a "
+                             f"transformer level's regions take minutes to compile; see docs/compile.md). "
+                             f"compile={{'max_ops': None}} compiles it all the same")
+                continue
             if self.distributed is not None:
                 why[name] = "data-parallel averages (all_reduce) run between the regions' products"
             elif pl.traced.buffers:

@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from . import autodiff
 from .compiled import Compiler, is_plain
 from .hypergrad.base import DivergenceError, DivergenceWarning, Trajectory, state_vjp
+from .hypergrad.implicit import ConvergenceWarning
 from .kernels import attention_kernel
 from .loops import StackedPath, UpdateLoop
 from .tree import detached
@@ -199,9 +200,21 @@ def draws_random(traced) -> bool | None:
     for node in traced.graph.graph.nodes:
         if node.op in ("call_function", "call_method"):
             name = str(getattr(node.target, "__name__", node.target)).lower()
+            if "dropout" in name and _dropout_is_identity(node):
+                continue
             if "dropout" in name or name == "normal" or name.startswith(_RANDOM_PREFIXES):
                 return True
     return False
+
+
+def _dropout_is_identity(node) -> bool:
+    """A dropout node whose probability is the constant 0, or whose training flag is the constant
+    False (``F.dropout(x, p, training)``, ``aten.dropout(x, p, train)``): it draws nothing. Models
+    configured without dropout (``dropout=0.0``, Hugging Face's ``*_dropout_prob=0``) keep such
+    calls; seeding their updates would cost a generator fork per evaluation for nothing."""
+    p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+    train = node.kwargs.get("training", node.kwargs.get("train", node.args[2] if len(node.args) > 2 else True))
+    return (isinstance(p, (int, float)) and p == 0) or train is False
 
 
 class _RandomOps(TorchDispatchMode):
@@ -304,6 +317,7 @@ class Runtime:
         self.compiler = compiler or Compiler(None)  # compile=True: the step's compiled regions
         self.second_order = second_order or set()  # levels whose loss is differentiated twice (mlodsl.kernels)
         self._products: dict = {}             # (lower, upper) -> compiled region of a products_only vjp
+        self.warned_unconverged: set = set()  # levels whose method's solve has been said not to converge
         # level -> parameters no loss it is differentiated through reaches: their gradient is absent
         # (None to the optimizer, as torch.optim's p.grad), so decay and moments leave them alone
         self.absent = absent_params(traced, lowers, optimizers, self.starts) if lowers is not None else {}
@@ -651,8 +665,10 @@ class Runtime:
             if method is None:
                 continue
             # every diagnostic is "larger is worse"; a few scalars per step (one per hypergradient)
-            problem = method.diverged({k: max(float(v) for v in vs) for k, vs in values.items()})
+            worst = {k: max(float(v) for v in vs) for k, vs in values.items()}
+            problem = method.diverged(worst)
             if problem is None:
+                self.warn_unconverged(level, method, worst)
                 continue
             message = f"level '{level}': the hypergradient by {method!r} {problem}."
             if method.on_divergence == "warn":
@@ -661,6 +677,18 @@ class Runtime:
             else:
                 raise DivergenceError(message + " The program's parameters and optimizer states are unchanged "
                                       "(on_divergence='warn' on the method warns and goes on instead).")
+
+    def warn_unconverged(self, level: str, method, worst: dict):
+        """Warn, once per level, when the method's solve stopped short of converging (its
+        ``unconverged(diagnostics)``, optional: ``CG``'s residual above ``warn_residual``)."""
+        if level in self.warned_unconverged:
+            return
+        note = method.unconverged(worst)
+        if note is not None:
+            self.warned_unconverged.add(level)
+            warnings.warn(f"level '{level}': the hypergradient by {method!r} {note}. The step is taken; "
+                          f"this warning is given once for this level (the residual is its metric "
+                          f"'{level}/cg_residual' in the history).", ConvergenceWarning, stacklevel=5)
 
     @staticmethod
     def grad_norm(grad: dict) -> torch.Tensor:

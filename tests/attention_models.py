@@ -60,7 +60,7 @@ def _token_data(seed):
     return train, val
 
 
-def reweighting(net, logits, train, val, method, steps=2, lr=0.1):
+def reweighting(net, logits, train, val, method, steps=2, lr=0.1, compile=False):
     """Lower level: the model on per-example weighted cross-entropy; upper: the weights (``w``, one
     per training example) on validation cross-entropy through the model's solution."""
     hyper = ml.Hyper(w=torch.zeros(N, dtype=DT))
@@ -75,7 +75,7 @@ def reweighting(net, logits, train, val, method, steps=2, lr=0.1):
         x, y = batch
         return F.cross_entropy(logits(inner, x), y)
 
-    return ml.Program(outer), hyper
+    return ml.Program(outer, compile=compile), hyper
 
 
 def _losses(net, logits, train, val):
@@ -114,9 +114,9 @@ def hand_unroll(net, logits, train, val, steps=2, lr=0.1):
         return torch.autograd.grad(outer_loss(p), w)[0]
 
 
-def hand_cg(net, logits, train, val, iters, steps=2, lr=0.1):
-    """The implicit hypergradient -(∂²L/∂w∂θ) x, H x = ∂F/∂θ by ``iters`` steps of conjugate
-    gradient from 0, at the point ``steps`` SGD updates reach; plain autograd (math kernel)."""
+def hand_cg(net, logits, train, val, iters, steps=2, lr=0.1, damping=0.0):
+    """The implicit hypergradient -(∂²L/∂w∂θ) x, (H + damping·I) x = ∂F/∂θ by ``iters`` steps of
+    conjugate gradient from 0, at the point ``steps`` SGD updates reach; plain autograd (math kernel)."""
     p, inner_loss, outer_loss = _losses(net, logits, train, val)
     w = torch.zeros(N, dtype=DT)
     with sdpa_kernel(SDPBackend.MATH):
@@ -130,7 +130,7 @@ def hand_cg(net, logits, train, val, iters, steps=2, lr=0.1):
         grads = torch.autograd.grad(inner_loss(p, w), ps, create_graph=True)
 
         def hvp(u):
-            return torch.autograd.grad(grads, ps, u, retain_graph=True)
+            return [h + damping * t for h, t in zip(torch.autograd.grad(grads, ps, u, retain_graph=True), u)]
 
         def dot(a, b):
             return sum((x * y).sum() for x, y in zip(a, b))

@@ -263,3 +263,33 @@ def test_metrics_that_are_python_numbers_compile_and_reach_the_history():
     assert abs(got["inner/mae"] - want["inner/mae"]) < 1e-6 and abs(got["outer"] - want["outer"]) < 1e-6
     if loops.scan is not None:
         assert [r.compiled_calls for w, r in regions(prog).items() if w.startswith("loop of updates")] == [2]
+
+
+def test_levels_over_the_compile_budget_run_eagerly_with_a_warning_and_the_exact_numbers():
+    """A captured transformer level (76 and 73 operations here) is over the budget of 50: under
+    compile=True it runs eagerly, says so at build, and nothing is compiled (its first step takes
+    the eager time, not minutes); compile={"max_ops": None} lifts the budget."""
+    from attention_models import encoder, hand_unroll, reweighting
+    net, logits, train, val = encoder()
+    with pytest.warns(CompileWarning) as caught:
+        prog, _ = reweighting(net, logits, train, val, HG.Unroll(), compile=True)
+    said = [str(w.message) for w in caught]
+    for level in ("inner", "outer"):
+        assert any(m.startswith(f"level '{level}' runs eagerly under compile=True: its graph has")
+                   and "max_ops=50" in m and "'max_ops': None" in m for m in said), said
+    torch.testing.assert_close(prog.hypergradient("outer")["w"], hand_unroll(net, logits, train, val),
+                               rtol=1e-10, atol=1e-12)
+    prog.step()
+    assert prog.compiler.regions == [] and set(prog.compiler.eager_levels) == {"inner", "outer"}
+
+    unlimited, _ = reweighting(net, logits, train, val, HG.Unroll(), compile={"max_ops": None})
+    assert unlimited.compiler.eager_levels == {} and unlimited.compiler.options == {}
+
+    def inner(net, batch, outer):
+        return outer.scale * F.mse_loss(net(batch[0]).squeeze(-1), batch[1])
+
+    with pytest.warns(CompileWarning, match="level 'inner' runs eagerly.*max_ops=1"):  # a budget of one's own
+        small, _ = scaled_regression(inner, {"max_ops": 1, "backend": "aot_eager"})
+    assert small.compiler.options == {"backend": "aot_eager"}
+    with pytest.raises(ValueError, match="max_ops must be a positive int or None"):
+        scaled_regression(inner, {"max_ops": 0})

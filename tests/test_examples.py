@@ -67,6 +67,9 @@ ZOO = {   # test id: (script, tiny arguments, figures its output must show)
                             ("learned source weights", "three levels (source + example weights)")),
     "hpo_optimizer": ("hpo_optimizer.py", ("--iters", "3", "--inner-steps", "5"),
                       ("learned: lr", "grid best", "learned (lr, wd, L2)")),
+    "bilevel_lora": ("bilevel_lora.py", ("--iters", "2", "--inner-steps", "2", "--train", "32", "--pretrain-steps",
+                                         "5", "--plain-lrs", "0.3"),
+                     ("plain LoRA on the noisy labels", "bilevel LoRA (reweighted)", "precision", "mean weight")),
 }
 
 

@@ -277,6 +277,48 @@ def test_cg_ending_further_from_v_than_it_started_did_not_converge():
     assert converged.step()["inner/cg_residual"] < 1e-8
 
 
+def _ill_conditioned(method):
+    """Lower loss ½ wᵀ diag(1, 1e-3) w - θᵀw, upper loss c·w with c = (1, 1): v = c, the implicit
+    hypergradient is H⁻¹c = (1, 1000). One CG step gives x = αc, α = cᵀc / cᵀHc = 2/1.001, and
+    leaves ‖c - αHc‖/‖c‖ = 0.998: below 1 (not diverged), far from converged."""
+    h = torch.tensor([1.0, 1e-3], dtype=DT)
+    low, up = ml.Hyper(w=torch.zeros(2, dtype=DT)), ml.Hyper(theta=torch.ones(2, dtype=DT))
+
+    @ml.level(low, optimizer=ml.optim.sgd(lr=0.1), hypergrad=method)
+    def inner(low, outer):
+        return 0.5 * (h * low.w ** 2).sum() - outer.theta @ low.w
+
+    @ml.level(up, optimizer=ml.optim.sgd(lr=0.1), depends_on=[inner])
+    def outer(up, inner):
+        return inner.w.sum()
+
+    return ml.Program(outer)
+
+
+def test_cg_that_stopped_short_warns_once_with_level_residual_and_damping_and_takes_the_step():
+    prog = _ill_conditioned(ml.hypergrad.CG(iters=1))
+    alpha = 2 / 1.001
+    torch.testing.assert_close(prog.hypergradient("outer")["theta"], torch.full((2,), alpha, dtype=DT))
+    theta = prog.params("outer")["theta"]
+    with pytest.warns(ml.hypergrad.ConvergenceWarning) as caught:
+        for _ in range(3):
+            prog.step()
+    assert len(caught) == 1, [str(w.message) for w in caught]  # once per level, not every step
+    message = str(caught[0].message)
+    for part in ["level 'inner'", "CG(iters=1)", "0.998", "damping=", "iters=", "warn_residual=None"]:
+        assert part in message, (part, message)
+    assert prog.step_count == 3 and prog.history[-1]["inner/cg_residual"] == pytest.approx(0.998, abs=1e-3)
+    assert not torch.equal(prog.params("outer")["theta"], theta)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ml.hypergrad.ConvergenceWarning)
+        _ill_conditioned(ml.hypergrad.CG(iters=1, warn_residual=None)).step()  # silenced
+        exact = _ill_conditioned(ml.hypergrad.CG(iters=2))                      # converged: silent
+        torch.testing.assert_close(exact.hypergradient("outer")["theta"], torch.tensor([1.0, 1000.0], dtype=DT))
+        exact.step()
+        assert exact.history[-1]["inner/cg_residual"] < 1e-8
+
+
 class LoRA(nn.Module):
     """A frozen linear map plus a low-rank adapter lora_b @ lora_a, lora_b starting at zero."""
 

@@ -10,7 +10,7 @@ from .bome import BOME
 from .cg import CG
 from .finite_diff import FiniteDiff
 from .fixed_point import FixedPoint
-from .implicit import Implicit
+from .implicit import ConvergenceWarning, Implicit
 from .linear import cg_solver, neumann_solver
 from .mixed import MixedUnroll
 from .neumann import Neumann
@@ -21,6 +21,7 @@ from .unroll import FirstOrder, Forward, Unroll
 from .zero_order import ZeroOrder
 
 __all__ = ["Method", "ImplicitMethod", "Trajectory", "Solution", "DivergenceError", "DivergenceWarning",
+           "ConvergenceWarning",
            "Unroll", "MixedUnroll", "Forward", "FirstOrder", "Implicit", "CG", "Neumann", "FixedPoint",
            "FiniteDiff", "SAMA", "ZeroOrder", "F2SA", "BOME", "Nystrom", "cg_solver", "neumann_solver",
            "nystrom_solver"]

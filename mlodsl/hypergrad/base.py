@@ -24,6 +24,8 @@ ones that differ):
   ``DivergenceError`` before anything is committed, or ``"warn"`` and go on;
 * ``diverged(diagnostics) -> str | None`` (None) -- given the worst value in the step of each
   diagnostic the method reported (``trajectory.report``), what went wrong, or None;
+* ``unconverged(diagnostics) -> str | None`` (None) -- what a solve that stopped short without
+  diverging should warn about (once per level; the step is taken): CG's residual above ``warn_residual``;
 * ``path_stride(steps) -> int`` (1) -- with ``keeps_path``, keep every ``path_stride``-th iterate;
 * ``workspace(state_bytes, param_bytes) -> int`` (0) -- the bytes of the method's other buffers,
   for ``prog.explain()``;
@@ -153,6 +155,11 @@ class Method(abc.ABC):
         """What the step's worst diagnostics (by name) say went wrong, or None (the default: nothing)."""
         return None
 
+    def unconverged(self, diagnostics: dict) -> str | None:
+        """What the step's worst diagnostics say about a solve that stopped short without diverging
+        (warned once per level, the step is taken), or None (the default: nothing)."""
+        return None
+
     def path_stride(self, steps: int) -> int:
         """With ``keeps_path``: keep the iterate after every ``path_stride`` updates (and the last)."""
         return 1
@@ -168,7 +175,7 @@ class Method(abc.ABC):
 # The members a method may override: the flags, then the hooks (read by ``as_method`` alone).
 FLAGS = ("keeps_path", "records_tape", "products_only", "replays_updates", "second_order", "leaf_only",
          "forward_over_reverse", "on_divergence")
-HOOKS = ("diverged", "path_stride", "workspace")
+HOOKS = ("diverged", "unconverged", "path_stride", "workspace")
 SECOND_ORDER_DEFAULT = Method.second_order
 
 

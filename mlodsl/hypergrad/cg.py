@@ -8,6 +8,8 @@ from .base import check_on_divergence
 from .implicit import LinearSystemMethod, check_damping
 from .linear import cg_solver
 
+WARN_RESIDUAL = 0.5  # CG(warn_residual=...)'s default: the solve has not even halved ‖v - Hx‖
+
 
 @dataclass(frozen=True, repr=False)
 class CG(LinearSystemMethod):
@@ -17,7 +19,10 @@ class CG(LinearSystemMethod):
     (to rounding). ``tol``: stop once ‖r‖ ≤ tol (one host synchronisation per iteration).
     ``damping`` > 0 regularizes an indefinite or ill-conditioned H (the solution then has a bias).
     A step whose solve meets pᵀHp < 0 or ends with a residual above the initial one raises
-    ``DivergenceError`` (``on_divergence="warn"``: warns and goes on).
+    ``DivergenceError`` (``on_divergence="warn"``: warns and goes on). A step whose solve ends with
+    ‖r‖/‖v‖ above ``warn_residual`` (default 0.5) but below 1 has not converged: the hypergradient
+    is that of a partial solve, and the Program warns once per level (``ConvergenceWarning``, with
+    the residual and the fix: ``damping=``, more ``iters=``); ``warn_residual=None`` never warns.
     Cost: ``iters`` Hessian-vector products, one mixed VJP and two linearizations; memory O(d).
     """
 
@@ -25,10 +30,26 @@ class CG(LinearSystemMethod):
     tol: float | None = None
     damping: float = 0.0
     on_divergence: str = "raise"
+    warn_residual: float | None = WARN_RESIDUAL
+
+    def unconverged(self, diagnostics: dict) -> str | None:
+        """What to warn about when the step's worst residual ‖r‖/‖v‖ is above ``warn_residual``
+        (not above 1: that is ``diverged``'s), or None."""
+        residual = diagnostics.get("cg_residual")
+        if self.warn_residual is None or residual is None or not residual > self.warn_residual:
+            return None
+        return (f"did not converge: after {self.iters} iteration(s) its residual ‖r‖/‖v‖ = {residual:.3g} is above "
+                f"warn_residual={self.warn_residual}, so the hypergradient is that of a partial solve of "
+                f"(H + {self.damping}·I) x = v (H near-singular or badly conditioned: LoRA adapters, a lower level "
+                f"far from its minimum). Add damping= (CG(iters, damping=...): about 1/(lr·steps) of the lower "
+                f"level's SGD matches the horizon its own updates cover), or more iters=; "
+                f"CG(..., warn_residual=None) silences this")
 
     def __post_init__(self):
         if not isinstance(self.iters, int) or self.iters < 1:
             raise ValueError(f"CG(iters=...) must be a positive int, got {self.iters!r}")
+        if self.warn_residual is not None and not self.warn_residual > 0:
+            raise ValueError(f"CG(warn_residual=...) must be > 0 or None, got {self.warn_residual!r}")
         check_damping(self.damping)
         check_on_divergence(self.on_divergence)
 

@@ -26,6 +26,12 @@ from .linear import solve_with_info
 from .products import linearize, negate
 
 
+class ConvergenceWarning(RuntimeWarning):
+    """An implicit method's linear solve stopped before it converged (``CG``'s residual above its
+    ``warn_residual``): the hypergradient is that of a partial solve. Warned once per level, after
+    the step (which is taken); the residual stays in the level's metrics (``<level>/cg_residual``)."""
+
+
 def implicit_vjp(point: Solution | Trajectory, v: dict, solve: Callable, damping: float = 0.0) -> dict:
     """-(∂²L/∂θ_U∂θ_L) x with (H + damping·I) x = v solved by ``solve(matvec, v)``, at the
     ``Solution`` ``point`` (or a trajectory's)."""
