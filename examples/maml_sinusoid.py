@@ -31,6 +31,7 @@ import argparse
 import copy
 import math
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -96,7 +97,8 @@ def build(method, *, seed=0, tasks=10, inner_steps=5, inner_lr=0.01, meta_lr=3e-
     fast = copy.deepcopy(meta)
     episodes = Episodes(tasks, seed, inner_steps)
     hypergrad = {"maml": ml.hypergrad.Unroll(), "fomaml": ml.hypergrad.FirstOrder(),
-                 "imaml": ml.hypergrad.CG(iters=cg_iters)}[method]
+                 # warn: on a few tasks' proximal loss CG meets negative curvature (the count is printed)
+                 "imaml": ml.hypergrad.CG(iters=cg_iters, on_divergence="warn")}[method]
     prox = lam if method == "imaml" else 0.0
 
     @ml.level(fast, optimizer=ml.optim.sgd(lr=inner_lr, momentum=inner_momentum), data=episodes.support,
@@ -105,7 +107,7 @@ def build(method, *, seed=0, tasks=10, inner_steps=5, inner_lr=0.01, meta_lr=3e-
         x, y = batch
         fit = mse(fast(x), y)
         if prox:                                    # iMAML's proximal term keeps theta near theta_meta
-            # named attributes, not .parameters(): mlodsl's tracer bakes .parameters() in as constants
+            # named attributes keep a readable graph (.parameters() makes the level an opaque call)
             dist = sum(((getattr(fast[i], n) - getattr(meta[i], n)) ** 2).sum()
                        for i in LINEAR for n in ("weight", "bias"))
             return fit + 0.5 * prox * dist
@@ -219,13 +221,18 @@ def main(argv=None):
             prog, net = build(method, seed=args.seed, tasks=args.tasks, meta_lr=args.meta_lr, lam=args.lam,
                               inner_steps=args.imaml_steps if imaml else args.inner_steps,
                               inner_momentum=args.imaml_momentum if imaml else 0.0, cg_iters=args.cg_iters)
-            prog.fit(args.iters, progress=False)
+            with warnings.catch_warnings():  # iMAML's negative-curvature warnings: counted below instead
+                warnings.simplefilter("ignore", ml.hypergrad.DivergenceWarning)
+                prog.fit(args.iters, progress=False)
         res = meta_test(net, tasks=args.test_tasks)          # the same plain-SGD adaptation for every method
         own = meta_test(net, tasks=args.test_tasks, steps=(solve["steps"],), lr=INNER_LR, lam=args.lam,
                         momentum=args.imaml_momentum)[solve["steps"]]     # iMAML's inner solve, for every method
         print(f"{method:10s} " + "  ".join(f"{res[k]:12.4f}" for k in (0, 1, 5, 10))
               + f"  {own:16.4f}   {time.perf_counter() - t:.0f} s")
         if method == "imaml":
+            indefinite = sum(h.get("adapt/cg_indefinite", 0) > 0 for h in prog.history)
+            print(f"{'':10s} CG met negative curvature on some task's proximal loss in {indefinite} of "
+                  f"{len(prog.history)} meta-steps (a DivergenceWarning each; there CG's x is a partial solve)")
             mean, worst = prox_residual(net, **solve)
             print(f"{'':10s} iMAML's inner solve on new tasks ends at ‖∇F‖ = {mean:.4f} of its start (mean over "
                   f"50 tasks; largest {worst:.4f}): F = support MSE + lam/2 ‖θ - θ_meta‖², 0 at its fixed point")

@@ -33,7 +33,8 @@ def test_attention_lower_level_hypergradient_equals_hand_autograd(model, method)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("method, twice", [(ml.hypergrad.Unroll(), {"inner"}), (ml.hypergrad.CG(iters=2), {"inner"}),
+@pytest.mark.parametrize("method, twice", [(ml.hypergrad.Unroll(), {"inner"}),
+                                           (ml.hypergrad.CG(iters=2, on_divergence="warn"), {"inner"}),
                                            (ml.hypergrad.Forward(), {"inner"}), (ml.hypergrad.FiniteDiff(), set()),
                                            (ml.hypergrad.FirstOrder(), set()), (ml.hypergrad.SAMA(), set())], ids=repr)
 def test_only_losses_differentiated_twice_leave_the_fast_kernel(method, twice):
@@ -42,7 +43,9 @@ def test_only_losses_differentiated_twice_leave_the_fast_kernel(method, twice):
     net, logits, train, val = encoder()
     prog, _ = reweighting(net, logits, train, val, method, steps=1)
     assert prog._runtime.second_order == twice
-    assert torch.isfinite(prog.hypergradient("outer")["w"]).all()
+    with warnings.catch_warnings():  # CG at a random init meets negative curvature: warned
+        warnings.simplefilter("ignore", ml.hypergrad.DivergenceWarning)
+        assert torch.isfinite(prog.hypergradient("outer")["w"]).all()
 
 
 class Cube(torch.autograd.Function):
