@@ -23,7 +23,7 @@ Baselines, the same classifiers and as many updates: finetune on the target alon
 i.e. L2 of the same strength), pretrain on every source example with weight 1 then finetune, and an
 oracle that pretrains on the source examples shifted like the target only (it knows what to ignore).
 
-    python examples/learning_by_ignoring.py                 # ~1 min
+    python examples/learning_by_ignoring.py                 # ~40 s
 """
 from __future__ import annotations
 
