@@ -70,6 +70,10 @@ ZOO = {   # test id: (script, tiny arguments, figures its output must show)
     "bilevel_lora": ("bilevel_lora.py", ("--iters", "2", "--inner-steps", "2", "--train", "32", "--pretrain-steps",
                                          "5", "--plain-lrs", "0.3"),
                      ("plain LoRA on the noisy labels", "bilevel LoRA (reweighted)", "precision", "mean weight")),
+    "learning_by_ignoring": ("learning_by_ignoring.py", ("--iters", "3", "--middle-steps", "2", "--bottom-steps", "2"),
+                             ("repeat 2× pretrain", "(with pretrain inside)", "mean learned source weight",
+                              "target only", "pretrained on every source example", "learning by ignoring",
+                              "oracle (shifted source only)")),
 }
 
 
