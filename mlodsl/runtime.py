@@ -359,7 +359,7 @@ class Runtime:
             return loss
 
         def apply(sub, upper, grad):
-            return self.apply_update(name, sub, {**up, upper_name: upper}, grad)
+            return self.apply_update(name, sub, {**up, upper_name: upper}, grad, batch)
 
         return [loss_on(mb) for mb in parts], scale, apply
 
@@ -457,14 +457,17 @@ class Runtime:
                 grads[w] = {k: torch.zeros_like(v) for k, v in params[w].items()}
         return loss, metrics, grads
 
-    def apply_update(self, name: str, sub: dict, up: dict, grad: dict) -> dict:
-        """One optimizer update of level ``name`` inside a block state."""
+    def apply_update(self, name: str, sub: dict, up: dict, grad: dict, batch=None) -> dict:
+        """One optimizer update of level ``name`` inside a block state (``batch``: the update's,
+        handed to a solver, ``ml.optim.solver``)."""
         if self.reduce is not None:  # data parallel: the ranks' mean, before clipping and the update
             grad = self.reduce(grad)
         if name in self.clip:
             grad = clip_norm(grad, self.clip[name])
         reads = {**up, **params_of(sub)}
-        p, o = self.optimizers[name].update(sub[name]["params"], self.mark_absent(name, grad), sub[name]["opt"], reads)
+        optimizer = self.optimizers[name]
+        extra = {"batch": batch.batch if isinstance(batch, SeededBatch) else batch} if optimizer.solves else {}
+        p, o = optimizer.update(sub[name]["params"], self.mark_absent(name, grad), sub[name]["opt"], reads, **extra)
         if name in self.projections:
             p = self.projections[name](p)
         return {**sub, name: {"params": p, "opt": o}}
