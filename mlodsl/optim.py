@@ -418,8 +418,7 @@ def solver(fn: Callable) -> Optimizer:
         _check_solution(fn, params, solution)
         return {k: solution[k].detach() for k in params}, {"count": state["count"] + 1}
 
-    name = f"solver({getattr(fn, '__name__', type(fn).__name__)})"
-    return Optimizer(name, init, update, {}, reads, absent_grads=True, solves=True)
+    return Optimizer("solver", init, update, {"fn": fn}, reads, absent_grads=True, solves=True)
 
 
 def _check_solution(fn, params: dict, solution) -> None:

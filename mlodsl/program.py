@@ -110,10 +110,11 @@ def _check_solvers(levels: dict, graph, methods: dict, grad_accum: int):
         for below in {name} | nx.ancestors(dag, name):
             method = methods.get(below)
             if method is not None and method.replays_updates:
-                where = "its" if below == name else f"level '{below}''s"
+                where = (f"its hypergrad={method!r}" if below == name else
+                         f"hypergrad={method!r} of level '{below}' above it")
                 raise ProgramError(
                     f"level '{name}' is solved by {lvl.optimizer!r}, which nothing differentiates, but {where} "
-                    f"hypergrad={method!r} differentiates the updates; differentiate the solution implicitly "
+                    f"differentiates the updates that run it; differentiate the solution implicitly "
                     f"instead: hypergrad=ml.hypergrad.CG(iters=...) or ml.hypergrad.Implicit(solve) on "
                     f"'{below}' (CG, Implicit, Neumann, Nystrom)")
 

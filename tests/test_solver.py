@@ -188,3 +188,32 @@ def test_solver_signature_is_checked_when_written():
     with pytest.raises(TypeError, match="must take"):
         ml.optim.solver(lambda params: params)
     assert ml.optim.solver(closed_form_ridge).reads == ("outer",)
+
+
+def test_unrolling_a_level_above_the_solved_one_is_refused_at_build():
+    """Unroll at the middle level replays its updates, which run the solver: refused, naming both levels."""
+    train, val = ridge_data()
+    net = nn.Linear(D, 1, bias=False).to(DT)
+    mid = ml.Hyper(log_l2=torch.zeros(D, dtype=DT))
+    top = ml.Hyper(c=torch.ones((), dtype=DT))
+
+    def solve(params, batch, middle):
+        return {"weight": ridge_solution(*batch, middle.log_l2.exp()).unsqueeze(0)}
+
+    @ml.level(net, optimizer=ml.optim.solver(solve), data=train)
+    def inner(net, batch, middle):
+        x, y = batch
+        return 0.5 * ((net(x).squeeze(-1) - y) ** 2).mean() + 0.5 * (middle.log_l2.exp() * net.weight ** 2).sum()
+
+    @ml.level(mid, optimizer=ml.optim.sgd(lr=0.1), data=val, depends_on=[inner], hypergrad=ml.hypergrad.Unroll())
+    def middle(mid, batch, inner, outer):
+        x, y = batch
+        return ((inner(x).squeeze(-1) - y) ** 2).mean() + outer.c * (mid.log_l2 ** 2).sum()
+
+    @ml.level(top, optimizer=ml.optim.sgd(lr=0.1), data=val, depends_on=[middle])
+    def outer(top, batch, middle):
+        return (middle.log_l2 ** 2).sum() + top.c ** 2
+
+    with pytest.raises(ml.ProgramError, match=r"level 'inner' is solved by .* but hypergrad=Unroll\(\) of "
+                                              r"level 'middle' above it differentiates the updates"):
+        ml.Program(outer)
