@@ -68,7 +68,8 @@ class ProgramLevel:
 
 
 def _methods(levels: dict, graph) -> dict:
-    """The hypergradient method of every lower level (``Unroll()`` where none is given).
+    """The hypergradient method of every lower level (where none is given, ``Unroll()``, or ``CG``
+    for a level solved by ``ml.optim.solver``: ``_default_method``).
 
     The default is recorded on the graph's node, never written into the user's ``Level``.
     """
