@@ -46,6 +46,10 @@ buffer, Adam moments) exactly as they were, as torch.optim does; the Program dec
 parameters these are once, when it is built, so the update stays static. A user-defined optimizer
 gets None only when it says it takes it (``absent_grads = True``), else zeros.
 
+**A level solved by your own solver.** ``solver(fn)`` is an optimizer whose one update returns
+``fn``'s solution of the level (a closed form, Newton, L-BFGS); the level is then differentiated
+implicitly from its optimality condition (JAXopt's ``custom_root``); see ``solver``.
+
 A user-defined optimizer is an ``Optimizer`` built from its two functions (``reads``: the level
 names its hyperparameters need; ``in_place`` and ``absent_grads`` as below, False unless given), or
 any object with the same ``init``/``update`` and any of those attributes: ``as_optimizer`` turns it
@@ -395,8 +399,10 @@ def solver(fn: Callable) -> Optimizer:
     default, with one iteration per parameter up to 100; ``Implicit`` with a dense solve;
     ``Neumann``, ``Nystrom``). ``fn`` must return a minimizer of the level's own loss (the function
     the level is written as): the implicit hypergradient is that of this minimizer. A method that
-    differentiates the updates (``Unroll``, ``Forward``, ``MixedUnroll``, ``FixedPoint``), here or
-    at any level above, is refused when the ``Program`` is built. Use ``steps=1``: one update solves.
+    replays or differentiates the updates (``Unroll``, ``Forward``, ``MixedUnroll``, ``FixedPoint``,
+    ``ZeroOrder``, ``SAMA``), on this level or on a level above whose updates run it, is refused
+    when the ``Program`` is built, as are ``tasks=True`` and ``grad_accum`` > 1. Use ``steps=1``:
+    one update solves. Under ``compile=True`` the level's update runs eagerly.
     """
     if not callable(fn):
         raise TypeError(f"ml.optim.solver: fn must be a function (params, batch, **levels) -> params, got {fn!r}")

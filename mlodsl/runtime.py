@@ -326,7 +326,11 @@ class Runtime:
         self.stochastic = {n: draws_random(traced[n]) for n in methods}
 
     def region(self, name: str, what: str, fn: Callable, trailing: int = 0) -> Callable:
-        """``fn`` as a compiled region of level ``name`` under ``compile=True`` (``mlodsl.compiled``)."""
+        """``fn`` as a compiled region of level ``name`` under ``compile=True`` (``mlodsl.compiled``);
+        the update of a level solved by ``ml.optim.solver`` runs eagerly (the user's solver is any
+        Python: its own loops, ``no_grad``, ``torch.optim.LBFGS``)."""
+        if what == "update" and self.optimizers[name].solves:
+            return fn
         return self.compiler.region(name, what, fn, trailing)
 
     def update_vjp(self, name: str, update: Callable) -> Callable:
@@ -611,7 +615,10 @@ class Runtime:
 
     def run_loop(self, loop: UpdateLoop, sub: dict, up: dict, batches: list, keep_path: bool, log):
         """``(S_K, path)`` from the compiled loop, its losses and norms logged; None where the
-        generated Python loop must run instead (``UpdateLoop.run``)."""
+        generated Python loop must run instead (``UpdateLoop.run``, and a level solved by
+        ``ml.optim.solver``: a solver's own loops and ``no_grad`` do not fit in the loop's region)."""
+        if self.optimizers[loop.name].solves:
+            return None
         out = loop.run(sub, up, batches, keep_path)
         if out is None:
             return None

@@ -40,7 +40,7 @@ def closed_form_ridge(params, batch, outer):
     return {"weight": ridge_solution(x, y, outer.log_l2.exp()).unsqueeze(0)}
 
 
-def ridge_program(hypergrad=None, solve=closed_form_ridge):
+def ridge_program(hypergrad=None, solve=closed_form_ridge, compile=False):
     train, val = ridge_data()
     log_l2 = torch.linspace(-2.0, 0.0, D, dtype=DT)
     net = nn.Linear(D, 1, bias=False).to(DT)
@@ -58,7 +58,7 @@ def ridge_program(hypergrad=None, solve=closed_form_ridge):
         x, y = batch
         return ((inner(x).squeeze(-1) - y) ** 2).mean()
 
-    return ml.Program(outer), train, val, log_l2
+    return ml.Program(outer, compile=compile), train, val, log_l2
 
 
 @pytest.mark.parametrize("hypergrad", [None, ml.hypergrad.Implicit(
