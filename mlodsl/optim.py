@@ -438,3 +438,7 @@ def _check_solution(fn, params: dict, solution) -> None:
            or solution[k].shape != p.shape or solution[k].dtype != p.dtype]
     if bad:
         raise TypeError(f"ml.optim.solver: {who} returned {bad} with another shape or dtype than the parameters")
+    nonfinite = [k for k in params if not bool(torch.isfinite(solution[k]).all())]
+    if nonfinite:  # checked here: the solution would otherwise be committed as the level's parameters
+        raise FloatingPointError(f"ml.optim.solver: {who} returned non-finite values in {nonfinite}; nothing "
+                                 f"was updated. Check the solver's conditioning (add regularization)")

@@ -471,7 +471,13 @@ class Runtime:
         reads = {**up, **params_of(sub)}
         optimizer = self.optimizers[name]
         extra = {"batch": batch.batch if isinstance(batch, SeededBatch) else batch} if optimizer.solves else {}
-        p, o = optimizer.update(sub[name]["params"], self.mark_absent(name, grad), sub[name]["opt"], reads, **extra)
+        try:
+            p, o = optimizer.update(sub[name]["params"], self.mark_absent(name, grad), sub[name]["opt"], reads,
+                                    **extra)
+        except (TypeError, FloatingPointError) as error:
+            if not optimizer.solves:
+                raise
+            raise type(error)(f"level '{name}': {error}") from error  # the solver's message, with its level
         if name in self.projections:
             p = self.projections[name](p)
         return {**sub, name: {"params": p, "opt": o}}

@@ -172,16 +172,22 @@ def test_a_method_that_differentiates_the_updates_is_refused_at_build(method):
     assert "ml.hypergrad.CG(iters=...)" in message
 
 
-def test_the_solution_must_have_the_parameters_names_and_shapes():
+def test_a_wrong_or_non_finite_solution_is_refused_and_nothing_is_committed():
     def wrong(params, batch, outer):
         return {"weight": torch.zeros(D, dtype=DT)}  # the shape of w, not of net.weight (1, D)
 
-    prog, *_ = ridge_program(solve=wrong)
-    before = prog.params("outer")["log_l2"].clone()
-    with pytest.raises(TypeError, match="another shape or dtype"):
-        prog.step()
-    torch.testing.assert_close(prog.params("outer")["log_l2"], before, rtol=0, atol=0)
-    assert prog.params("inner")["weight"].abs().max() == 0  # nothing committed
+    def diverged(params, batch, outer):
+        return {"weight": torch.full((1, D), float("nan"), dtype=DT)}
+
+    for solve, error, match in [(wrong, TypeError, "level 'inner': .* another shape or dtype"),
+                                (diverged, FloatingPointError, "level 'inner': .* non-finite values in"
+                                                               r" \['weight'\]")]:
+        prog, *_ = ridge_program(solve=solve)
+        before = prog.params("outer")["log_l2"].clone()
+        with pytest.raises(error, match=match):
+            prog.step()
+        torch.testing.assert_close(prog.params("outer")["log_l2"], before, rtol=0, atol=0)
+        assert prog.params("inner")["weight"].abs().max() == 0  # nothing committed
 
 
 def test_solver_signature_is_checked_when_written():
