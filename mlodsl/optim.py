@@ -401,7 +401,8 @@ def solver(fn: Callable) -> Optimizer:
     the level is written as): the implicit hypergradient is that of this minimizer. A method that
     replays or differentiates the updates (``Unroll``, ``Forward``, ``MixedUnroll``, ``FixedPoint``,
     ``ZeroOrder``, ``SAMA``), on this level or on a level above whose updates run it, is refused
-    when the ``Program`` is built, as are ``tasks=True`` and ``grad_accum`` > 1. Use ``steps=1``:
+    when the ``Program`` is built, as are ``tasks=True``, ``grad_accum`` > 1 and a solved level
+    with lower levels of its own. Use ``steps=1``:
     one update solves. Under ``compile=True`` the level's update runs eagerly.
     """
     if not callable(fn):

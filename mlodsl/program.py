@@ -105,6 +105,12 @@ def _check_solvers(levels: dict, graph, methods: dict, grad_accum: int):
         if lvl.tasks:
             raise ProgramError(f"level '{name}' is solved by {lvl.optimizer!r}, which is not run over tasks "
                                f"(tasks=True); use a functional optimizer (ml.optim.sgd/adam) there")
+        lowers = sorted(dag.successors(name))
+        if lowers:  # its optimality condition would have to hold with their responses: not one solve
+            raise ProgramError(f"level '{name}' is solved by {lvl.optimizer!r}, but it has lower levels "
+                               f"{lowers}, whose responses its solution would have to account for; solve a "
+                               f"level with no lower levels, or give '{name}' a functional optimizer "
+                               f"(ml.optim.sgd/adam)")
         if grad_accum > 1:
             raise ProgramError(f"level '{name}' is solved by {lvl.optimizer!r} on its whole batch, but "
                                f"grad_accum={grad_accum} splits it into micro-batches; use grad_accum=1")

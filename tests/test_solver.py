@@ -223,3 +223,30 @@ def test_unrolling_a_level_above_the_solved_one_is_refused_at_build():
     with pytest.raises(ml.ProgramError, match=r"level 'inner' is solved by .* but hypergrad=Unroll\(\) of "
                                               r"level 'middle' above it differentiates the updates"):
         ml.Program(outer)
+
+
+def test_a_solved_level_with_lower_levels_and_grad_accum_are_refused_at_build():
+    train, val = ridge_data()
+    bottom = ml.Hyper(s=torch.zeros((), dtype=DT))
+    solved = ml.Hyper(w=torch.zeros(D, dtype=DT))
+    top = ml.Hyper(c=torch.ones((), dtype=DT))
+
+    @ml.level(bottom, optimizer=ml.optim.sgd(lr=0.1), data=train)
+    def low(bottom, batch, mid):
+        return (bottom.s - mid.w.sum()) ** 2
+
+    @ml.level(solved, optimizer=ml.optim.solver(lambda params, batch: params), data=train, depends_on=[low],
+              hypergrad=ml.hypergrad.CG(iters=D))
+    def mid(solved, batch, low, outer):
+        x, y = batch
+        return ((x @ solved.w - y) ** 2).mean() + low.s ** 2 + outer.c * (solved.w ** 2).sum()
+
+    @ml.level(top, optimizer=ml.optim.sgd(lr=0.1), data=val, depends_on=[mid])
+    def outer(top, batch, mid):
+        return (mid.w ** 2).sum() + top.c ** 2
+
+    with pytest.raises(ml.ProgramError, match=r"level 'mid' is solved by .* it has lower levels \['low'\]"):
+        ml.Program(outer)
+    with pytest.raises(ml.ProgramError, match="level 'inner' .* grad_accum=2 .* use grad_accum=1"):
+        ml.Program(ridge_program()[0].levels["outer"].level, grad_accum=2)
+
