@@ -402,8 +402,8 @@ def solver(fn: Callable) -> Optimizer:
     replays or differentiates the updates (``Unroll``, ``Forward``, ``MixedUnroll``, ``FixedPoint``,
     ``ZeroOrder``, ``SAMA``), on this level or on a level above whose updates run it, is refused
     when the ``Program`` is built, as are ``tasks=True``, ``grad_accum`` > 1 and a solved level
-    with lower levels of its own. Use ``steps=1``:
-    one update solves. Under ``compile=True`` the level's update runs eagerly.
+    with lower levels of its own. Use ``steps=1``: one update solves. Under ``compile=True`` the
+    level's update runs eagerly.
     """
     if not callable(fn):
         raise TypeError(f"ml.optim.solver: fn must be a function (params, batch, **levels) -> params, got {fn!r}")
