@@ -141,7 +141,8 @@ def _update_fn(ids, name) -> list:
     return [f"    def {f.update}(sub, up, batch, log):",
             f'        """One update of {name!r} from its batch: (new state, loss, metrics, gradient norm)."""',
             f"        loss, metrics, g = rt.partials({name!r}, {{**up, **rt.params_of(sub)}}, batch, ({name!r},), log)",
-            f"        return rt.apply_update({name!r}, sub, up, g[{name!r}]), loss, metrics, rt.grad_norm(g[{name!r}])",
+            f"        new = rt.apply_update({name!r}, sub, up, g[{name!r}], batch)",
+            f"        return new, loss, metrics, rt.grad_norm(g[{name!r}])",
             "",
             f"    {f.update_vjp} = rt.update_vjp({name!r}, {f.update})",
             f"    {f.loop} = rt.update_loop({name!r}, {f.update})",
@@ -243,7 +244,7 @@ def _advance_fn(ids, name, shared) -> list:
             f'        """One update of {name!r}: a pure function of the block state."""',
             f"        {f.g}, sub, loss, metrics = {f.gradient}(sub, up, i, log, B{extra})",
             f"        rt.record(log, {name!r}, loss, metrics, rt.grad_norm({f.g}))",
-            f"        return rt.apply_update({name!r}, sub, up, {f.g})",
+            f"        return rt.apply_update({name!r}, sub, up, {f.g}, B[{name!r}][i])",
             ""]
 
 

@@ -46,6 +46,10 @@ buffer, Adam moments) exactly as they were, as torch.optim does; the Program dec
 parameters these are once, when it is built, so the update stays static. A user-defined optimizer
 gets None only when it says it takes it (``absent_grads = True``), else zeros.
 
+**A level solved by your own solver.** ``solver(fn)`` is an optimizer whose one update returns
+``fn``'s solution of the level (a closed form, Newton, L-BFGS); the level is then differentiated
+implicitly from its optimality condition (JAXopt's ``custom_root``); see ``solver``.
+
 A user-defined optimizer is an ``Optimizer`` built from its two functions (``reads``: the level
 names its hyperparameters need; ``in_place`` and ``absent_grads`` as below, False unless given), or
 any object with the same ``init``/``update`` and any of those attributes: ``as_optimizer`` turns it
@@ -79,6 +83,9 @@ class Optimizer(NamedTuple):
     absent_grads: bool = False
     # True: update() ascends the loss; the hypergradient methods then linearize the negated loss
     maximize: bool = False
+    # True for ml.optim.solver: update() returns the level's solution, takes batch=, and is
+    # differentiated only implicitly (from the optimality condition at what it returns)
+    solves: bool = False
 
     def __repr__(self) -> str:
         return f"{self.name}({_show_hyperparams(self.hyperparams)})"
@@ -108,11 +115,11 @@ class _Wrapped(Optimizer):
 
 def as_optimizer(optimizer) -> Optimizer:
     """``optimizer`` as an ``Optimizer``: itself when it is one, else its ``init`` and ``update``
-    with the attributes it has among ``reads``, ``in_place``, ``absent_grads`` and ``maximize`` (the
+    with the attributes it has among ``reads``, ``in_place``, ``absent_grads``, ``maximize`` and ``solves`` (the
     declared defaults for the others)."""
     if isinstance(optimizer, Optimizer):
         return optimizer
-    flags = ("reads", "in_place", "absent_grads", "maximize")
+    flags = ("reads", "in_place", "absent_grads", "maximize", "solves")
     declared = {f: getattr(optimizer, f) for f in flags if hasattr(optimizer, f)}
     return _Wrapped(repr(optimizer), optimizer.init, optimizer.update, {},
                     **{**declared, "reads": tuple(declared.get("reads", ()))})
@@ -375,3 +382,64 @@ def from_torch(cls, *, groups=None, **kwargs) -> Optimizer:
 
     return Optimizer(name, init, update, hp, (), in_place=True, absent_grads=True,
                      maximize=bool(kwargs.get("maximize", False)))
+
+
+def solver(fn: Callable) -> Optimizer:
+    """A level solved by ``fn`` in each update, differentiated implicitly (JAXopt's ``custom_root``).
+
+    ``fn(params, batch, **levels) -> params`` returns the level's solution: a minimizer of its loss
+    on ``batch`` given the levels it reads, computed any way (a closed form, a few Newton steps,
+    ``torch.optim.LBFGS``, a sklearn-like solver). ``params`` (the current parameters, by name) is
+    a warm start; every argument after ``batch`` without a default is named after a level whose
+    parameters it takes, as attribute access (``def fn(params, batch, outer): ... outer.log_l2.exp() ...``). ``fn`` runs
+    under ``torch.no_grad()``; its result must have the same names, shapes and dtypes as ``params``.
+
+    Nothing differentiates ``fn``: the level's hypergradient method differentiates the optimality
+    condition ∇_θ L(θ*, θ_U) = 0 at the returned θ*, so it must be an implicit one (``CG``, the
+    default, with one iteration per parameter up to 100; ``Implicit`` with a dense solve;
+    ``Neumann``, ``Nystrom``). ``fn`` must return a minimizer of the level's own loss (the function
+    the level is written as): the implicit hypergradient is that of this minimizer. A method that
+    replays or differentiates the updates (``Unroll``, ``Forward``, ``MixedUnroll``, ``FixedPoint``,
+    ``ZeroOrder``, ``SAMA``), on this level or on a level above whose updates run it, is refused
+    when the ``Program`` is built, as are ``tasks=True``, ``grad_accum`` > 1 and a solved level
+    with lower levels of its own. Use ``steps=1``: one update solves. Under ``compile=True`` the
+    level's update runs eagerly.
+    """
+    if not callable(fn):
+        raise TypeError(f"ml.optim.solver: fn must be a function (params, batch, **levels) -> params, got {fn!r}")
+    arguments = _argnames(fn)
+    if len(arguments) < 2:
+        raise TypeError(f"ml.optim.solver: {getattr(fn, '__name__', fn)} must take (params, batch, ...levels it "
+                        f"reads), got arguments {arguments}")
+    # the levels it reads: its arguments after batch, except those with a default (its own settings)
+    signature = inspect.signature(fn).parameters
+    reads = tuple(a for a in arguments[2:] if signature[a].default is inspect.Parameter.empty)
+
+    def init(params):
+        return {"count": _zero_count(params)}
+
+    def update(params, grads, state, reads_=None, batch=None):
+        levels = {n: params_view({k: v.detach() for k, v in (reads_ or {})[n].items()}) for n in reads}
+        with torch.no_grad():
+            solution = fn({k: v.detach() for k, v in params.items()}, batch, **levels)
+        _check_solution(fn, params, solution)
+        return {k: solution[k].detach() for k in params}, {"count": state["count"] + 1}
+
+    return Optimizer("solver", init, update, {"fn": fn}, reads, absent_grads=True, solves=True)
+
+
+def _check_solution(fn, params: dict, solution) -> None:
+    """``solution`` names, shapes and dtypes as ``params`` (else an error before anything is committed)."""
+    who = getattr(fn, "__name__", fn)
+    if not isinstance(solution, dict) or set(solution) != set(params):
+        got = sorted(solution) if isinstance(solution, dict) else type(solution).__name__
+        raise TypeError(f"ml.optim.solver: {who} must return a dict with the level's parameter names "
+                        f"{sorted(params)}, got {got}")
+    bad = [k for k, p in params.items() if not isinstance(solution[k], torch.Tensor)
+           or solution[k].shape != p.shape or solution[k].dtype != p.dtype]
+    if bad:
+        raise TypeError(f"ml.optim.solver: {who} returned {bad} with another shape or dtype than the parameters")
+    nonfinite = [k for k in params if not bool(torch.isfinite(solution[k]).all())]
+    if nonfinite:  # checked here: the solution would otherwise be committed as the level's parameters
+        raise FloatingPointError(f"ml.optim.solver: {who} returned non-finite values in {nonfinite}; nothing "
+                                 f"was updated. Check the solver's conditioning (add regularization)")

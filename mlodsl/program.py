@@ -18,7 +18,7 @@ from .data import BatchStream, BlockBatches
 from .draw import LevelDiagram
 from .graph import ProgramError, build_graph, collect_levels
 from .kernels import check_second_order, second_order_levels
-from .hypergrad import Unroll
+from .hypergrad import CG, Unroll
 from .hypergrad.base import as_method
 from .level import Level
 from .losscheck import check_losses
@@ -68,16 +68,62 @@ class ProgramLevel:
 
 
 def _methods(levels: dict, graph) -> dict:
-    """The hypergradient method of every lower level (``Unroll()`` where none is given).
+    """The hypergradient method of every lower level (where none is given, ``Unroll()``, or ``CG``
+    for a level solved by ``ml.optim.solver``: ``_default_method``).
 
     The default is recorded on the graph's node, never written into the user's ``Level``.
     """
     methods = {}
     for name, lvl in levels.items():
         if any(k == "depends_on" for _, _, k in graph.in_edges(name, data="kind")):
-            methods[name] = as_method(lvl.hypergrad) if lvl.hypergrad is not None else Unroll()
+            methods[name] = as_method(lvl.hypergrad) if lvl.hypergrad is not None else _default_method(lvl)
             graph.nodes[name]["method"] = repr(methods[name])
     return methods
+
+
+SOLVER_CG_ITERS = 100  # the default CG's iterations at most, for a level solved by ml.optim.solver
+
+
+def _default_method(lvl):
+    """``Unroll()``; for a level solved by ``ml.optim.solver``, ``CG`` with one iteration per
+    parameter (exact to rounding on a positive definite Hessian) up to ``SOLVER_CG_ITERS``."""
+    if not lvl.optimizer.solves:
+        return Unroll()
+    size = sum(p.numel() for p in lvl.module.parameters())
+    return CG(iters=max(1, min(size, SOLVER_CG_ITERS)))
+
+
+def _check_solvers(levels: dict, graph, methods: dict, grad_accum: int):
+    """A level solved by ``ml.optim.solver`` is differentiated implicitly, from its optimality
+    condition at the solution: nothing from it up to the top may differentiate its updates."""
+    import networkx as nx
+    from .graph import depends_on_dag
+    dag = depends_on_dag(graph)
+    for name, lvl in levels.items():
+        if not lvl.optimizer.solves:
+            continue
+        if lvl.tasks:
+            raise ProgramError(f"level '{name}' is solved by {lvl.optimizer!r}, which is not run over tasks "
+                               f"(tasks=True); use a functional optimizer (ml.optim.sgd/adam) there")
+        lowers = sorted(dag.successors(name))
+        if lowers:  # its optimality condition would have to hold with their responses: not one solve
+            raise ProgramError(f"level '{name}' is solved by {lvl.optimizer!r}, but it has lower levels "
+                               f"{lowers}, whose responses its solution would have to account for; solve a "
+                               f"level with no lower levels, or give '{name}' a functional optimizer "
+                               f"(ml.optim.sgd/adam)")
+        if grad_accum > 1:
+            raise ProgramError(f"level '{name}' is solved by {lvl.optimizer!r} on its whole batch, but "
+                               f"grad_accum={grad_accum} splits it into micro-batches; use grad_accum=1")
+        for below in {name} | nx.ancestors(dag, name):
+            method = methods.get(below)
+            if method is not None and method.replays_updates:
+                where = (f"its hypergrad={method!r}" if below == name else
+                         f"hypergrad={method!r} of level '{below}' above it")
+                raise ProgramError(
+                    f"level '{name}' is solved by {lvl.optimizer!r}, which nothing differentiates, but {where} "
+                    f"differentiates the updates that run it; differentiate the solution implicitly "
+                    f"instead: hypergrad=ml.hypergrad.CG(iters=...) or ml.hypergrad.Implicit(solve) on "
+                    f"'{below}' (CG, Implicit, Neumann, Nystrom)")
 
 
 def _tasked_levels(levels: dict, plan) -> set:
@@ -240,6 +286,7 @@ class Program:
         self.graph = build_graph(levels)
         methods = _methods(levels, self.graph)
         _check_in_place(levels, self.graph, methods)
+        _check_solvers(levels, self.graph, methods, grad_accum)
         self.plan = make_plan(levels, self.graph, methods)
         _check_leaf_only(self.plan, methods)
         self.schedule = self.plan.schedule

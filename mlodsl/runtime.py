@@ -326,7 +326,11 @@ class Runtime:
         self.stochastic = {n: draws_random(traced[n]) for n in methods}
 
     def region(self, name: str, what: str, fn: Callable, trailing: int = 0) -> Callable:
-        """``fn`` as a compiled region of level ``name`` under ``compile=True`` (``mlodsl.compiled``)."""
+        """``fn`` as a compiled region of level ``name`` under ``compile=True`` (``mlodsl.compiled``);
+        the update of a level solved by ``ml.optim.solver`` runs eagerly (the user's solver is any
+        Python: its own loops, ``no_grad``, ``torch.optim.LBFGS``)."""
+        if what == "update" and self.optimizers[name].solves:
+            return fn
         return self.compiler.region(name, what, fn, trailing)
 
     def update_vjp(self, name: str, update: Callable) -> Callable:
@@ -359,7 +363,7 @@ class Runtime:
             return loss
 
         def apply(sub, upper, grad):
-            return self.apply_update(name, sub, {**up, upper_name: upper}, grad)
+            return self.apply_update(name, sub, {**up, upper_name: upper}, grad, batch)
 
         return [loss_on(mb) for mb in parts], scale, apply
 
@@ -457,14 +461,23 @@ class Runtime:
                 grads[w] = {k: torch.zeros_like(v) for k, v in params[w].items()}
         return loss, metrics, grads
 
-    def apply_update(self, name: str, sub: dict, up: dict, grad: dict) -> dict:
-        """One optimizer update of level ``name`` inside a block state."""
+    def apply_update(self, name: str, sub: dict, up: dict, grad: dict, batch=None) -> dict:
+        """One optimizer update of level ``name`` inside a block state (``batch``: the update's,
+        handed to a solver, ``ml.optim.solver``)."""
         if self.reduce is not None:  # data parallel: the ranks' mean, before clipping and the update
             grad = self.reduce(grad)
         if name in self.clip:
             grad = clip_norm(grad, self.clip[name])
         reads = {**up, **params_of(sub)}
-        p, o = self.optimizers[name].update(sub[name]["params"], self.mark_absent(name, grad), sub[name]["opt"], reads)
+        optimizer = self.optimizers[name]
+        extra = {"batch": batch.batch if isinstance(batch, SeededBatch) else batch} if optimizer.solves else {}
+        try:
+            p, o = optimizer.update(sub[name]["params"], self.mark_absent(name, grad), sub[name]["opt"], reads,
+                                    **extra)
+        except (TypeError, FloatingPointError) as error:
+            if not optimizer.solves:
+                raise
+            raise type(error)(f"level '{name}': {error}") from error  # the solver's message, with its level
         if name in self.projections:
             p = self.projections[name](p)
         return {**sub, name: {"params": p, "opt": o}}
@@ -608,7 +621,10 @@ class Runtime:
 
     def run_loop(self, loop: UpdateLoop, sub: dict, up: dict, batches: list, keep_path: bool, log):
         """``(S_K, path)`` from the compiled loop, its losses and norms logged; None where the
-        generated Python loop must run instead (``UpdateLoop.run``)."""
+        generated Python loop must run instead (``UpdateLoop.run``, and a level solved by
+        ``ml.optim.solver``: a solver's own loops and ``no_grad`` do not fit in the loop's region)."""
+        if self.optimizers[loop.name].solves:
+            return None
         out = loop.run(sub, up, batches, keep_path)
         if out is None:
             return None

@@ -293,3 +293,12 @@ def test_levels_over_the_compile_budget_run_eagerly_with_a_warning_and_the_exact
     assert small.compiler.options == {"backend": "aot_eager"}
     with pytest.raises(ValueError, match="max_ops must be a positive int or None"):
         scaled_regression(inner, {"max_ops": 0})
+
+
+def test_compile_runs_the_solver_eagerly_without_a_warning(recwarn):
+    """A level solved by ml.optim.solver (any Python): its update runs eagerly, the rest compiled."""
+    from test_solver import ridge_closed_form, ridge_program
+    prog, train, val, log_l2 = ridge_program(compile=True)
+    expected, _ = ridge_closed_form(train, val, log_l2)
+    torch.testing.assert_close(prog.hypergradient("outer")["log_l2"], expected, rtol=0, atol=1e-10)
+    assert not [w for w in recwarn if "could not be compiled" in str(w.message)]
