@@ -34,6 +34,7 @@ class Level:
     read_mode: str = "train"
     precision: str | None = None            # None: the Program's
     clip_grad_norm: float | None = None
+    shard: bool = False                     # keep a 1/world slice per rank (mlodsl.sharding)
     name: str = ""
     own_arg: str = ""                       # the name of fn's first parameter
     level_args: tuple = ()                  # the other parameters (names of levels)
@@ -82,7 +83,7 @@ def _check_hypergrad(name, method):
 
 def level(module, *, optimizer, data=None, depends_on=(), steps=1, hypergrad=None,
           start_from=None, tasks=False, name=None, project=None, read_mode="train", precision=None,
-          clip_grad_norm=None):
+          clip_grad_norm=None, shard=False):
     """Declare a level of a multilevel program (see the module docstring for the binding rules).
 
     Args:
@@ -104,6 +105,9 @@ def level(module, *, optimizer, data=None, depends_on=(), steps=1, hypergrad=Non
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` for this level's loss (default: the
             Program's); fp16 levels get their own dynamic loss scale (``mlodsl.precision``).
         clip_grad_norm: clip this level's total gradient to this norm before each update.
+        shard: under data parallel, each rank keeps a 1/world slice of this level's parameters and
+            optimizer state, gathered where its loss runs (ZeRO-3/FSDP; ``mlodsl.sharding``). For a
+            level without lower levels; a single process ignores it.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"@level needs the nn.Module the level learns as its first argument "
@@ -146,10 +150,12 @@ def level(module, *, optimizer, data=None, depends_on=(), steps=1, hypergrad=Non
             raise ValueError(f"level '{level_name}': clip_grad_norm must be a positive number, got {clip_grad_norm!r}")
         if project is not None and not callable(project):
             raise TypeError(f"level '{level_name}': project must be a function params -> params")
+        if not isinstance(shard, bool):
+            raise TypeError(f"level '{level_name}': shard must be True or False, got {shard!r}")
         return Level(fn=fn, module=module, optimizer=optimizer, data=data, depends_on=tuple(depends_on),
                      steps=steps, hypergrad=hypergrad, start_from=start_from, tasks=tasks,
                      project=project, read_mode=read_mode, precision=precision, clip_grad_norm=clip_grad_norm,
-                     name=level_name, own_arg=own, level_args=level_args,
+                     shard=shard, name=level_name, own_arg=own, level_args=level_args,
                      takes_batch=takes_batch)
 
     return decorate
