@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import autodiff
 from .base import Trajectory
 from .finite_diff import mixed_difference
 
@@ -26,12 +27,14 @@ def adam_preconditioned(traj: Trajectory, v: dict, betas, eps, eps_root) -> dict
     """
     opt = traj.final[traj.level]["opt"]
     own = traj.own(traj.final)
-    g = torch.func.grad(traj.loss)(own, traj.upper)
+    g = autodiff.grad(traj.loss)(own, traj.upper)
     out = {}
     for k in v:
         def u(gk, k=k):
             return adam_direction(gk, opt["m"][k], opt["v"][k], opt["count"], betas, eps, eps_root)
-        out[k] = torch.func.jvp(u, (g[k],), (v[k],))[1]
+        # u is elementwise in g, so its Jacobian is diagonal: the jvp along v is the vjp with v
+        # (through mlodsl.autodiff: the tape where it can, which sharded tensors need)
+        (out[k],), _ = autodiff.vjp(u, (g[k],), v[k])
     return out
 
 
