@@ -185,21 +185,24 @@ def check(levels: dict, lowers: dict, methods: dict, compiled: bool) -> list:
         raise ProgramError(f"levels {sharded} have shard=True, but this torch has no torch.distributed.tensor")
     for name in sharded:
         lvl = levels[name]
-        why = None
-        if lowers.get(name):
-            why = (f"it has lower levels {list(lowers[name])}; shard a level without lower levels (the big "
-                   f"model at the bottom) and keep the levels above it replicated")
-        elif lvl.tasks:
-            why = "it is batched over tasks (tasks=True), which runs under torch.func.vmap"
-        elif lvl.start_from not in (None, "init"):
-            why = "it starts from an upper level's parameters (start_from=<upper>), which are not sharded"
-        elif getattr(lvl.optimizer, "in_place", False):
-            why = "its optimizer updates torch parameters in place (ml.optim.from_torch)"
-        elif compiled:
-            why = "compile=True traces the step's regions, which do not take sharded tensors (DTensor)"
-        if why:
-            raise ProgramError(f"level '{name}' has shard=True, but {why}. Fix: drop shard=True there"
-                               + (", or the other option" if not lowers.get(name) else ""))
+        refusals = [  # (what is wrong, the fix)
+            (lowers.get(name), f"it has lower levels {list(lowers.get(name) or ())}",
+             "shard the levels without lower levels (the big model at the bottom) and keep the ones above "
+             "replicated"),
+            (lvl.tasks, "it is batched over tasks (tasks=True), which runs under torch.func.vmap",
+             "drop shard=True or tasks=True"),
+            (lvl.start_from not in (None, "init"),
+             "it starts from an upper level's parameters (start_from=<upper>), which are not sharded",
+             "drop shard=True, or start_from"),
+            (getattr(lvl.optimizer, "in_place", False),
+             "its optimizer updates torch parameters in place (ml.optim.from_torch)",
+             "use ml.optim.sgd/adam/adamw"),
+            (compiled, "compile=True traces the step's regions, which do not take sharded tensors (DTensor)",
+             "drop shard=True or compile=True"),
+        ]
+        for wrong, what, fix in refusals:
+            if wrong:
+                raise ProgramError(f"level '{name}' has shard=True, but {what}. Fix: {fix}")
     for name, method in methods.items():
         if type(method).__name__ == "Forward":
             raise ProgramError(f"level '{name}' is differentiated by {method!r}, which pushes tangents with "
