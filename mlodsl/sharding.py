@@ -58,6 +58,12 @@ def plain_tree(tree: dict) -> dict:
     return {k: plain(v) for k, v in tree.items()}
 
 
+def lost_peer(err: Exception) -> bool:
+    """Whether ``err`` is a collective's failure (gloo raises a plain RuntimeError naming its
+    transport when a peer's connection closes or a wait times out; nccl a DistBackendError)."""
+    return isinstance(err, dist.DistError) or "gloo" in str(err) or "NCCL" in str(err)
+
+
 class Sharding:
     """The sharded levels of a program and how their tensors are sliced and gathered."""
 
@@ -106,7 +112,9 @@ class Sharding:
             return x
         try:
             return x.full_tensor(grad_placements=[Partial("avg")]).view(shape)
-        except (RuntimeError, dist.DistError) as err:
+        except RuntimeError as err:
+            if not lost_peer(err):
+                raise
             raise self.failed("an all-gather", err) from err
 
     def full(self, name: str, tree):
@@ -127,7 +135,9 @@ class Sharding:
 
         try:
             return walk(tree)
-        except (RuntimeError, dist.DistError) as err:
+        except RuntimeError as err:
+            if not lost_peer(err):
+                raise
             raise self.failed("gathering a sharded level's state", err) from err
 
     def full_state(self, state: dict) -> dict:
@@ -146,7 +156,9 @@ class Sharding:
         try:
             with implicit_replication():
                 yield
-        except dist.DistError as err:
+        except RuntimeError as err:  # a collective inside DTensor (a reduce-scatter in a backward pass)
+            if not lost_peer(err):
+                raise
             raise self.failed("a collective", err) from err
 
     def wrap(self, fn):
