@@ -58,6 +58,20 @@ def plain_tree(tree: dict) -> dict:
     return {k: plain(v) for k, v in tree.items()}
 
 
+class _Regather:
+    """A full parameter autograd saved for the backward pass, as its slice and its view's geometry."""
+
+    __slots__ = ("piece", "size", "stride", "offset")
+
+    def __init__(self, piece, size, stride, offset):
+        self.piece, self.size, self.stride, self.offset = piece, size, stride, offset
+
+    def make(self, sharding) -> torch.Tensor:
+        # differentiable when the backward pass builds a graph (create_graph): a double backward
+        # reaches the slice through this gather as it would through the forward's
+        return sharding._full(self.piece, (-1,)).as_strided(self.size, self.stride, self.offset)
+
+
 def lost_peer(err: Exception) -> bool:
     """Whether ``err`` is a collective's failure (gloo raises a plain RuntimeError naming its
     transport when a peer's connection closes or a wait times out; nccl a DistBackendError)."""
@@ -96,16 +110,35 @@ class Sharding:
         return full
 
     # -- gathering --------------------------------------------------------------------------------
-    def gather(self, params: dict) -> dict:
+    @contextlib.contextmanager
+    def gather(self, params: dict):
         """``{level: {name: tensor}}`` with every sharded level's slices all-gathered into full
         parameters, differentiably: backward, the full gradient is reduce-scattered to the ranks'
-        mean in each slice (and that, differentiated again, all-gathers)."""
-        out = dict(params)
+        mean in each slice (and that, differentiated again, all-gathers).
+
+        Inside the context (the evaluation of one loss) autograd does not keep the full tensors
+        for the backward pass: it keeps their slices and all-gathers them again when the backward
+        pass needs them (``saved_tensors_hooks``), one at a time, so a loss's graph (an unrolled
+        update's, a linearization CG reuses) holds slices, not full parameters."""
+        out, recipes = dict(params), {}
         for name in self.levels:
             if name in params:
                 shapes = self.shapes[name]
-                out[name] = {k: self._full(v, shapes[k]) for k, v in params[name].items()}
-        return out
+                out[name] = {}
+                for k, v in params[name].items():
+                    out[name][k] = full = self._full(v, shapes[k])
+                    if is_sharded(v):
+                        recipes[full.untyped_storage().data_ptr()] = v
+
+        def pack(t):
+            piece = None if is_sharded(t) else recipes.get(t.untyped_storage().data_ptr())
+            return t if piece is None else _Regather(piece, t.size(), t.stride(), t.storage_offset())
+
+        def unpack(x):
+            return x.make(self) if isinstance(x, _Regather) else x
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield out
 
     def _full(self, x, shape):
         if not is_sharded(x):
