@@ -472,6 +472,9 @@ class Program:
         """Memory per level (parameters, optimizer state, kept iterates, method workspace, activations),
         in bytes; prints as a table in B/KiB/MiB/GiB with a legend of its columns. See ``mlodsl.explain``."""
         from .explain import explain, saved_activation_bytes, taped_update_bytes
+        if self.sharding is not None:
+            raise ProgramError(f"explain() is not built for sharded levels {list(self.sharding.levels)}: it "
+                               f"measures full parameters on one process; build the program unsharded to see it")
         if self._pending is None:
             self._pending = self._draw_batches()
         params = {n: s["params"] for n, s in self._state.items()}

@@ -598,7 +598,8 @@ class Runtime:
         """The norm of a gradient (detached): a NaN or Inf anywhere in it makes the norm non-finite."""
         if len(grad) == 1:
             return plain(torch.linalg.vector_norm(next(iter(grad.values())).detach()))
-        return torch.linalg.vector_norm(torch.stack([plain(torch.linalg.vector_norm(g.detach())) for g in grad.values()]))
+        norms = [plain(torch.linalg.vector_norm(g.detach())) for g in grad.values()]  # a slice's: all-reduced
+        return torch.linalg.vector_norm(torch.stack(norms))
 
     @staticmethod
     def record(log, name, loss, metrics, norm):
