@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import peak_kb, reset_peak  # noqa: E402
 
-METHODS = {"finitediff": "FiniteDiff()", "cg3": "CG(iters=3)", "unroll4": "Unroll()",
+METHODS = {"finitediff": "FiniteDiff()", "cg3": "CG(iters=3, on_divergence='warn')", "unroll4": "Unroll()",
            "unroll16_ckpt": "Unroll(checkpoint='sqrt')"}
 STEPS = {"finitediff": 1, "cg3": 1, "unroll4": 4, "unroll16_ckpt": 16}
 
