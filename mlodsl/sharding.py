@@ -131,12 +131,17 @@ class Sharding:
                         recipes[full.untyped_storage().data_ptr()] = v
 
         def pack(t):
-            piece = None if is_sharded(t) else recipes.get(t.untyped_storage().data_ptr())
+            if is_sharded(t) or t.layout != torch.strided:
+                return t
+            piece = recipes.get(t.untyped_storage().data_ptr())
             return t if piece is None else _Regather(piece, t.size(), t.stride(), t.storage_offset())
 
         def unpack(x):
             return x.make(self) if isinstance(x, _Regather) else x
 
+        if not recipes:  # this loss takes no sharded level
+            yield out
+            return
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             yield out
 
@@ -249,12 +254,20 @@ def check(levels: dict, lowers: dict, methods: dict, compiled: bool) -> list:
             if wrong:
                 raise ProgramError(f"level '{name}' has shard=True, but {what}. Fix: {fix}")
     for name, method in methods.items():
-        if type(method).__name__ == "Forward":
-            raise ProgramError(f"level '{name}' is differentiated by {method!r}, which pushes tangents with "
-                               f"torch.func.jvp, but levels {sharded} are sharded (shard=True) and DTensor is "
-                               f"differentiated on the autograd tape only. Fix: Unroll() (same numbers), or "
-                               f"drop shard=True")
+        why = _UNSHARDABLE.get(type(method).__name__)
+        if why:
+            raise ProgramError(f"level '{name}' is differentiated by {method!r}, which {why[0]}, but levels "
+                               f"{sharded} are sharded (shard=True). Fix: {why[1]}, or drop shard=True")
     return sharded
+
+
+# built-in methods that do not run through sharded slices: what they do, and what to use instead
+_UNSHARDABLE = {
+    "Forward": ("pushes tangents with torch.func.jvp (DTensor is differentiated on the autograd tape only)",
+                "Unroll() (the same numbers)"),
+    "Nystrom": ("sketches the Hessian over the level's parameters flattened into one vector (a concatenation "
+                "of slices)", "CG or Neumann"),
+}
 
 
 def setup(levels: dict, state: dict, parallel, error: type) -> Sharding | None:
