@@ -364,11 +364,7 @@ class Runtime:
 
     def _evaluate(self, name: str, params: dict, batch):
         if self.gather is not None:  # sharded levels: all-gathered here, freed with this evaluation
-            with self.gather(params) as full:
-                return self._evaluate_full(name, full, batch)
-        return self._evaluate_full(name, params, batch)
-
-    def _evaluate_full(self, name: str, params: dict, batch):
+            params = self.gather(params)
         ctx = self.autocast.get(name)
         if ctx is None:
             loss, metrics = split_output(name, self.traced[name](params, batch))

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -87,6 +88,7 @@ class Sharding:
         self.mesh = init_device_mesh(device.type, (self.world,))
         self.shapes = {n: {k: v.shape for k, v in state[n]["params"].items()} for n in self.levels}
         self.error = error  # DistributedError
+        self._gathered: dict = {}  # storage address -> (weak reference to a gathered tensor, its slice)
 
     # -- slicing ----------------------------------------------------------------------------------
     def slice(self, full: torch.Tensor):
@@ -110,50 +112,46 @@ class Sharding:
         return full
 
     # -- gathering --------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def gather(self, params: dict):
+    def gather(self, params: dict) -> dict:
         """``{level: {name: tensor}}`` with every sharded level's slices all-gathered into full
         parameters, differentiably: backward, the full gradient is reduce-scattered to the ranks'
         mean in each slice (and that, differentiated again, all-gathers).
 
-        Inside the context (the evaluation of one loss) autograd does not keep the full tensors
-        for the backward pass: it keeps their slices and all-gathers them again when the backward
-        pass needs them (``saved_tensors_hooks``), one at a time, so a loss's graph (an unrolled
-        update's, a linearization CG reuses) holds slices, not full parameters."""
-        out, recipes = dict(params), {}
+        While a step runs (``running``), autograd does not keep these full tensors for a backward
+        pass: it keeps their slices and all-gathers them again when the backward pass needs them,
+        one at a time (``saved_tensors_hooks``); so too for the full tensors a backward pass that
+        builds a graph (a Hessian-vector product) gathers. An unrolled update's graph, and the
+        linearization CG reuses, hold slices, not full parameters."""
+        out = dict(params)
         for name in self.levels:
             if name in params:
                 shapes = self.shapes[name]
-                out[name] = {}
-                for k, v in params[name].items():
-                    out[name][k] = full = self._full(v, shapes[k])
-                    if is_sharded(v):
-                        recipes[full.untyped_storage().data_ptr()] = v
-
-        def pack(t):
-            if is_sharded(t) or t.layout != torch.strided:
-                return t
-            piece = recipes.get(t.untyped_storage().data_ptr())
-            return t if piece is None else _Regather(piece, t.size(), t.stride(), t.storage_offset())
-
-        def unpack(x):
-            return x.make(self) if isinstance(x, _Regather) else x
-
-        if not recipes:  # this loss takes no sharded level
-            yield out
-            return
-        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-            yield out
+                out[name] = {k: self._full(v, shapes[k]) for k, v in params[name].items()}
+        return out
 
     def _full(self, x, shape):
         if not is_sharded(x):
             return x
         try:
-            return x.full_tensor(grad_placements=[Partial("avg")]).view(shape)
+            full = x.full_tensor(grad_placements=[Partial("avg")]).view(shape)
         except RuntimeError as err:
             if not lost_peer(err):
                 raise
             raise self.failed("an all-gather", err) from err
+        self._gathered[full.untyped_storage().data_ptr()] = (weakref.ref(full), x)
+        return full
+
+    def _pack(self, t):
+        """What autograd saves of ``t``: its slice where ``t`` is (a view of) a live gathered tensor."""
+        if not self._gathered or is_sharded(t) or t.layout != torch.strided:
+            return t
+        entry = self._gathered.get(t.untyped_storage().data_ptr())
+        if entry is None or entry[0]() is None:  # not gathered, or freed (the address may be reused)
+            return t
+        return _Regather(entry[1], t.size(), t.stride(), t.storage_offset())
+
+    def _unpack(self, x):
+        return x.make(self) if isinstance(x, _Regather) else x
 
     def full(self, name: str, tree):
         """A sharded level's state (or part of it) as one process holds it: every slice gathered and
@@ -192,12 +190,14 @@ class Sharding:
         """The context a step runs in: DTensor scalars mix with plain tensors (as replicated
         values); a collective that fails inside DTensor raises ``DistributedError``."""
         try:
-            with implicit_replication():
+            with implicit_replication(), torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
                 yield
         except RuntimeError as err:  # a collective inside DTensor (a reduce-scatter in a backward pass)
             if not lost_peer(err):
                 raise
             raise self.failed("a collective", err) from err
+        finally:
+            self._gathered.clear()
 
     def wrap(self, fn):
         @functools.wraps(fn)
