@@ -70,7 +70,8 @@ class _Regather:
     def make(self, sharding) -> torch.Tensor:
         # differentiable when the backward pass builds a graph (create_graph): a double backward
         # reaches the slice through this gather as it would through the forward's
-        return sharding._full(self.piece, (-1,)).as_strided(self.size, self.stride, self.offset)
+        full = sharding._full(self.piece, (-1,)).as_strided(self.size, self.stride, self.offset)
+        return sharding._remember(full, self.piece)  # what a graph-building backward saves of it: the slice
 
 
 def lost_peer(err: Exception) -> bool:
@@ -138,6 +139,10 @@ class Sharding:
             if not lost_peer(err):
                 raise
             raise self.failed("an all-gather", err) from err
+        return self._remember(full, x)
+
+    def _remember(self, full, x):
+        """Note that ``full`` (while it lives) is slice ``x`` gathered: autograd will save ``x`` instead."""
         self._gathered[full.untyped_storage().data_ptr()] = (weakref.ref(full), x)
         return full
 
@@ -193,7 +198,7 @@ class Sharding:
             with implicit_replication(), torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
                 yield
         except RuntimeError as err:  # a collective inside DTensor (a reduce-scatter in a backward pass)
-            if not lost_peer(err):
+            if isinstance(err, self.error) or not lost_peer(err):
                 raise
             raise self.failed("a collective", err) from err
         finally:
