@@ -79,9 +79,15 @@ def _buffers(module) -> dict:
     return {k: b.detach() for k, b in module.named_buffers()}
 
 
+def _as_one(prog) -> dict:
+    """The levels' states as one process holds them: a sharded level's slices gathered (a collective:
+    every rank calls it), so that one file loads into a sharded or an unsharded program alike."""
+    return prog._state if prog.sharding is None else prog.sharding.full_state(prog._state)
+
+
 def state_dict(prog) -> dict:
     return {"step": prog.step_count,
-            "levels": {n: {"params": dict(s["params"]), "opt": _plain_opt(s["opt"])} for n, s in prog._state.items()},
+            "levels": {n: {"params": dict(s["params"]), "opt": _plain_opt(s["opt"])} for n, s in _as_one(prog).items()},
             "buffers": {n: _buffers(pl.level.module) for n, pl in prog.levels.items()},
             "data": {n: _consumed(prog, n) for n in prog._streams},
             "loss_scales": {n: sc.state_dict() for n, sc in prog.scalers.items()},
@@ -144,8 +150,8 @@ def _torch_opt_mismatches(saved, handle) -> list:
     return out
 
 
-def _opt_mismatches(name: str, saved, prog) -> list:
-    mine = _plain_opt(prog._state[name]["opt"])
+def _opt_mismatches(name: str, saved, prog, state: dict) -> list:
+    mine = _plain_opt(state[name]["opt"])
     optimizer = prog.levels[name].level.optimizer
     if isinstance(mine, dict) and "torch" in mine and isinstance(saved, dict) and saved.keys() == mine.keys():
         return (_tree_mismatches(saved["count"], mine["count"], "optimizer state['count']")
@@ -156,11 +162,11 @@ def _opt_mismatches(name: str, saved, prog) -> list:
     return found
 
 
-def _level_mismatches(prog, name: str, saved: dict) -> list:
+def _level_mismatches(prog, state: dict, name: str, saved: dict) -> list:
     if not isinstance(saved, dict) or not {"params", "opt"} <= saved.keys():
         return [f"its entry is {_describe(saved)}, not {{'params', 'opt'}}"]
-    return (_named_mismatches(saved["params"], prog._state[name]["params"], "parameter")
-            + _opt_mismatches(name, saved["opt"], prog))
+    return (_named_mismatches(saved["params"], state[name]["params"], "parameter")
+            + _opt_mismatches(name, saved["opt"], prog, state))
 
 
 def _data_mismatches(prog, name: str, position) -> list:
@@ -192,7 +198,8 @@ def mismatches(prog, sd) -> list:
     missing = [k for k in ("step", "levels", "buffers", "data", "loss_scales", "rng", "history") if k not in sd]
     if missing:
         return [f"the state has no {missing} (not a state_dict of this mlodsl version)"]
-    out = _per_level(sd["levels"], prog._state, "states", lambda n, s: _level_mismatches(prog, n, s))
+    state = _as_one(prog)
+    out = _per_level(sd["levels"], state, "states", lambda n, s: _level_mismatches(prog, state, n, s))
     out += _per_level(sd["buffers"], prog.levels, "buffers",
                       lambda n, b: _named_mismatches(b, _buffers(prog.levels[n].level.module), "buffer"))
     out += _per_level(sd["data"], prog._streams, "data positions", lambda n, pos: _data_mismatches(prog, n, pos))
@@ -241,9 +248,13 @@ def _use_streams(prog, streams: dict) -> None:
 
 
 def _restore_levels(prog, levels: dict, buffers: dict) -> None:
-    prog._state = {n: {"params": {k: _copy_like(v, prog._state[n]["params"][k]) for k, v in s["params"].items()},
-                       "opt": _restored_opt(s["opt"], prog._state[n]["opt"])}
-                   for n, s in levels.items()}
+    state = {n: {"params": {k: _copy_like(v, prog._state[n]["params"][k]) for k, v in s["params"].items()},
+                 "opt": _restored_opt(s["opt"], prog._state[n]["opt"])}
+             for n, s in levels.items()}
+    if prog.sharding is not None:  # every rank read the whole file: each keeps its slice
+        state = {n: (prog.sharding.shard_like(s, prog._state[n]) if n in prog.sharding.levels else s)
+                 for n, s in state.items()}
+    prog._state = state
     with torch.no_grad():
         for n, named in buffers.items():
             for k, v in named.items():
@@ -305,7 +316,11 @@ def save(prog, path) -> None:
     data parallel, rank 0 writes it and every rank waits until it is written."""
     dp = prog.distributed
     if dp is not None and not dp.is_main:
-        dp.barrier()
+        try:
+            if prog.sharding is not None:
+                state_dict(prog)  # its gathers are collectives: every rank takes part, rank 0 writes
+        finally:
+            dp.barrier()
         return
     path = os.fspath(path)
     try:

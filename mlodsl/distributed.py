@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch.utils._pytree import tree_leaves
 
 from .runtime import MicroBatches
+from .sharding import is_sharded
 
 
 class DistributedError(RuntimeError):
@@ -118,8 +119,9 @@ def _apply_bucketed(fn, tree: dict) -> dict:
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in tree.items()}
     by_dtype: dict = {}
     for k, j, v in leaves:
-        # every floating tensor (``requires_grad`` says nothing about an outer torch.func level)
-        if isinstance(v, torch.Tensor) and v.is_floating_point():
+        # every floating tensor (``requires_grad`` says nothing about an outer torch.func level), but
+        # a sharded level's slices: their gradients are already the ranks' mean (mlodsl.sharding)
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not is_sharded(v):
             by_dtype.setdefault(v.dtype, []).append((k, j, v))
     for group in by_dtype.values():
         results = fn(*[v for _, _, v in group])

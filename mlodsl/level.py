@@ -37,6 +37,7 @@ class Level:
     precision: str | None = None            # None: the Program's
     clip_grad_norm: float | None = None
     batch_per: str = "update"               # "block": one batch for all `steps` updates of a block
+    shard: bool = False                     # keep a 1/world slice per rank (mlodsl.sharding)
     name: str = ""
     own_arg: str = ""                       # the name of fn's first parameter
     level_args: tuple = ()                  # the other parameters (names of levels)
@@ -85,7 +86,7 @@ def _check_hypergrad(name, method):
 
 def level(module, *, optimizer, data=None, depends_on=(), steps=1, hypergrad=None,
           start_from=None, tasks=False, name=None, project=None, read_mode="train", precision=None,
-          clip_grad_norm=None, batch_per="update"):
+          clip_grad_norm=None, batch_per="update", shard=False):
     """Declare a level of a multilevel program (see the module docstring for the binding rules).
 
     Args:
@@ -111,6 +112,9 @@ def level(module, *, optimizer, data=None, depends_on=(), steps=1, hypergrad=Non
             ``"block"``: each block of ``steps`` updates draws one batch and takes all its updates
             on it ("for each batch: K inner steps on it, then one outer step"), so the data
             advances one batch per update of the level above.
+        shard: under data parallel, each rank keeps a 1/world slice of this level's parameters and
+            optimizer state, gathered where its loss runs (ZeRO-3/FSDP; ``mlodsl.sharding``). For a
+            level without lower levels; a single process ignores it.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"@level needs the nn.Module the level learns as its first argument "
@@ -158,10 +162,12 @@ def level(module, *, optimizer, data=None, depends_on=(), steps=1, hypergrad=Non
             raise ValueError(f"level '{level_name}': batch_per='block' but the level has no data= to draw from")
         if project is not None and not callable(project):
             raise TypeError(f"level '{level_name}': project must be a function params -> params")
+        if not isinstance(shard, bool):
+            raise TypeError(f"level '{level_name}': shard must be True or False, got {shard!r}")
         return Level(fn=fn, module=module, optimizer=as_optimizer(optimizer), data=data, depends_on=tuple(depends_on),
                      steps=steps, hypergrad=hypergrad, start_from=start_from, tasks=tasks,
                      project=project, read_mode=read_mode, precision=precision, clip_grad_norm=clip_grad_norm,
-                     batch_per=batch_per, name=level_name, own_arg=own, level_args=level_args,
+                     batch_per=batch_per, shard=shard, name=level_name, own_arg=own, level_args=level_args,
                      takes_batch=takes_batch)
 
     return decorate

@@ -8,12 +8,13 @@ the learned parameters back into the user's modules.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import fx
 
-from . import checkpoint, codegen, distributed
+from . import checkpoint, codegen, distributed, sharding
 from .data import BatchStream, BlockBatches
 from .draw import LevelDiagram
 from .graph import ProgramError, build_graph, collect_levels
@@ -334,9 +335,14 @@ class Program:
         self.precision = {n: lvl.precision or precision for n, lvl in levels.items()}
         self.scalers = {n: LossScaler() for n, p in self.precision.items() if p == "fp16"}
         self.distributed = distributed.setup(next(iter(devices.values())))
+        sharded = sharding.check(levels, self.plan.lowers, methods, compile_options is not None)
+        self.sharding = None
         if self.distributed is not None:  # every rank starts from rank 0's state, as DDP does
             self.distributed.broadcast_([x for x in tree_leaves(self._state) if isinstance(x, torch.Tensor)])
             self._write_back()
+        # shard=True: each rank keeps its slice of those levels' state from here on (mlodsl.sharding)
+        self.sharding = sharding.setup({n: levels[n] for n in sharded}, self._state, self.distributed,
+                                       distributed.DistributedError)
         title = f"Program({', '.join(t.name for t in tops)})"
         dp = self.distributed
         self._runtime = Runtime({n: pl.traced for n, pl in self.levels.items()},
@@ -346,7 +352,7 @@ class Program:
                                 autocast={n: Autocast(p, devices[n]) for n, p in self.precision.items() if p != "fp32"},
                                 loss_scales=self.scalers,
                                 reduce=dp and dp.reduce, replicate=dp and dp.replicate,
-                                weigh=dp and dp.weigh,
+                                weigh=dp and dp.weigh, gather=self.sharding and self.sharding.gather,
                                 clip={n: lvl.clip_grad_norm for n, lvl in levels.items() if lvl.clip_grad_norm},
                                 compiler=Compiler(compile_options, self._eager_levels(compile_options, max_ops)),
                                 lowers=self.plan.lowers,
@@ -355,7 +361,10 @@ class Program:
         self.code = codegen.generate(self.plan, levels, methods, title, _levels_taken(self.levels))
         (self._step_fn, self._hypergradient_fn), self.code_filename = codegen.build(self.code, self._runtime)
         self._runtime.buffer_state = self._buffers
-        self._check_second_order(first, {n: lvl.module for n, lvl in levels.items()})
+        if self.sharding is not None:
+            self._step_fn, self._hypergradient_fn = map(self.sharding.wrap, (self._step_fn, self._hypergradient_fn))
+        with self.sharding.running() if self.sharding is not None else contextlib.nullcontext():
+            self._check_second_order(first, {n: lvl.module for n, lvl in levels.items()})
         self.step_count = 0
         self.history: list[dict] = []
 
@@ -475,6 +484,8 @@ class Program:
             for name, pl in self.levels.items():
                 if name in self.tasks:  # one module cannot hold every task's parameters
                     continue
+                if self.sharding is not None and name in self.sharding.levels:
+                    continue  # a rank holds a slice only: ``params(name)`` gathers the full tensors
                 new = self._state[name]["params"]
                 for k, p in pl.level.module.named_parameters():
                     if k in new:  # point the module at the step's output: no copy, no second footprint
@@ -529,6 +540,8 @@ class Program:
         self._runtime.check_divergence(log["_reports"])
         if self.distributed is not None:
             g = self.distributed.reduce(g)
+        if self.sharding is not None and name in self.sharding.levels:
+            g = self.sharding.full(name, g)
         return {k: v.detach() for k, v in g.items()}
 
     def loss_after_lowers(self, name: str, params: dict | None = None) -> torch.Tensor:
@@ -548,9 +561,12 @@ class Program:
         return loss.detach()
 
     def params(self, name: str) -> dict:
-        """A copy of level ``name``'s current parameters."""
+        """A copy of level ``name``'s current parameters. A sharded level's are gathered from every
+        rank: under ``shard=True`` every rank must call this together."""
         if name not in self.levels:
             raise KeyError(f"no level '{name}' (known levels: {sorted(self.levels)})")
+        if self.sharding is not None and name in self.sharding.levels:
+            return self.sharding.full(name, self._state[name]["params"])
         return {k: v.detach().clone() for k, v in self._state[name]["params"].items()}
 
     # -- inspection ---------------------------------------------------------------------------
@@ -558,6 +574,9 @@ class Program:
         """Memory per level (parameters, optimizer state, kept iterates, method workspace, activations),
         in bytes; prints as a table in B/KiB/MiB/GiB with a legend of its columns. See ``mlodsl.explain``."""
         from .explain import explain, saved_activation_bytes, taped_update_bytes
+        if self.sharding is not None:
+            raise ProgramError(f"explain() is not built for sharded levels {list(self.sharding.levels)}: it "
+                               f"measures full parameters on one process; build the program unsharded to see it")
         if self._pending is None:
             self._pending = self._draw_batches()
         params = {n: s["params"] for n, s in self._state.items()}

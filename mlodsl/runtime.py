@@ -21,6 +21,7 @@ from .hypergrad.base import DivergenceError, DivergenceWarning, Trajectory, stat
 from .hypergrad.implicit import ConvergenceWarning
 from .kernels import attention_kernel
 from .loops import StackedPath, UpdateLoop
+from .sharding import plain, plain_tree
 from .tree import detached
 
 
@@ -302,7 +303,8 @@ class Runtime:
                  init_params: dict | None = None, projections: dict | None = None, *,
                  autocast: dict | None = None, loss_scales: dict | None = None, reduce: Callable | None = None,
                  replicate: Callable | None = None, clip: dict | None = None, compiler: Compiler | None = None,
-                 weigh: Callable | None = None, lowers: dict | None = None, second_order: set | None = None):
+                 weigh: Callable | None = None, lowers: dict | None = None, second_order: set | None = None,
+                 gather: Callable | None = None):
         self.traced, self.optimizers, self.methods = traced, optimizers, methods
         self.starts = starts or {}            # level -> None | "init" | upper level name
         self.init_params = init_params or {}  # level -> its initial parameters
@@ -311,6 +313,7 @@ class Runtime:
         self.loss_scales = loss_scales or {}  # level -> LossScaler (fp16)
         self.reduce, self.replicate = reduce, replicate  # data parallel (None: one process)
         self.weigh = weigh                    # data parallel: (level, loss, batch) -> this rank's share of the mean
+        self.gather = gather                  # sharded levels: params -> full params, just before a loss runs
         self.clip = clip or {}                # level -> max norm of its total gradient
         self.restrict, self.outside, self.params_of = restrict, outside, params_of
         self.buffer_state = None              # trace.BufferState: staged running statistics
@@ -411,6 +414,8 @@ class Runtime:
         return self._evaluate(name, params, batch)
 
     def _evaluate(self, name: str, params: dict, batch):
+        if self.gather is not None:  # sharded levels: all-gathered here, freed with this evaluation
+            params = self.gather(params)
         ctx = self.autocast.get(name)
         if ctx is None:
             loss, metrics = split_output(name, self.traced[name](params, batch))
@@ -556,7 +561,8 @@ class Runtime:
         reports comes back as outputs for the log."""
         method = self.methods[lower]
         if not method.products_only or not self.compiler.compiles(lower):
-            return method.vjp(record.toward(upper_name), cotangent)
+            # a sharded lower level's scalars (norms, dot products) are DTensors: the upper's is plain
+            return plain_tree(method.vjp(record.toward(upper_name), cotangent))
         key = (lower, upper_name)
         if key not in self._products:
             def products(final, up, batch, cotangent_):
@@ -668,7 +674,7 @@ class Runtime:
         kept for ``check_divergence`` (a block may run several times a step; the metric is the last)."""
         if log is None:
             return
-        value = value.detach() if isinstance(value, torch.Tensor) else value
+        value = plain(value.detach()) if isinstance(value, torch.Tensor) else value
         log[f"{level}/{key}"] = value
         log.setdefault("_reports", {}).setdefault(level, {}).setdefault(key, []).append(value)
 
@@ -710,8 +716,9 @@ class Runtime:
     def grad_norm(grad: dict) -> torch.Tensor:
         """The norm of a gradient (detached): a NaN or Inf anywhere in it makes the norm non-finite."""
         if len(grad) == 1:
-            return torch.linalg.vector_norm(next(iter(grad.values())).detach())
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach()) for g in grad.values()]))
+            return plain(torch.linalg.vector_norm(next(iter(grad.values())).detach()))
+        norms = [plain(torch.linalg.vector_norm(g.detach())) for g in grad.values()]  # a slice's: all-reduced
+        return torch.linalg.vector_norm(torch.stack(norms))
 
     @staticmethod
     def record(log, name, loss, metrics, norm):

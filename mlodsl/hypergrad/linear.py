@@ -58,7 +58,7 @@ def conjugate_gradient(matvec, b, *, iters: int, tol: float | None = None, info:
     rr = tree_vdot(r, r)
     indefinite = torch.zeros_like(rr)
     for _ in range(iters):
-        if tol is not None and float(rr) <= tol * tol:
+        if tol is not None and bool(rr <= tol * tol):  # a comparison, not float(): exact on a sharded level too
             break
         Ap = matvec(p)
         pAp = tree_vdot(p, Ap)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import autodiff
 from .base import ImplicitMethod, Solution, Trajectory, as_solution
 from .finite_diff import mixed_difference
 
@@ -29,12 +30,14 @@ def adam_preconditioned(point: Solution | Trajectory, v: dict, betas, eps, eps_r
     """
     sol = as_solution(point)
     opt = sol.opt_state
-    g = torch.func.grad(sol.loss)(sol.params, sol.upper)
+    g = autodiff.grad(sol.loss)(sol.params, sol.upper)
     out = {}
     for k in v:
         def u(gk, k=k):
             return adam_direction(gk, opt["m"][k], opt["v"][k], opt["count"], betas, eps, eps_root)
-        out[k] = torch.func.jvp(u, (g[k],), (v[k],))[1]
+        # u is elementwise in g, so its Jacobian is diagonal: the jvp along v is the vjp with v
+        # (through mlodsl.autodiff: the tape where it can, which sharded tensors need)
+        (out[k],), _ = autodiff.vjp(u, (g[k],), v[k])
     return out
 
 

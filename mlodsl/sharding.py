@@ -1,0 +1,292 @@
+"""Sharded levels (ZeRO-3/FSDP) on torch.distributed: ``@ml.level(..., shard=True)``.
+
+Under data parallel (``mlodsl.distributed``) every rank of a sharded level keeps a 1/world slice of
+each of its parameters (flattened) and of its optimizer state, as ``torch.distributed.tensor``
+``DTensor``s placed ``Shard(0)`` on a one-dimensional device mesh. The step passes these slices
+around functionally; the two seams are:
+
+* ``Runtime.evaluate``: just before the level's loss runs, ``gather`` all-gathers every parameter
+  (``full_tensor``) into its full shape. The full tensors are intermediates of that evaluation only:
+  they are freed when the evaluation (and its backward, which may keep them) is done.
+* the gather's backward is a reduce-scatter of the ranks' mean (``grad_placements=Partial("avg")``):
+  the gradient in a slice is already the mean over ranks of the gradient in the full parameter,
+  so ``reduce`` leaves sharded tensors alone and an optimizer update touches one slice. The
+  reduce-scatter's own backward is an all-gather, which autograd differentiates again: Hessian-
+  vector products, mixed products and the unrolled updates of a sharded level are those of one
+  process on the union of the ranks' batches.
+
+Dot products and norms of slices (a CG iteration, a finite difference's step, gradient clipping)
+are DTensor reductions, which all-reduce the ranks' partial sums: the methods run on slices
+unchanged. Scalars such as those mix with plain tensors (the step runs under DTensor's
+``implicit_replication``); what leaves a method for the levels above (``plain``) is a plain tensor.
+
+DTensor is differentiated on the autograd tape, not under ``torch.func`` transforms (inside them it
+is no longer a DTensor), so ``Program`` refuses sharding together with ``Forward``, ``tasks=True``
+and ``compile=True``.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import weakref
+
+import torch
+import torch.distributed as dist
+
+try:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
+    from torch.distributed.tensor.experimental import implicit_replication
+except ImportError:  # torch built without distributed: nothing can be sharded
+    DTensor = None
+
+
+def is_sharded(x) -> bool:
+    """Whether ``x`` is a slice of a sharded level's tensor (a ``DTensor``)."""
+    return DTensor is not None and isinstance(x, DTensor)
+
+
+def plain(x):
+    """A DTensor that is not sharded (a replicated or partial scalar: a norm, a dot product, a
+    hypergradient formed with one) as the plain tensor every rank holds; anything else as it is."""
+    if is_sharded(x) and not any(p.is_shard() for p in x.placements):
+        return x.full_tensor()
+    return x
+
+
+def plain_tree(tree: dict) -> dict:
+    """``plain`` of every value of a dict (a hypergradient for an upper level)."""
+    return {k: plain(v) for k, v in tree.items()}
+
+
+class _Regather:
+    """A full parameter autograd saved for the backward pass, as its slice and its view's geometry."""
+
+    __slots__ = ("piece", "size", "stride", "offset")
+
+    def __init__(self, piece, size, stride, offset):
+        self.piece, self.size, self.stride, self.offset = piece, size, stride, offset
+
+    def make(self, sharding) -> torch.Tensor:
+        # differentiable when the backward pass builds a graph (create_graph): a double backward
+        # reaches the slice through this gather as it would through the forward's
+        full = sharding._full(self.piece, (-1,)).as_strided(self.size, self.stride, self.offset)
+        return sharding._remember(full, self.piece)  # what a graph-building backward saves of it: the slice
+
+
+def lost_peer(err: Exception) -> bool:
+    """Whether ``err`` is a collective's failure (gloo raises a plain RuntimeError naming its
+    transport when a peer's connection closes or a wait times out; nccl a DistBackendError)."""
+    return isinstance(err, dist.DistError) or "gloo" in str(err) or "NCCL" in str(err)
+
+
+class Sharding:
+    """The sharded levels of a program and how their tensors are sliced and gathered."""
+
+    def __init__(self, levels: list, state: dict, device: torch.device, error: type):
+        self.levels = tuple(levels)
+        self.world = dist.get_world_size()
+        self.mesh = init_device_mesh(device.type, (self.world,))
+        self.shapes = {n: {k: v.shape for k, v in state[n]["params"].items()} for n in self.levels}
+        self.error = error  # DistributedError
+        self._gathered: dict = {}  # storage address -> (weak reference to a gathered tensor, its slice)
+
+    # -- slicing ----------------------------------------------------------------------------------
+    def slice(self, full: torch.Tensor):
+        """This rank's slice of ``full`` (flattened; every rank holds the same ``full``: no transfer)."""
+        return distribute_tensor(full.detach().reshape(-1), self.mesh, [Shard(0)], src_data_rank=None)
+
+    def shard_level(self, state: dict, optimizer) -> dict:
+        """A level's ``{"params", "opt"}`` with sliced parameters and a fresh optimizer state on them."""
+        params = {k: self.slice(v) for k, v in state["params"].items()}
+        return {"params": params, "opt": optimizer.init(params)}
+
+    def shard_like(self, full, template):
+        """``full`` (a level's state as one process holds it) sliced where ``template`` (the
+        program's sharded state) holds slices."""
+        if is_sharded(template):
+            return self.slice(full)
+        if isinstance(template, dict):
+            return {k: self.shard_like(full[k], template[k]) for k in template}
+        if isinstance(template, (list, tuple)):
+            return type(template)(self.shard_like(f, t) for f, t in zip(full, template))
+        return full
+
+    # -- gathering --------------------------------------------------------------------------------
+    def gather(self, params: dict) -> dict:
+        """``{level: {name: tensor}}`` with every sharded level's slices all-gathered into full
+        parameters, differentiably: backward, the full gradient is reduce-scattered to the ranks'
+        mean in each slice (and that, differentiated again, all-gathers).
+
+        While a step runs (``running``), autograd does not keep these full tensors for a backward
+        pass: it keeps their slices and all-gathers them again when the backward pass needs them,
+        one at a time (``saved_tensors_hooks``); so too for the full tensors a backward pass that
+        builds a graph (a Hessian-vector product) gathers. An unrolled update's graph, and the
+        linearization CG reuses, hold slices, not full parameters."""
+        out = dict(params)
+        for name in self.levels:
+            if name in params:
+                shapes = self.shapes[name]
+                out[name] = {k: self._full(v, shapes[k]) for k, v in params[name].items()}
+        return out
+
+    def _full(self, x, shape):
+        if not is_sharded(x):
+            return x
+        try:
+            full = x.full_tensor(grad_placements=[Partial("avg")]).view(shape)
+        except RuntimeError as err:
+            if not lost_peer(err):
+                raise
+            raise self.failed("an all-gather", err) from err
+        return self._remember(full, x)
+
+    def _remember(self, full, x):
+        """Note that ``full`` (while it lives) is slice ``x`` gathered: autograd will save ``x`` instead."""
+        self._gathered[full.untyped_storage().data_ptr()] = (weakref.ref(full), x)
+        return full
+
+    def _pack(self, t):
+        """What autograd saves of ``t``: its slice where ``t`` is (a view of) a live gathered tensor."""
+        if not self._gathered or is_sharded(t) or t.layout != torch.strided:
+            return t
+        entry = self._gathered.get(t.untyped_storage().data_ptr())
+        if entry is None or entry[0]() is None:  # not gathered, or freed (the address may be reused)
+            return t
+        return _Regather(entry[1], t.size(), t.stride(), t.storage_offset())
+
+    def _unpack(self, x):
+        return x.make(self) if isinstance(x, _Regather) else x
+
+    def full(self, name: str, tree):
+        """A sharded level's state (or part of it) as one process holds it: every slice gathered and
+        shaped like the parameter whose name is its key (optimizer states are keyed by parameter)."""
+        shapes = self.shapes[name]
+
+        def walk(x, key=None):
+            if is_sharded(x):
+                with torch.no_grad():
+                    t = x.full_tensor()
+                return t.view(shapes[key]) if key in shapes and t.numel() == shapes[key].numel() else t
+            if isinstance(x, dict):
+                return {k: walk(v, k) for k, v in x.items()}
+            if isinstance(x, (list, tuple)):
+                return type(x)(walk(v) for v in x)
+            return x
+
+        try:
+            return walk(tree)
+        except RuntimeError as err:
+            if not lost_peer(err):
+                raise
+            raise self.failed("gathering a sharded level's state", err) from err
+
+    def full_state(self, state: dict) -> dict:
+        """``{level: {"params", "opt"}}`` with the sharded levels gathered."""
+        return {n: (self.full(n, s) if n in self.levels else s) for n, s in state.items()}
+
+    # -- running --------------------------------------------------------------------------------------
+    def failed(self, what: str, err: Exception) -> Exception:
+        return self.error(f"rank {dist.get_rank()}: {what} of a sharded level failed (another rank died or "
+                          f"the group timed out; MLODSL_DIST_TIMEOUT sets the timeout): {err}")
+
+    @contextlib.contextmanager
+    def running(self):
+        """The context a step runs in: DTensor scalars mix with plain tensors (as replicated
+        values); a collective that fails inside DTensor raises ``DistributedError``."""
+        try:
+            with implicit_replication(), torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+                yield
+        except RuntimeError as err:  # a collective inside DTensor (a reduce-scatter in a backward pass)
+            if isinstance(err, self.error) or not lost_peer(err):
+                raise
+            raise self.failed("a collective", err) from err
+        finally:
+            self._gathered.clear()
+
+    def wrap(self, fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            with self.running():
+                return fn(*args, **kwargs)
+
+        return run
+
+
+def local_bytes(state: dict) -> int:
+    """Bytes of the tensors a rank holds in ``state`` (a slice counts its local part only)."""
+    total = 0
+    stack = [state]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            t = x.to_local() if is_sharded(x) else x
+            total += t.numel() * t.element_size()
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+    return total
+
+
+def check(levels: dict, lowers: dict, methods: dict, compiled: bool) -> list:
+    """The levels with ``shard=True``, after refusing (``ProgramError``, naming the level and the
+    fix) what sharding is not built for."""
+    from .graph import ProgramError
+    sharded = [n for n, lvl in levels.items() if lvl.shard]
+    if not sharded:
+        return []
+    if DTensor is None:
+        raise ProgramError(f"levels {sharded} have shard=True, but this torch has no torch.distributed.tensor")
+    for name in sharded:
+        lvl = levels[name]
+        refusals = [  # (what is wrong, the fix)
+            (lowers.get(name), f"it has lower levels {list(lowers.get(name) or ())}",
+             "shard the levels without lower levels (the big model at the bottom) and keep the ones above "
+             "replicated"),
+            (lvl.tasks, "it is batched over tasks (tasks=True), which runs under torch.func.vmap",
+             "drop shard=True or tasks=True"),
+            (lvl.start_from not in (None, "init"),
+             "it starts from an upper level's parameters (start_from=<upper>), which are not sharded",
+             "drop shard=True, or start_from"),
+            (getattr(lvl.optimizer, "in_place", False),
+             "its optimizer updates torch parameters in place (ml.optim.from_torch)",
+             "use ml.optim.sgd/adam/adamw"),
+            (compiled, "compile=True traces the step's regions, which do not take sharded tensors (DTensor)",
+             "drop shard=True or compile=True"),
+        ]
+        for wrong, what, fix in refusals:
+            if wrong:
+                raise ProgramError(f"level '{name}' has shard=True, but {what}. Fix: {fix}")
+    for name, method in methods.items():
+        why = _UNSHARDABLE.get(type(method).__name__)
+        if why:
+            raise ProgramError(f"level '{name}' is differentiated by {method!r}, which {why[0]}, but levels "
+                               f"{sharded} are sharded (shard=True). Fix: {why[1]}, or drop shard=True")
+    return sharded
+
+
+# built-in methods that do not run through sharded slices: what they do, and what to use instead
+_UNSHARDABLE = {
+    "Forward": ("pushes tangents with torch.func.jvp (DTensor is differentiated on the autograd tape only)",
+                "Unroll() (the same numbers)"),
+    "Nystrom": ("sketches the Hessian over the level's parameters flattened into one vector (a concatenation "
+                "of slices)", "CG or Neumann"),
+}
+
+
+def setup(levels: dict, state: dict, parallel, error: type) -> Sharding | None:
+    """Slice the ``state`` of the sharded ``levels`` in place (after the initial broadcast: every
+    rank slices rank 0's values) and release their modules' full parameters; ``None`` when there
+    is nothing to shard (no sharded level, or a single process)."""
+    sharded = [n for n, lvl in levels.items() if lvl.shard]
+    if not sharded or parallel is None:
+        return None
+    sharding = Sharding(sharded, state, parallel.device, error)
+    for name in sharded:
+        state[name] = sharding.shard_level(state[name], levels[name].optimizer)
+        with torch.no_grad():  # the module's full tensors: their memory is what sharding saves
+            for k, p in levels[name].module.named_parameters():
+                if k in state[name]["params"]:
+                    p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+    return sharding
