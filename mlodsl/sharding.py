@@ -249,7 +249,7 @@ def check(levels: dict, lowers: dict, methods: dict, compiled: bool) -> list:
             (lvl.start_from not in (None, "init"),
              "it starts from an upper level's parameters (start_from=<upper>), which are not sharded",
              "drop shard=True, or start_from"),
-            (getattr(lvl.optimizer, "in_place", False),
+            (lvl.optimizer.in_place,
              "its optimizer updates torch parameters in place (ml.optim.from_torch)",
              "use ml.optim.sgd/adam/adamw"),
             (compiled, "compile=True traces the step's regions, which do not take sharded tensors (DTensor)",
