@@ -59,10 +59,14 @@ def check_second_order(runtime, names, params: dict, batches: dict, modules: dic
 
 
 def _hvp_or_raise(runtime, name, params, batch):
-    # Every level's parameters: a middle level's loss may reach only those of the levels below it.
-    leaves = {n: {k: v.detach().requires_grad_() for k, v in p.items()} for n, p in params.items()}
-    flat = [x for p in leaves.values() for x in p.values()]
-    loss = runtime.evaluate(name, leaves, batch)[0]
+    own = {k: v.detach().requires_grad_() for k, v in params[name].items()}
+    loss = runtime.evaluate(name, {**params, name: own}, batch)[0]
+    flat = list(own.values())
+    if not loss.requires_grad:
+        # A middle level's loss may reach only the parameters of the levels below it: check there.
+        leaves = {n: {k: v.detach().requires_grad_() for k, v in p.items()} for n, p in params.items()}
+        flat = [x for p in leaves.values() for x in p.values()]
+        loss = runtime.evaluate(name, leaves, batch)[0]
     if not loss.requires_grad:  # a constant loss: nothing to differentiate (check_losses says so)
         return
     grads = torch.autograd.grad(loss, flat, create_graph=True, allow_unused=True)
