@@ -5,36 +5,10 @@ import torch
 from torch import nn
 
 import mlodsl as ml
-from helpers import DT
+from helpers import DT, RIDGE_D, RIDGE_N, ridge_closed_form, ridge_data, ridge_solution
 
-N, D = 30, 6
+N, D = RIDGE_N, RIDGE_D
 LR = 1e-3  # one SGD step at the closed-form optimum leaves it there (its gradient is ~1e-16)
-
-
-def ridge_data(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(2 * N, D, generator=g, dtype=DT)
-    y = X @ torch.randn(D, generator=g, dtype=DT) + 0.3 * torch.randn(2 * N, generator=g, dtype=DT)
-    return (X[:N], y[:N]), (X[N:], y[N:])
-
-
-def ridge_solution(X, y, lam):
-    """argmin_w ½‖Xw - y‖²/n + ½ Σ λ w²  =  (XᵀX/n + diag λ)⁻¹ Xᵀy/n."""
-    n = X.shape[0]
-    return torch.linalg.solve(X.T @ X / n + torch.diag(lam), X.T @ y / n)
-
-
-def ridge_closed_form(train, val, log_l2):
-    """d/d log_l2 of the validation MSE at w*(λ), λ = exp(log_l2), by the closed form
-
-        H dw*/dλ_i = -e_i w*_i  ⇒  ∂f/∂log_l2_i = -λ_i w*_i (H⁻¹ ∇_w f)_i.
-    """
-    (X, y), (Xv, yv) = train, val
-    lam = log_l2.exp()
-    w = ridge_solution(X, y, lam)
-    H = X.T @ X / N + torch.diag(lam)
-    v = 2 * Xv.T @ (Xv @ w - yv) / Xv.shape[0]  # ∇_w of the validation MSE
-    return -lam * w * torch.linalg.solve(H, v), dict(w=w, H=H, v=v, lam=lam)
 
 
 def ridge(method, log_l2=None, opt=None, steps=1, seed=0, offset=0.0):

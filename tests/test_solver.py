@@ -6,32 +6,10 @@ import torch
 from torch import nn
 
 import mlodsl as ml
-from helpers import DT, inner_loss_fn, logreg_data, outer_loss_fn
+from helpers import (DT, RIDGE_D, inner_loss_fn, logreg_data, outer_loss_fn, ridge_closed_form, ridge_data,
+                     ridge_solution)
 
-N, D = 30, 6
-
-
-def ridge_data(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(2 * N, D, generator=g, dtype=DT)
-    y = X @ torch.randn(D, generator=g, dtype=DT) + 0.3 * torch.randn(2 * N, generator=g, dtype=DT)
-    return (X[:N], y[:N]), (X[N:], y[N:])
-
-
-def ridge_solution(X, y, lam):
-    """argmin_w ½‖Xw - y‖²/n + ½ Σ λ w²  =  (XᵀX/n + diag λ)⁻¹ Xᵀy/n."""
-    n = X.shape[0]
-    return torch.linalg.solve(X.T @ X / n + torch.diag(lam), X.T @ y / n)
-
-
-def ridge_closed_form(train, val, log_l2):
-    """∂f/∂log_l2_i = -λ_i w*_i (H⁻¹ ∇_w f)_i, from H dw*/dλ_i = -e_i w*_i, with f the validation MSE."""
-    (X, y), (Xv, yv) = train, val
-    lam = log_l2.exp()
-    w = ridge_solution(X, y, lam)
-    H = X.T @ X / X.shape[0] + torch.diag(lam)
-    v = 2 * Xv.T @ (Xv @ w - yv) / Xv.shape[0]
-    return -lam * w * torch.linalg.solve(H, v), w
+D = RIDGE_D
 
 
 def closed_form_ridge(params, batch, outer):
@@ -65,7 +43,8 @@ def ridge_program(hypergrad=None, solve=closed_form_ridge, compile=False):
     lambda matvec, b: _dense_solve(matvec, b))], ids=["default CG", "Implicit dense solve"])
 def test_ridge_solved_in_closed_form_has_the_closed_form_hypergradient(hypergrad):
     prog, train, val, log_l2 = ridge_program(hypergrad)
-    expected, w = ridge_closed_form(train, val, log_l2)
+    expected, parts = ridge_closed_form(train, val, log_l2)
+    w = parts["w"]
     got = prog.hypergradient("outer")["log_l2"]
     assert got.dtype == DT
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
