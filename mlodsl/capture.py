@@ -33,6 +33,8 @@ import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils import _pytree as pytree
 
+from .kernels import custom_functions
+
 MAX_SHAPES = 8  # captured graphs kept per level; beyond that, new shapes call the function directly
 
 
@@ -90,16 +92,7 @@ def _custom_functions(direct, leaves, params) -> bool:
     Buffers that a forward writes are running statistics, which never reach this path."""
     with torch.enable_grad(), torch.random.fork_rng(devices=[]):
         out = direct(*leaves, **{k: v.detach().requires_grad_() for k, v in params.items()})
-    seen, stack = set(), [x.grad_fn for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if getattr(node, "_forward_cls", None) is not None:
-            return True
-        stack.extend(n for n, _ in node.next_functions)
-    return False
+    return bool(custom_functions(x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)))
 
 
 def _capture(name, direct, batch_names, param_names, leaves, params) -> fx.GraphModule:

@@ -155,10 +155,10 @@ def _broken_nodes(tensors) -> list:
                    if type(n).__name__ in ("Error", "DelayedError", "NotImplemented")})
 
 
-def _custom_functions(loss: torch.Tensor) -> list:
-    """The custom autograd.Function classes in the loss's graph, in the order they are met."""
+def custom_functions(tensors) -> list:
+    """The custom autograd.Function classes in the graph of ``tensors``, in the order they are met."""
     custom = []
-    for node in _graph_nodes([loss.grad_fn]):
+    for node in _graph_nodes(t.grad_fn for t in tensors):
         cls = getattr(node, "_forward_cls", None)  # the Function class of a custom autograd node
         if cls is not None and cls not in custom:
             custom.append(cls)
@@ -168,7 +168,7 @@ def _custom_functions(loss: torch.Tensor) -> list:
 def _once_differentiable(loss: torch.Tensor) -> list:
     """The custom Functions of the loss whose backward is wrapped by @once_differentiable
     (functools.wraps leaves ``__wrapped__``)."""
-    return [c for c in _custom_functions(loss) if hasattr(c.backward, "__wrapped__")]
+    return [c for c in custom_functions([loss]) if hasattr(c.backward, "__wrapped__")]
 
 
 def _culprit(err: Exception, loss: torch.Tensor) -> str:
@@ -177,7 +177,7 @@ def _culprit(err: Exception, loss: torch.Tensor) -> str:
     if op:
         return f"'{op.group(0)}'"
     # @once_differentiable ones are the culprits when present.
-    once = _once_differentiable(loss) or _custom_functions(loss)
+    once = _once_differentiable(loss) or custom_functions([loss])
     if once:
         return "the autograd.Function " + " / ".join(f"'{c.__name__}'" for c in once)
     return "an op of its loss"
