@@ -352,7 +352,7 @@ class Runtime:
 
     def update_split(self, name: str, up: dict, upper_name: str, batch) -> tuple:
         """One update of level ``name`` (a level with no lower levels) on ``batch``, split at its
-        gradient: ``(losses, scale, apply)`` where the gradient is g = Σ_m ∇_θ losses[m](θ, θ_U) / scale
+        gradient: ``(losses, scale, apply)`` where the gradient is ``g = Σ_m ∇_θ losses[m](θ, θ_U) / scale``
         (one loss per micro-batch, each weighted 1/count, times the fp16 loss scale; this rank's own,
         as ``partials`` computes it) and ``apply(S, θ_U, g)`` is the rest of the update (data-parallel
         mean, clipping, optimizer, projection), so that the update is ``apply(S, θ_U, g(S, θ_U))``."""

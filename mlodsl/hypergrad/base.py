@@ -34,7 +34,7 @@ ones that differ):
   in the block (a classifier two levels down), its cotangent is there too, and a method that
   differentiates the whole block (``Unroll``, ``Forward``) carries it; a method that only;
       * ``update_split``: ``k ↦ (losses, scale, apply)``, the k-th update as ``apply(S_k, θ_U, g)``
-        with the lower level's gradient g = Σ_m ∇_θ losses[m](θ_k, θ_U) / scale
+        with the lower level's gradient ``g = Σ_m ∇_θ losses[m](θ_k, θ_U) / scale``
         (``Runtime.update_split``), for a lower level with no lower levels, else ``None``.
   linearizes the lower level's own optimality (the implicit ones) uses v alone.
 
@@ -276,7 +276,7 @@ class Trajectory:
       backward pass, when the block's forward updates were recorded on the autograd tape for this
       upper (a method with ``records_tape`` asks for that), else ``None``;
       * ``update_split``: ``k ↦ (losses, scale, apply)``, the k-th update as ``apply(S_k, θ_U, g)``
-        with the lower level's gradient g = Σ_m ∇_θ losses[m](θ_k, θ_U) / scale
+        with the lower level's gradient ``g = Σ_m ∇_θ losses[m](θ_k, θ_U) / scale``
         (``Runtime.update_split``), for a lower level with no lower levels, else ``None``.
     """
 
