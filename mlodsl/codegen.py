@@ -1,31 +1,35 @@
-"""Code generation: the Python source of the fused step, from the plan.
+"""Code generation: the Python source of the fused step, printed from the plan.
 
-The source defines, for every level X,
+The plan's per-level decisions (``plan.levels``, a ``LevelPlan`` each: which iterates a block keeps,
+whether it may record the tape, which regions compile, whether a method's VJP is its own source)
+are the only input besides the schedule: the generator branches on them here, once, so the step
+contains what runs for this program and nothing else. For every level X it writes some of
 
-* ``block_X``: X's loop (``steps`` updates), keeping the iterates its hypergradient method needs;
+* ``block_X``: X's loop (``steps`` updates), keeping what X's hypergradient method needs;
+* ``update_X``: one update of a level with no lower levels (its partial gradients, then its
+  optimizer), a compiled region under ``compile=True``; ``advance_X``: one update of any level as a
+  pure function of the block state (what a method that replays updates calls);
 * ``gradient_X``: X's total gradient at one update: its lower blocks run first, then the partial
-  derivatives of X's loss (``torch.func.grad``) plus one best-response VJP per lower block (per
-  shared block that ran above X, from its record in ``shared``);
-* ``group_X``: where X's update runs a block shared by several uppers (``plan.groups``), that block
-  and its uppers' blocks, a pure function of X's block state: X's gradient runs it, and its VJP in
-  X's parameters (the blocks unrolled together) is X's hypergradient through them;
-* ``advance_X``: one optimizer update of X, a pure function of the block state;
-* ``partials_X``: X's loss and partial gradients; for a level with no lower levels, ``update_X``
-  (one whole update from its batch) and ``update_vjp_X`` (that update's VJP, for ``Unroll``).
-  These three are the regions ``torch.compile`` compiles under ``compile=True`` (``rt.region``,
-  ``mlodsl.compiled``); eagerly they are the plain functions; and ``loop_X``, X's K updates (and
-  Unroll's reverse pass over them) as one compiled ``scan`` each (``mlodsl.loops``), which
-  ``rt.run_loop`` declines (None) where the Python loop must run;
+  derivatives of X's loss plus one best-response VJP per lower block;
+* ``vjp_L_U``: lower level L's VJP toward upper U written as L's method's own source
+  (``Method.source``: CG's solve on Hessian-vector products, FiniteDiff's two gradients), where
+  the method gives one; other methods are called (``Method.vjp`` on the block's record);
+* ``group_X``: where X's update runs a block shared by several uppers (``plan.groups``), those
+  blocks together, a pure function of X's block state (X's hypergradient through them is their VJP);
 
-and ``step(state, B)``, one ``Program.step()``: the top levels' loops. Loops stay loops; nothing is
-inlined per step. ``make_step(rt)`` binds the runtime (traced losses, optimizers, methods).
+and ``step(state, B)``. Each function is emitted only when the entry point reaches it: the step's
+source (``prog.code``) and ``hypergradient(name, ...)``'s (``prog.hypergradient_code``) are two
+programs printed from the same definitions. Loops stay loops; nothing is inlined per step.
+``make_step(rt)`` binds the runtime (traced losses, optimizers, methods).
 """
 from __future__ import annotations
 
 import hashlib
 import linecache
 import os
+import re
 import tempfile
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 from .names import Namespace
@@ -37,12 +41,15 @@ from .plan import Plan
 _LEVEL_NAMES = {"block": "block_{}", "record": "block_{}_", "gradient": "gradient_{}",
                 "one_task": "gradient_{}_one_task", "partials": "partials_{}", "update": "update_{}",
                 "update_vjp": "update_vjp_{}", "loop": "loop_{}", "advance": "advance_{}",
-                "up": "up_{}", "g": "g_{}", "sub": "sub_{}", "group": "group_{}"}
-_FIXED_NAMES = ("make_step", "rt", "method", "vmap", "step", "hypergradient", "state", "B", "log", "sub",
-                "up", "i", "k", "t", "s", "s0", "s_", "up_", "sub_", "g", "loss", "metrics", "norm", "record",
-                "start", "path", "tape", "batches", "looped", "shared", "leaves", "task_loss", "one_task",
-                "sub_task", "B_task", "task_log", "outcomes", "params", "batch", "name", "upper", "ct", "print",
-                "range", "KeyError")
+                "up": "up_{}", "g": "g_{}", "sub": "sub_{}", "group": "group_{}", "vjp": "vjp_{}"}
+_FIXED_NAMES = ("make_step", "make_hypergradient", "rt", "method", "vmap", "step", "hypergradient", "state",
+                "B", "log", "sub", "up", "i", "k", "t", "s", "s0", "s_", "up_", "sub_", "g", "loss", "metrics",
+                "norm", "record", "start", "path", "tape", "batches", "looped", "shared", "leaves", "task_loss",
+                "one_task", "sub_task", "B_task", "task_log", "outcomes", "params", "batch", "name", "upper",
+                "ct", "print", "range", "KeyError", "final", "v", "info", "solution", "hessian_vp", "cross_vjp",
+                "x", "products", "linear", "finite_diff")
+# The modules a method's own source may use (``Method.source``), imported when the step uses them.
+_METHOD_MODULES = ("finite_diff", "linear", "products")
 
 
 def level_identifiers(names) -> dict:
@@ -55,177 +62,299 @@ def level_identifiers(names) -> dict:
 class StepNames:
     """The identifiers of the generated step: ``names[level].block`` (``.gradient``, ``.up``, ...,
     the keys of ``_LEVEL_NAMES``), all from one ``Namespace``, so that no two levels' functions or
-    locals share a name however their names read (``a`` and ``vjp_a`` both want ``update_vjp_a``)."""
+    locals share a name however their names read (``a`` and ``vjp_a`` both want ``update_vjp_a``).
+    ``names.vjp(lower, upper)``: the function of a lower level's VJP toward one upper."""
 
     def __init__(self, levels):
-        ids = level_identifiers(levels)
-        ns = Namespace(_FIXED_NAMES)
+        self._ids = level_identifiers(levels)
+        self._ns = Namespace(_FIXED_NAMES)
         self._levels = {}
         for name in levels:  # in level order, so that the first level keeps the plain names
-            self._levels[name] = SimpleNamespace(**{kind: ns.create(pattern.format(ids[name]), (kind, name))
+            self._levels[name] = SimpleNamespace(**{kind: self._ns.create(pattern.format(self._ids[name]), (kind, name))
                                                     for kind, pattern in _LEVEL_NAMES.items()})
 
     def __getitem__(self, level: str) -> SimpleNamespace:
         return self._levels[level]
 
-
-def _block_fn(ids, name, steps, subtree, method, restarts, leaf, uppers, shared=False) -> list:
-    """``method``: the lower level's hypergradient method (it says which iterates to keep); ``leaf``:
-    the level has no lower levels (its update is one compiled region, and so is the update's VJP);
-    ``uppers``: the levels whose hypergradients go through this block by its method (``rt.tape``
-    records the block on the autograd tape from their parameters when the method asks for it);
-    ``shared``: the level reads the records of shared blocks that ran above it."""
-    f = ids[name]
-    arg = ", shared" if shared else ""
-    stride = method.path_stride(steps)
-    lines = [
-        f"    def {f.block}(state, up, i, log, B{arg}):",
-        f'        """{steps} update(s) of {name!r} from `state`, keeping the iterates {method!r} needs."""',
-        f"        s = rt.restrict(state, {subtree!r})",
-        f"        {f.up} = rt.outside(state, up, {subtree!r})",
-        f"        {f.up}, tape = rt.tape({name!r}, s, {f.up}, {uppers!r})"]
-    if restarts:
-        lines += ["        s0 = s",
-                  f"        s = rt.begin({name!r}, s0, {f.up})"]
-    lines += [
-        f"        start, path = s, ({{0: s}} if method[{name!r}].keeps_path and tape is None else None)"]
-    loop = leaf and stride == 1  # the K updates as one compiled region (compile=True), when they can be
-    indent = "    " if loop else ""
-    if leaf:  # the block's batches, one per update (a compiled loop's input; MixedUnroll's update_split)
-        lines += [f"        batches = [B[{name!r}][i * {steps} + k] for k in range({steps})]"]
-    if loop:
-        lines += [
-            f"        looped = rt.run_loop({f.loop}, s, {f.up}, batches, path is not None, log)",
-            "        if looped is not None:",
-            "            s, path = looped",
-            "        else:"]
-    lines += [
-        f"        {indent}with rt.recording(tape):",
-        f"        {indent}    for k in range({steps}):",
-        f"        {indent}        s = {f.advance}(s, {f.up}, i * {steps} + k, log, B{arg})",
-        f"        {indent}        if path is not None and ((k + 1) % {stride} == 0 or k == {steps - 1}):",
-        f"        {indent}            path[k + 1] = s",
-        f"        record = rt.block({name!r}, {steps}, start, s, path, {f.up},",
-        f"                          lambda s_, up_, k: {f.advance}(s_, up_, i * {steps} + k, None, B{arg}),",
-        f"                          B[{name!r}][i * {steps} + {steps - 1}]" + (
-            f",\n                          lambda up_: rt.begin({name!r}, s0, up_)" if restarts else ""
-        ) + ", log=log" + (
-            f",\n                          update_vjp=lambda s_, up_, upper, k, ct: "
-            f"{f.update_vjp}(s_, up_, upper, B[{name!r}][i * {steps} + k], ct)" if leaf else "") + ", tape=tape" + (
-            f",\n                          loop={f.loop}" if loop else "") + (
-            ", batches=batches" if leaf else "") + ")",
-        "        return rt.untaped(s, tape), record",
-        "",
-    ]
-    return lines
+    def vjp(self, lower: str, upper: str, only: bool) -> str:
+        """``vjp_<lower>`` when the lower level's block is differentiated toward one upper alone."""
+        if only:
+            return self._levels[lower].vjp
+        return self._ns.create(f"vjp_{self._ids[lower]}_{self._ids[upper]}", ("vjp", lower, upper))
 
 
-def _wrt(name, plan, taken) -> tuple:
-    """The levels X's loss is differentiated in: X, and every level that the blocks before its
-    update run (its own block's, and the shared ones above it) that it takes or depends on."""
-    lowers, subtree = plan.lowers[name], plan.subtree
-    below = list(subtree[name][1:]) + [n for c in plan.outside.get(name, ()) for n in subtree[c]]
-    return (name,) + tuple(dict.fromkeys(n for n in below if n in taken or n in lowers))
+@dataclass
+class Unit:
+    """One definition of ``make_step``'s body: the names it defines and its lines."""
+
+    defines: tuple
+    lines: list
 
 
-def _partials_fn(ids, name, wrt) -> list:
-    f = ids[name]
-    return [f"    {f.partials} = rt.region({name!r}, 'partial gradients', lambda params, batch, log: rt.partials(",
-            f"        {name!r}, params, batch, {wrt!r}, log), trailing=1)",
-            ""]
+class _Writer:
+    """Writes the definitions of one program from its plan (``units``), then prints the ones an
+    entry point reaches (``source``)."""
 
+    def __init__(self, plan: Plan, title: str):
+        self.plan, self.title = plan, title
+        self.lp = plan.levels
+        self.ids = StepNames(plan.subtree)
+        self.units: list[Unit] = []
+        self.tasked = sorted({n for n in plan.subtree if self.lp[n].tasks} |  # vmap draws their random numbers
+                             {u for u in plan.subtree if any(self.lp[c].tasks for c in plan.lowers[u])})
+        # the step draws seeds when a level outside the tasks' vmap may draw random numbers
+        self.seeds = any(self.lp[n].random is not False for n in plan.subtree if n not in self.tasked)
 
-def _update_fn(ids, name) -> list:
-    """One update of a level with no lower levels, from its batch: one compiled region, and its VJP another."""
-    f = ids[name]
-    return [f"    def {f.update}(sub, up, batch, log):",
-            f'        """One update of {name!r} from its batch: (new state, loss, metrics, gradient norm)."""',
-            f"        loss, metrics, g = rt.partials({name!r}, {{**up, **rt.params_of(sub)}}, batch, ({name!r},), log)",
-            f"        new = rt.apply_update({name!r}, sub, up, g[{name!r}], batch)",
-            f"        return new, loss, metrics, rt.grad_norm(g[{name!r}])",
-            "",
-            f"    {f.update_vjp} = rt.update_vjp({name!r}, {f.update})",
-            f"    {f.loop} = rt.update_loop({name!r}, {f.update})",
-            f"    {f.update} = rt.region({name!r}, 'update', {f.update}, trailing=1)",
-            "",
+    def add(self, defines, lines):
+        self.units.append(Unit(tuple(defines), lines + [""]))
+
+    # -- pieces ---------------------------------------------------------------------------------
+    def batch(self, name, k="k", sub=""):
+        """The expression of level ``name``'s batch at update ``i * steps + k`` of its block."""
+        steps = self.lp[name].steps
+        index = "i" if steps == 1 else (f"i * {steps} + {k}" if k != "0" else f"i * {steps}")
+        return f"B{sub}[{name!r}][{index}]"
+
+    def seeded(self, indent):
+        if not self.seeds:
+            return []
+        return [f"{indent}B = rt.seeded(state, B, {self.tasked!r})  # a seed per update whose loss draws random numbers"]
+
+    def partials(self, name, params, batch, log):
+        lp, f = self.lp[name], self.ids[name]
+        if lp.compiled:
+            return f"{f.partials}({params}, {batch}, {log})"
+        return f"rt.partials({name!r}, {params}, {batch}, {lp.wrt!r}, {log})"
+
+    # -- definitions ----------------------------------------------------------------------------
+    def partials_unit(self, name):
+        if not self.lp[name].compiled:
+            return
+        f = self.ids[name]
+        self.add([f.partials], [
+            f"    {f.partials} = rt.region({name!r}, 'partial gradients', lambda params, batch, log: rt.partials(",
+            f"        {name!r}, params, batch, {self.lp[name].wrt!r}, log), trailing=1)"])
+
+    def update_units(self, name):
+        """A level with no lower levels: one update from its batch (a compiled region under
+        compile=True, with its VJP and the compiled loop of its updates where they are used), and
+        ``advance_X``, the update as the block and the methods that replay it call it."""
+        f, lp = self.ids[name], self.lp[name]
+        lines = [f"    def {f.update}(sub, up, batch, log):",
+                 f'        """One update of {name!r} from its batch: (new state, loss, metrics, gradient norm)."""',
+                 f"        loss, metrics, g = rt.partials({name!r}, {{**up, **rt.params_of(sub)}}, batch, ({name!r},), log)",
+                 f"        return rt.apply_update({name!r}, sub, up, g[{name!r}], batch), loss, metrics, "
+                 f"rt.grad_norm(g[{name!r}])"]
+        defines = [f.update]
+        if lp.compiled:
+            if lp.keep:
+                lines.append(f"    {f.update_vjp} = rt.update_vjp({name!r}, {f.update})")
+                defines.append(f.update_vjp)
+            if lp.loop:
+                lines.append(f"    {f.loop} = rt.update_loop({name!r}, {f.update})")
+                defines.append(f.loop)
+            lines.append(f"    {f.update} = rt.region({name!r}, 'update', {f.update}, trailing=1)")
+        self.add(defines, lines)
+        self.add([f.advance], [
             f"    def {f.advance}(sub, up, i, log, B):",
             f'        """One update of {name!r}: a pure function of the block state."""',
             f"        sub, loss, metrics, norm = {f.update}(sub, up, B[{name!r}][i], log)",
             f"        rt.record(log, {name!r}, loss, metrics, norm)",
-            "        return sub",
-            ""]
+            "        return sub"])
 
+    def advance_unit(self, name):
+        f = self.ids[name]
+        extra = ", shared" if name in self.plan.outside else ""
+        self.add([f.advance], [
+            f"    def {f.advance}(sub, up, i, log, B{extra}):",
+            f'        """One update of {name!r}: a pure function of the block state."""',
+            f"        {f.g}, sub, loss, metrics = {f.gradient}(sub, up, i, log, B{extra})",
+            f"        rt.record(log, {name!r}, loss, metrics, rt.grad_norm({f.g}))",
+            f"        return rt.apply_update({name!r}, sub, up, {f.g}, B[{name!r}][i])"])
 
-def _gradient_fn(ids, name, plan, wrt, suffix="") -> list:
-    """``wrt``: the levels X's loss is differentiated in (``_wrt``)."""
-    f = ids[name]
-    outside, group = plan.outside.get(name, ()), plan.groups.get(name, ())
-    kids = [c for c in plan.children[name] if c not in group]  # lower levels, each differentiated by its method
-    sig = "sub, up, i, log, B" + (", shared" if outside else "")
-    lines = [f"    def {f.one_task if suffix else f.gradient}({sig}):",
-             f'        """Total gradient of {name!r} at its update i (its lower levels run first)."""']
-    if group:
-        lines += ["        start = sub",
-                  f"        sub = gro{f.up}(sub, up, i, log, B)"]
-    for c in kids:
-        lines += [f"        s, {ids[c].record} = {ids[c].block}(sub, up, i, log, B)",
-                  "        sub = {**sub, **s}"]
-    lines += [f"        loss, metrics, g = {f.partials}({{**up, **rt.params_of(sub)}}, B[{name!r}][i], log)",
-              f"        {f.g} = g[{name!r}]"]
+    def block_unit(self, name):
+        """X's loop. A method whose VJP is its own source (``inline``) needs the block's end alone:
+        the block returns ``(final state, parameters outside it)``. Any other method gets the
+        block's record (``rt.block``): its start, the iterates it keeps, the replayable update."""
+        f, lp, plan = self.ids[name], self.lp[name], self.plan
+        steps, subtree = lp.steps, list(plan.subtree[name])
+        leaf = not plan.lowers[name]
+        arg = ", shared" if name in plan.outside else ""
+        what = (f"{lp.method!r} differentiates its end" if lp.inline else
+                f"keeping what {lp.method!r} needs" if lp.toward else "no level differentiates it")
+        lines = [f"    def {f.block}(state, up, i, log, B{arg}):",
+                 f'        """{steps} update(s) of {name!r} from `state` ({what})."""',
+                 f"        s = rt.restrict(state, {subtree!r})",
+                 f"        {f.up} = rt.outside(state, up, {subtree!r})"]
+        tape = lp.tape and lp.nested  # recorded where this run of the block allows it
+        if lp.tape:
+            always = "" if lp.nested else ", always=True"
+            lines.append(f"        {f.up}, tape = rt.tape({name!r}, s, {f.up}, {list(lp.toward)!r}{always})")
+        if lp.start is not None:
+            lines += ["        s0 = s", f"        s = rt.begin({name!r}, s0, {f.up})"]
+        record = not lp.inline and bool(lp.toward)
+        if record:
+            lines.append("        start = s")
+        keep = lp.keep and record and not (lp.tape and not lp.nested)  # the tape stands in for the iterates
+        if keep:
+            lines.append("        path = {0: s} if tape is None else None" if tape else "        path = {0: s}")
+        batches = leaf and record  # a level with no lower levels: its batches go to the record
+        if batches:
+            lines.append(f"        batches = [{self.batch(name)} for k in range({steps})]")
+        body = "            "
+        loop = lp.loop
+        if loop:
+            lines += [f"        looped = rt.run_loop({f.loop}, s, {f.up}, "
+                      f"{'batches' if batches else f'[{self.batch(name)} for k in range({steps})]'}, "
+                      f"{'path is not None' if tape else 'True' if keep else 'False'}, log)",
+                      "        if looped is not None:",
+                      "            s, path = looped" if keep else "            s, _ = looped",
+                      "        else:"]
+            body += "    "
+        head = body[:-4]
+        if lp.tape:
+            lines.append(f"{head}with rt.recording(tape):")
+            head, body = body, body + "    "
+        lines.append(f"{head}for k in range({steps}):")
+        index = "i" if steps == 1 else f"i * {steps} + k"
+        if leaf and not record:  # nothing replays the updates: the update itself, in the loop
+            lines += [f"{body}s, loss, metrics, norm = {f.update}(s, {f.up}, B[{name!r}][{index}], log)",
+                      f"{body}rt.record(log, {name!r}, loss, metrics, norm)"]
+        else:
+            lines.append(f"{body}s = {f.advance}(s, {f.up}, {index}, log, B{arg})")
+        if keep:
+            when = "" if lp.keep == 1 else f"(k + 1) % {lp.keep} == 0 or k == {steps - 1}"
+            cond = " and ".join(c for c in ("path is not None" if tape else "", when) if c)
+            if cond:
+                lines += [f"{body}if {cond}:", f"{body}    path[k + 1] = s"]
+            else:
+                lines.append(f"{body}path[k + 1] = s")
+        if not record:
+            self.add([f.block], lines + [f"        return s, {f.up}"])
+            return
+        last = "i" if steps == 1 else f"i * {steps} + {steps - 1}"
+        advance = f"lambda s_, up_, k: {f.advance}(s_, up_, {'i' if steps == 1 else f'i * {steps} + k'}, None, B{arg})"
+        extras = [f"begin=lambda up_: rt.begin({name!r}, s0, up_)"] if lp.start is not None else []
+        extras.append("log=log")
+        if leaf and lp.keep and lp.compiled:
+            extras.append(f"update_vjp=lambda s_, up_, upper, k, ct: {f.update_vjp}(s_, up_, upper, "
+                          f"B[{name!r}][{'i' if steps == 1 else f'i * {steps} + k'}], ct)")
+        if lp.tape:
+            extras.append("tape=tape")
+        if loop:
+            extras.append(f"loop={f.loop}")
+        if batches:
+            extras.append("batches=batches")
+        lines += [f"        record = rt.block({name!r}, {steps}, start, s, {'path' if keep else 'None'}, {f.up},",
+                  f"                          {advance},",
+                  f"                          B[{name!r}][{last}], {', '.join(extras)})",
+                  f"        return {'rt.untaped(s, tape)' if lp.tape else 's'}, record"]
+        self.add([f.block], lines)
 
-    def cotangent(blocks):
-        return "{" + ", ".join(f"{n!r}: g[{n!r}]" for b in blocks for n in plan.subtree[b] if n in wrt[1:]) + "}"
+    def vjp_units(self, name):
+        """The lower level ``name``'s VJP toward each upper, as its method's own source."""
+        lp = self.lp[name]
+        if not lp.inline:
+            return
+        me = f"method[{name!r}]"
+        body = lp.method.source(me)
+        for upper in lp.toward:
+            fn = self.ids.vjp(name, upper, len(lp.toward) == 1)
+            lines = [f"    def {fn}(final, up, batch, v):",
+                     f'        """vᵀ dθ_{name}/dθ_{upper} by {lp.method!r} at the end of the block of {name!r}, and its '
+                     f'diagnostics; L = {name}\'s loss on its last batch, θ = its parameters there."""',
+                     f"        solution, info = rt.solution({name!r}, {upper!r}, final, up, batch)"]
+            *body_lines, last = body
+            if not last.startswith("return "):
+                raise ValueError(f"{lp.method!r}.source() must end with `return <the VJP>`, got {last!r}")
+            lines += [f"        {line}" for line in body_lines] + [f"        {last}, info"]
+            if lp.compiled:  # one compiled region from plain tensors; its diagnostics come back as outputs
+                lines.append(f"    {fn} = rt.products_region({name!r}, {upper!r}, {fn})")
+            self.add([fn], lines)
 
-    for c in kids:
-        lines.append(f"        {f.g} = rt.add({f.g}, rt.best_response_vjp({c!r}, {name!r}, {ids[c].record}, "
-                     f"{cotangent([c])}))")
-    for c in outside:
-        lines.append(f"        {f.g} = rt.add({f.g}, rt.best_response_vjp({c!r}, {name!r}, shared[{c!r}], "
-                     f"{cotangent([c])}))")
-    if group:
-        lines.append(f"        {f.g} = rt.add({f.g}, rt.group_vjp({name!r}, lambda s_: gro{f.up}(s_, up, i, None, B), "
-                     f"start, {cotangent(group)}))")
-    lines += [f"        return {f.g}, sub, loss, metrics", ""]
-    return lines
+    def hypergradient_terms(self, name, blocks, shared=False) -> list:
+        """The lines adding X's hypergradient through each block in ``blocks`` to its gradient."""
+        f, plan, wrt = self.ids[name], self.plan, self.lp[name].wrt
+        out = []
+        for c in blocks:
+            lc = self.lp[c]
+            cot = "{" + ", ".join(f"{n!r}: g[{n!r}]" for n in plan.subtree[c] if n in wrt[1:]) + "}"
+            record = f"shared[{c!r}]" if shared else self.ids[c].record
+            if lc.inline:
+                fn = self.ids.vjp(c, name, len(lc.toward) == 1)
+                final, up = (f"{record}[0]", f"{record}[1]") if shared else (self.ids[c].sub, self.ids[c].up)
+                out += [f"        ct, info = {fn}({final}, {up}, {self.batch(c, k=str(lc.steps - 1))}, g[{c!r}])",
+                        f"        rt.report_info(log, {c!r}, info)",
+                        f"        {f.g} = rt.add({f.g}, ct)"]
+            else:
+                out.append(f"        {f.g} = rt.add({f.g}, rt.best_response_vjp({c!r}, {name!r}, {record}, {cot}))")
+        return out
 
+    def gradient_unit(self, name, suffix=False):
+        f, plan = self.ids[name], self.plan
+        outside, group = plan.outside.get(name, ()), plan.groups.get(name, ())
+        kids = [c for c in plan.children[name] if c not in group]  # lower levels, each differentiated by its method
+        sig = "sub, up, i, log, B" + (", shared" if outside else "")
+        fn = f.one_task if suffix else f.gradient
+        lines = [f"    def {fn}({sig}):",
+                 f'        """Total gradient of {name!r} at its update i (its lower levels run first)."""']
+        if group:
+            lines += ["        start = sub", f"        sub = {f.group}(sub, up, i, log, B)"]
+        for c in kids:
+            fc = self.ids[c]
+            final, record = (fc.sub, fc.up) if self.lp[c].inline else ("s", fc.record)
+            lines += [f"        {final}, {record} = {fc.block}(sub, up, i, log, B)",
+                      f"        sub = {{**sub, **{final}}}"]
+        lines += [f"        loss, metrics, g = {self.partials(name, '{**up, **rt.params_of(sub)}', f'B[{name!r}][i]', 'log')}",
+                  f"        {f.g} = g[{name!r}]"]
+        lines += self.hypergradient_terms(name, kids)
+        lines += self.hypergradient_terms(name, outside, shared=True)
+        if group:
+            cot = "{" + ", ".join(f"{n!r}: g[{n!r}]" for b in group for n in plan.subtree[b]
+                                  if n in self.lp[name].wrt[1:]) + "}"
+            lines.append(f"        {f.g} = rt.add({f.g}, rt.group_vjp({name!r}, lambda s_: {f.group}(s_, up, i, None, B), "
+                         f"start, {cot}))")
+        self.add([fn], lines + [f"        return {f.g}, sub, loss, metrics"])
 
-def _group_fn(ids, name, plan) -> list:
-    """The blocks of X's update that share a level: the shared ones first, then their uppers'."""
-    f, group = ids[name], plan.groups[name]
-    lines = [f"    def gro{f.up}(sub, up, i, log, B):",
-             f'        """The blocks of {" + ".join(group)} in update i of {name!r}: pure in the block state."""',
-             "        shared = {}"]
-    for c in group:
-        record = f"shared[{c!r}]" if c in plan.hosts else "_"
-        lines += [f"        s, {record} = {ids[c].block}(sub, up, i, log, B{', shared' if c in plan.outside else ''})",
-                  "        sub = {**sub, **s}"]
-    return lines + ["        return sub", ""]
+    def group_unit(self, name):
+        """The blocks of X's update that share a level: the shared ones first, then their uppers'."""
+        f, group, plan = self.ids[name], self.plan.groups[name], self.plan
+        lines = [f"    def {f.group}(sub, up, i, log, B):",
+                 f'        """The blocks of {" + ".join(group)} in update i of {name!r}: pure in the block state."""',
+                 "        shared = {}"]
+        for c in group:
+            record = f"shared[{c!r}]" if c in plan.hosts else "_"
+            final = self.ids[c].sub if self.lp[c].inline else "s"
+            lines += [f"        {final}, {record} = {self.ids[c].block}(sub, up, i, log, B{', shared' if c in plan.outside else ''})",
+                      f"        sub = {{**sub, **{final}}}"]
+            if c in plan.hosts and self.lp[c].inline:
+                lines.append(f"        shared[{c!r}] = ({final}, shared[{c!r}])")
+        self.add([f.group], lines + ["        return sub"])
 
-
-def _tasks_fn(ids, name, tasked, taped) -> list:
-    """The upper level of a level batched over tasks: its gradient, vmapped over the tasks, averaged.
-    ``taped``: the tasked level is the only lower level and its method may record the tape
-    (``Unroll``): where ``rt.tape_tasks`` allows, the tasks' mean loss is computed under ``vmap``
-    on the autograd tape and differentiated by one backward pass (as a hand-written MAML does)."""
-    f, t = ids[name], ids[tasked]
-    lines = [f"    def {f.gradient}(sub, up, i, log, B):",
-             f'        """Total gradient of {name!r}, averaged over the tasks of {tasked!r} '
-             '(one vmapped computation)."""']
-    if taped:
-        lines += [
-            f"        leaves = rt.tape_tasks({tasked!r}, {name!r}, sub, up)",
-            "        if leaves is not None:  # the mean task loss on the tape, then one backward pass",
-            f"            sub_ = {{**sub, {name!r}: {{**sub[{name!r}], 'params': leaves}}}}",
-            "            def task_loss(sub_task, B_task):",
-            f"                s, _ = {t.block}({{**sub_, **sub_task}}, up, i, None, {{**B, **B_task}})",
-            "                params = {**up, **rt.params_of({**sub_, **s})}",
-            f"                return rt.evaluate({name!r}, params, B_task[{name!r}][i])[0], "
-            f"rt.restrict(s, [{tasked!r}])",
-            f"            loss, {t.sub} = vmap(task_loss, randomness='different')(",
-            f"                rt.restrict(sub, [{tasked!r}]), {{{tasked!r}: B[{tasked!r}], {name!r}: B[{name!r}]}})",
-            "            g = rt.tape_gradient(loss.mean(), leaves)",
-            f"            return g, {{**sub, **rt.untaped({t.sub}, leaves)}}, loss.mean().detach(), {{}}"]
-    return lines + [
+    def tasks_unit(self, name, tasked, taped):
+        """The upper level of a level batched over tasks: its gradient, vmapped over the tasks,
+        averaged. ``taped``: where ``rt.tape_tasks`` allows, the tasks' mean loss is computed under
+        ``vmap`` on the autograd tape and differentiated by one backward pass (as a hand-written
+        MAML does)."""
+        f, t = self.ids[name], self.ids[tasked]
+        lines = [f"    def {f.gradient}(sub, up, i, log, B):",
+                 f'        """Total gradient of {name!r}, averaged over the tasks of {tasked!r} '
+                 '(one vmapped computation)."""']
+        if taped:
+            lines += [
+                f"        leaves = rt.tape_tasks({tasked!r}, {name!r}, sub, up)",
+                "        if leaves is not None:  # the mean task loss on the tape, then one backward pass",
+                f"            sub_ = {{**sub, {name!r}: {{**sub[{name!r}], 'params': leaves}}}}",
+                "            def task_loss(sub_task, B_task):",
+                f"                s, _ = {t.block}({{**sub_, **sub_task}}, up, i, None, {{**B, **B_task}})",
+                "                params = {**up, **rt.params_of({**sub_, **s})}",
+                f"                return rt.evaluate({name!r}, params, B_task[{name!r}][i])[0], "
+                f"rt.restrict(s, [{tasked!r}])",
+                f"            loss, {t.sub} = vmap(task_loss, randomness='different')(",
+                f"                rt.restrict(sub, [{tasked!r}]), {{{tasked!r}: B[{tasked!r}], {name!r}: B[{name!r}]}})",
+                "            g = rt.tape_gradient(loss.mean(), leaves)",
+                f"            return g, {{**sub, **rt.untaped({t.sub}, leaves)}}, loss.mean().detach(), {{}}"]
+        self.add([f.gradient], lines + [
             "        def one_task(sub_task, B_task):",
             "            task_log = rt.task_log()",
             f"            g, s, loss, _ = {f.one_task}({{**sub, **sub_task}}, up, i, task_log, {{**B, **B_task}})",
@@ -233,95 +362,116 @@ def _tasks_fn(ids, name, tasked, taped) -> list:
             f"        g, {t.sub}, loss, outcomes = vmap(one_task, randomness='different')(",
             f"            rt.restrict(sub, [{tasked!r}]), {{{tasked!r}: B[{tasked!r}], {name!r}: B[{name!r}]}})",
             "        rt.merge_task_outcomes(log, outcomes)",
-            f"        return rt.mean_over_tasks(g), {{**sub, **{t.sub}}}, loss.mean(), {{}}",
-            ""]
+            f"        return rt.mean_over_tasks(g), {{**sub, **{t.sub}}}, loss.mean(), {{}}"])
+
+    def step_unit(self):
+        plan, ids = self.plan, self.ids
+        shared = [c for c in plan.children[None] if c in plan.hosts]  # blocks step() runs before the tops
+        tops = [c for c in plan.children[None] if c not in plan.hosts]
+        lines = ["    def step(state, B):",
+                 f'        """One step of {self.title}: (state, batches) -> (new state, log)."""',
+                 "        log = rt.new_log()"] + self.seeded("        ")
+        lines += self.shared_blocks(shared, "        ")
+        for t in tops:
+            subtree = list(plan.subtree[t])
+            arg = ", shared" * (t in plan.outside)
+            call = (f"{ids[t].advance}(rt.restrict(state, {subtree!r}), rt.outside(state, {{}}, {subtree!r}), "
+                    f"{'t' if self.lp[t].steps > 1 else '0'}, log, B{arg})")
+            if self.lp[t].steps > 1:
+                lines += [f"        for t in range({self.lp[t].steps}):", f"            state = {{**state, **{call}}}"]
+            else:
+                lines.append(f"        state = {{**state, **{call}}}")
+        self.add(["step"], lines + ["        return state, log"])
+
+    def shared_blocks(self, shared, indent) -> list:
+        if not shared:
+            return []
+        lines = [f"{indent}shared = {{}}"]
+        for n in shared:
+            arg = ", shared" * (n in self.plan.outside)
+            final = self.ids[n].sub if self.lp[n].inline else "s"
+            lines += [f"{indent}{final}, shared[{n!r}] = {self.ids[n].block}(state, {{}}, 0, log, B{arg})",
+                      f"{indent}state = {{**state, **{final}}}"]
+            if self.lp[n].inline:
+                lines.append(f"{indent}shared[{n!r}] = ({final}, shared[{n!r}])")
+        return lines
+
+    def hypergradient_unit(self):
+        lines = ["    def hypergradient(name, state, B, log=None):",
+                 '        """(total gradient, loss) of level `name` at its next update, after the shared blocks it',
+                 '        reads (which run first, as in the step); changes nothing."""'] + self.seeded("        ")
+        for name in self.plan.subtree:
+            sub = list(self.plan.subtree[name])
+            lines.append(f"        if name == {name!r}:")
+            lines += self.shared_blocks(_shared_before(name, self.plan), "            ")
+            lines.append(f"            return {self.ids[name].gradient}(rt.restrict(state, {sub!r}), "
+                         f"rt.outside(state, {{}}, {sub!r}), 0, log, B{', shared' * (name in self.plan.outside)})[::2]")
+        self.add(["hypergradient"], lines + ["        raise KeyError(name)"])
+
+    # -- the program ----------------------------------------------------------------------------
+    def units_of_program(self):
+        plan, lp = self.plan, self.lp
+        tops = [c for c in plan.children[None] if c not in plan.hosts]
+        for name in plan.subtree:
+            lowers = plan.lowers[name]
+            if name not in tops:
+                self.block_unit(name)
+                self.vjp_units(name)
+            task_lowers = [c for c in lowers if lp[c].tasks]
+            self.partials_unit(name)
+            if name in plan.groups:
+                self.group_unit(name)
+            self.gradient_unit(name, suffix=bool(task_lowers))
+            if task_lowers:
+                tasked = task_lowers[0]
+                taped = (list(lowers) == task_lowers[:1] and not plan.lowers[tasked]
+                         and lp[tasked].method.records_tape)
+                self.tasks_unit(name, tasked, taped)
+            if not lowers:
+                self.update_units(name)
+            else:
+                self.advance_unit(name)
+        self.step_unit()
+        self.hypergradient_unit()
+
+    def source(self, entry: str) -> str:
+        """The definitions ``entry`` reaches, in the order they were written, as the source of
+        ``make_<entry>(rt)``."""
+        defined = {n: u for u in self.units for n in u.defines}
+        word = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+        reached, pending = set(), [defined[entry]]
+        while pending:
+            unit = pending.pop()
+            if id(unit) in reached:
+                continue
+            reached.add(id(unit))
+            # a unit that defines a name as ``name = rt.region(..., name)`` reaches the def above it
+            pending += [defined[w] for line in unit.lines for w in word.findall(line)
+                        if w in defined and defined[w] is not unit]
+        body = [line for u in self.units if id(u) in reached for line in u.lines]
+        text = "\n".join(body)
+        used = [m for m in _METHOD_MODULES if re.search(rf"\b{m}\.", text)]
+        head = [f"# The {'fused step' if entry == 'step' else 'hypergradient entry point'} of {self.title}, "
+                f"generated by mlodsl from its plan (print(prog.plan)).",
+                "# State: {level: {'params': {...}, 'opt': {...}}}; B: {level: [its batch for each update]}.",
+                ""]
+        if used:
+            head.append(f"from mlodsl.hypergrad import {', '.join(used)}")
+        if "vmap(" in text:
+            head.append("from torch.func import vmap")
+        if len(head) > 3:
+            head.append("")
+        binds = ["    method = rt.methods", ""] if re.search(r"\bmethod\[", text) else []
+        return "\n".join(head + ["", f"def make_{entry}(rt):"] + binds + body + [f"    return {entry}", ""])
 
 
-def _advance_fn(ids, name, shared) -> list:
-    f = ids[name]
-    extra = ", shared" if shared else ""
-    return [f"    def {f.advance}(sub, up, i, log, B{extra}):",
-            f'        """One update of {name!r}: a pure function of the block state."""',
-            f"        {f.g}, sub, loss, metrics = {f.gradient}(sub, up, i, log, B{extra})",
-            f"        rt.record(log, {name!r}, loss, metrics, rt.grad_norm({f.g}))",
-            f"        return rt.apply_update({name!r}, sub, up, {f.g}, B[{name!r}][i])",
-            ""]
-
-
-def generate(plan: Plan, levels: dict, methods: dict, title: str, taken: dict | None = None) -> str:
-    """The source of ``make_step(rt) -> (step, hypergradient)`` for ``plan``; ``taken`` maps each
-    level to the levels whose parameters its loss takes (default: itself and its arguments; a
-    function may also read levels through closures)."""
-    shared = [c for c in plan.children[None] if c in plan.hosts]  # blocks step() runs before the tops
-    tasked = sorted({n for n in plan.subtree if levels[n].tasks} |  # vmap draws their random numbers
-                    {u for u in plan.subtree if any(levels[c].tasks for c in plan.lowers[u])})
-    tops = [c for c in plan.children[None] if c not in plan.hosts]
-    ids = StepNames(plan.subtree)
-    # level -> the levels whose hypergradients go through its block by its method (not unrolled in a group)
-    toward = {n: [u for u in plan.subtree if n in plan.outside.get(u, ())
-                  or (plan.parent[n] == u and n not in plan.groups.get(u, ()))] for n in plan.subtree}
-    out = [f"# The fused step of {title}, generated by mlodsl from its plan.",
-           "# State: {level: {'params': {...}, 'opt': {...}}}; B: {level: [its batch for each update]}.",
-           "",
-           "from torch.func import vmap",
-           "",
-           "def make_step(rt):",
-           "    method = rt.methods",
-           ""]
-    for name in plan.subtree:
-        lowers = plan.lowers[name]
-        has_shared = name in plan.outside
-        if name not in tops:
-            out += _block_fn(ids, name, levels[name].steps, list(plan.subtree[name]), methods[name],
-                            levels[name].start_from is not None, not lowers, toward[name], has_shared)
-        takes = taken[name] if taken is not None else {name, *levels[name].level_args}
-        task_lowers = [c for c in lowers if levels[c].tasks]
-        suffix = "_one_task" if task_lowers else ""
-        wrt = _wrt(name, plan, takes)
-        out += _partials_fn(ids, name, wrt)
-        if name in plan.groups:
-            out += _group_fn(ids, name, plan)
-        out += _gradient_fn(ids, name, plan, wrt, suffix)
-        if task_lowers:
-            taped = (list(lowers) == task_lowers[:1] and not plan.lowers[task_lowers[0]]
-                     and methods[task_lowers[0]].records_tape)
-            out += _tasks_fn(ids, name, task_lowers[0], taped)
-        out += _update_fn(ids, name) if not lowers else _advance_fn(ids, name, has_shared)
-
-    out += ["    def step(state, B):",
-            f'        """One step of {title}: (state, batches) -> (new state, log)."""',
-            "        log = rt.new_log()",
-            f"        B = rt.seeded(state, B, {tasked!r})"
-            "  # one seed per update of a lower level that draws random numbers"] + (
-            ["        shared = {}"] if shared else [])
-    for n in shared:
-        out += [f"        s, shared[{n!r}] = {ids[n].block}(state, {{}}, 0, log, B{', shared' * (n in plan.outside)})",
-                "        state = {**state, **s}"]
-    for t in tops:
-        out += [f"        for t in range({levels[t].steps}):",
-                f"            sub = {ids[t].advance}(rt.restrict(state, {list(plan.subtree[t])!r}), "
-                f"rt.outside(state, {{}}, {list(plan.subtree[t])!r}), t, log, B{', shared' * (t in plan.outside)})",
-                "            state = {**state, **sub}"]
-    out += ["        return state, log", ""]
-
-    out += ["    def hypergradient(name, state, B, log=None):",
-            '        """(total gradient, loss) of level `name` at its next update, after the shared blocks it',
-            '        reads (which run first, as in the step); changes nothing."""',
-            f"        B = rt.seeded(state, B, {tasked!r})"]
-    for name in plan.subtree:
-        sub = list(plan.subtree[name])
-        out += [f"        if name == {name!r}:"]
-        needed = _shared_before(name, plan)
-        out += ["            shared = {}"] if needed else []
-        for n in needed:
-            arg = ", shared" * (n in plan.outside)
-            out += [f"            s, shared[{n!r}] = {ids[n].block}(state, {{}}, 0, log, B{arg})",
-                    "            state = {**state, **s}"]
-        out += [f"            return {ids[name].gradient}(rt.restrict(state, {sub!r}), "
-                f"rt.outside(state, {{}}, {sub!r}), "
-                f"0, log, B{', shared' * (name in plan.outside)})[::2]"]
-    out += ["        raise KeyError(name)", "", "    return step, hypergradient", ""]
-    return "\n".join(out)
+def generate(plan: Plan, title: str, entry: str = "step") -> str:
+    """The source of ``make_step(rt) -> step`` (``entry="hypergradient"``: of
+    ``make_hypergradient(rt) -> hypergradient``) for ``plan``, whose ``levels`` hold the decisions
+    (``plan.decide``)."""
+    writer = _Writer(plan, title)
+    writer.units_of_program()
+    return writer.source(entry)
 
 
 def _shared_before(name, plan) -> list:
@@ -336,13 +486,14 @@ def _shared_before(name, plan) -> list:
     return [c for c in plan.children[plan.parent[name]] if c in needed] if needed else []
 
 
-def build(source: str, runtime):
+def build(source: str, runtime, entry: str = "step"):
     """Execute the generated source from a file of its own (named by its hash, in the temporary
-    directory), so that tracebacks and debuggers show the real lines of the step."""
+    directory), so that tracebacks and debuggers show the real lines of the step; returns
+    ``(make_<entry>(runtime), filename)``."""
     digest = hashlib.sha1(source.encode()).hexdigest()[:16]
     folder = os.path.join(tempfile.gettempdir(), "mlodsl-steps")
     os.makedirs(folder, exist_ok=True)
-    filename = os.path.join(folder, f"step_{digest}.py")
+    filename = os.path.join(folder, f"{entry}_{digest}.py")
     if not os.path.exists(filename):
         tmp = f"{filename}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
@@ -351,4 +502,4 @@ def build(source: str, runtime):
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     namespace: dict = {"__file__": filename}
     exec(compile(source, filename, "exec"), namespace)
-    return namespace["make_step"](runtime), filename
+    return namespace[f"make_{entry}"](runtime), filename

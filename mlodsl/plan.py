@@ -22,7 +22,7 @@ and its parameters move both.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import networkx as nx
 
@@ -83,6 +83,118 @@ class Plan:
     hosts: dict = field(default_factory=dict)     # level shared by separate branches -> its host (None: step())
     outside: dict = field(default_factory=dict)   # level -> lower levels whose blocks ran above it (shared)
     groups: dict = field(default_factory=dict)    # level -> the blocks it differentiates together (shared first)
+    levels: dict = field(default_factory=dict)    # level -> LevelPlan: what the build decided (``decide``)
+
+    def __str__(self) -> str:
+        """The schedule, then what was decided for each level: the two views the step is written from."""
+        rows = [LevelPlan.HEADER] + [str(lp) for lp in self.levels.values()]
+        return f"{self.schedule}\n\n" + "\n".join(rows) if self.levels else str(self.schedule)
+
+    def __repr__(self) -> str:
+        return str(self)
+
+    def _repr_pretty_(self, p, cycle):
+        p.text(str(self))
+
+
+@dataclass(frozen=True)
+class LevelPlan:
+    """What the build decided for one level, once; the generated step is written from it alone.
+
+    * ``wrt``: the levels its loss is differentiated in (itself first);
+    * ``toward``: the levels whose hypergradients go through its block by its ``method``;
+    * ``keep``: keep every ``keep``-th iterate of its block (0: none; the method replays them);
+    * ``tape``: its block is recorded on the autograd tape (the method asks for it; the level is
+      eager and unsharded); ``nested``: the block may also run inside a derivative (a level above
+      replays it, or ``vmap`` runs it over tasks), where the tape cannot be recorded: the step then
+      decides per run and falls back to the kept iterates;
+    * ``compiled``: its regions (partial gradients, update, products) are compiled; ``loop``: its
+      ``steps`` updates are one compiled loop;
+    * ``inline``: its method's VJP is the method's own source in the step (``Method.source``);
+    * ``random``: a lower level whose loss draws random numbers (each of its updates gets a seed;
+      None: an opaque level, known after its first run);
+    * ``start``: None (warm start), ``"init"`` or the upper level it starts from (MAML).
+    """
+
+    name: str
+    steps: int
+    method: object
+    wrt: tuple
+    toward: tuple
+    keep: int
+    tape: bool
+    nested: bool
+    compiled: bool
+    loop: bool
+    inline: bool
+    random: bool | None
+    start: str | None
+    tasks: bool
+    precision: str
+    sharded: bool
+    data_parallel: bool
+
+    HEADER = "level: method | iterates kept | tape | compiled | vjp source | random | start | tasks | precision | sharded"
+
+    def __str__(self) -> str:
+        keep = {0: "none", 1: "every"}.get(self.keep, f"every {self.keep}")
+        compiled = "loop" if self.loop else ("regions" if self.compiled else "no")
+        source = "method's own" if self.inline else "Method.vjp"
+        random = {None: "unknown", True: "yes", False: "no"}[self.random]
+        method = "top level" if self.method is None else repr(self.method)
+        tape = "where it can" if self.tape and self.nested else ("yes" if self.tape else "no")
+        return (f"{self.name}: {method} | {keep} | {tape} | {compiled} | {source} | "
+                f"{random} | {self.start or 'warm'} | {'yes' if self.tasks else 'no'} | {self.precision} | "
+                f"{'yes' if self.sharded else 'no'}" + (" | data parallel" if self.data_parallel else ""))
+
+
+def _runs_inside_a_derivative(name, plan: Plan, methods: dict, levels: dict) -> bool:
+    """Whether the block of ``name`` may run inside a transform or a product that differentiates it:
+    under ``vmap`` (tasks), re-run by a group's VJP, or replayed by the method of a level whose
+    block contains it (any method but one that takes products at its block's end alone)."""
+    chain = [name]
+    while plan.parent[chain[-1]] is not None:
+        chain.append(plan.parent[chain[-1]])
+    grouped = {n for group in plan.groups.values() for m in group for n in plan.subtree[m]}
+    for level in chain:
+        method = methods.get(level)
+        if levels[level].tasks or level in grouped:
+            return True
+        if level != name and method is not None and (not method.products_only or method.replays_updates):
+            return True
+    return False
+
+
+def decide(plan: Plan, levels: dict, methods: dict, *, taken: dict, compiled: set, loops_allowed: dict,
+           sharded: set, random: dict, precision: dict, data_parallel: bool) -> Plan:
+    """``plan`` with every level's ``LevelPlan``: the choices the generated step is written from.
+
+    ``taken``: level -> the levels whose parameters its loss takes; ``compiled``: the levels whose
+    regions compile; ``loops_allowed``: level -> whether its updates may run as one compiled loop
+    (not for a level solved by ``ml.optim.solver``); ``random``: level -> whether its loss draws
+    random numbers."""
+    out = {}
+    for name in plan.subtree:
+        method, steps = methods.get(name), levels[name].steps  # a top level has no method
+        below = list(plan.subtree[name][1:]) + [n for c in plan.outside.get(name, ()) for n in plan.subtree[c]]
+        wrt = (name,) + tuple(dict.fromkeys(n for n in below if n in taken[name] or n in plan.lowers[name]))
+        toward = tuple(u for u in plan.subtree if name in plan.outside.get(u, ())
+                       or (plan.parent[name] == u and name not in plan.groups.get(u, ())))
+        leaf = not plan.lowers[name]
+        stride = method.path_stride(steps) if method is not None and method.keeps_path else 0
+        is_compiled = name in compiled
+        tape = (bool(toward) and method is not None and bool(method.records_tape) and not is_compiled
+                and name not in sharded)
+        nested = _runs_inside_a_derivative(name, plan, methods, levels)
+        inline = (method is not None and bool(method.products_only) and method.source("method") is not None
+                  and name not in sharded)
+        start = levels[name].start_from
+        out[name] = LevelPlan(
+            name, steps, method, wrt, toward, stride, tape, nested, is_compiled,
+            is_compiled and leaf and stride in (0, 1) and loops_allowed.get(name, True), inline,
+            random.get(name, False), start if start is None or isinstance(start, str) else start.name,
+            bool(levels[name].tasks), precision.get(name, "fp32"), name in sharded, data_parallel)
+    return replace(plan, levels=out)
 
 
 def _chain(name, parent) -> list:

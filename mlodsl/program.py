@@ -25,7 +25,7 @@ from .level import Level
 from .losscheck import check_losses
 from .param_groups import GroupError
 from .compiled import MAX_OPS, Compiler, graph_ops
-from .plan import make_plan
+from .plan import decide, make_plan
 from .precision import Autocast, LossScaler, check as check_precision
 from .runtime import MicroBatches, Runtime, split_output
 from .tree import tree_leaves, tree_map
@@ -358,11 +358,19 @@ class Program:
                                 lowers=self.plan.lowers,
                                 second_order=second_order_levels(self.plan, methods))
         self.compiler = self._runtime.compiler
-        self.code = codegen.generate(self.plan, levels, methods, title, _levels_taken(self.levels))
-        (self._step_fn, self._hypergradient_fn), self.code_filename = codegen.build(self.code, self._runtime)
+        compiler = self._runtime.compiler
+        self.plan = decide(self.plan, levels, methods, taken=_levels_taken(self.levels),
+                           compiled={n for n in levels if compiler.compiles(n)},
+                           loops_allowed={n: not lvl.optimizer.solves for n, lvl in levels.items()},
+                           sharded=set(sharded), random=self._runtime.stochastic, precision=self.precision,
+                           data_parallel=dp is not None)
+        self._title = title
+        self.code = codegen.generate(self.plan, title)
+        self._step_fn, self.code_filename = codegen.build(self.code, self._runtime)
+        self._hypergradient_fn = None  # built on first use (``hypergradient_code``)
         self._runtime.buffer_state = self._buffers
         if self.sharding is not None:
-            self._step_fn, self._hypergradient_fn = map(self.sharding.wrap, (self._step_fn, self._hypergradient_fn))
+            self._step_fn = self.sharding.wrap(self._step_fn)
         with self.sharding.running() if self.sharding is not None else contextlib.nullcontext():
             self._check_second_order(first, {n: lvl.module for n, lvl in levels.items()})
         self.step_count = 0
@@ -521,6 +529,19 @@ class Program:
                 break
         return self.history
 
+    @property
+    def hypergradient_code(self) -> str:
+        """The generated source of ``hypergradient(name)``'s entry point (the step's is ``code``)."""
+        return codegen.generate(self.plan, self._title, entry="hypergradient")
+
+    def _hypergradient_entry(self):
+        """``hypergradient(name, state, B, log)`` of the generated code, built on first use."""
+        if self._hypergradient_fn is None:
+            fn, self.hypergradient_code_filename = codegen.build(self.hypergradient_code, self._runtime,
+                                                                 entry="hypergradient")
+            self._hypergradient_fn = self.sharding.wrap(fn) if self.sharding is not None else fn
+        return self._hypergradient_fn
+
     def hypergradient(self, name: str) -> dict:
         """The total gradient of level ``name`` that the next ``step()`` would apply; changes nothing."""
         if name not in self.levels:
@@ -533,7 +554,7 @@ class Program:
         self._buffers.begin()  # nothing this computes is committed: buffers stay as they are
         log = self._runtime.new_log()
         try:
-            g, _ = self._hypergradient_fn(name, self._state, self._pending, log)
+            g, _ = self._hypergradient_entry()(name, self._state, self._pending, log)
         finally:
             self._buffers.begin()
         # A diverged solve raises here as in step(), rather than returning its huge or NaN result.
@@ -555,7 +576,7 @@ class Program:
         self._share_examples(self._pending)
         with torch.no_grad():
             self._buffers.begin()
-            _, loss = self._hypergradient_fn(name, state, self._pending)
+            _, loss = self._hypergradient_entry()(name, state, self._pending)
         if self.distributed is not None:
             loss = self.distributed.mean_log({"loss": loss}, {})[0]["loss"]
         return loss.detach()

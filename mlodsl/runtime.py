@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import autodiff
 from .compiled import Compiler, is_plain
-from .hypergrad.base import DivergenceError, DivergenceWarning, Trajectory, state_vjp
+from .hypergrad.base import DivergenceError, DivergenceWarning, Solution, Trajectory, state_vjp
 from .hypergrad.implicit import ConvergenceWarning
 from .kernels import attention_kernel
 from .loops import StackedPath, UpdateLoop
@@ -495,7 +495,7 @@ class Runtime:
             return grad
         return {k: None if k in absent else g for k, g in grad.items()}
 
-    def tape(self, name: str, state: dict, up: dict, uppers: list) -> tuple:
+    def tape(self, name: str, state: dict, up: dict, uppers: list, always: bool = False) -> tuple:
         """Record the block of ``name`` on the autograd tape, when its method differentiates the
         forward updates themselves (``records_tape``: ``Unroll`` without checkpointing) and nothing
         else is being differentiated, traced or compiled: returns ``(up', leaves)`` where ``up'`` is
@@ -504,7 +504,18 @@ class Runtime:
         is built with ``create_graph`` and one backward pass gives vᵀ dθ_K/dθ_U; else ``(up, None)``.
 
         The tape costs the activations of every update (what ``torch.autograd`` keeps) instead of
-        one replay of every update in the reverse pass: one forward pass instead of two."""
+        one replay of every update in the reverse pass: one forward pass instead of two.
+
+        ``always``: the plan found that this block never runs inside a derivative, so it keeps no
+        iterates to fall back on; a run that breaks that is refused rather than differentiated wrong."""
+        if always:
+            if not autodiff.on_tape() or not is_plain((state, up)):
+                raise LevelError(f"level '{name}': its block was planned to run outside every derivative "
+                                 f"(it keeps no iterates, its updates are recorded on the autograd tape), but "
+                                 f"it runs inside a torch.func transform or an enclosing product here; run "
+                                 f"Program.step() outside of transforms")
+            leaves = {u: {k: v.detach().requires_grad_() for k, v in up[u].items()} for u in uppers if u in up}
+            return {**up, **leaves}, leaves
         if (not uppers or not self.methods[name].records_tape or self.compiler.compiles(name)
                 or not autodiff.on_tape() or not is_plain((state, up))):
             return up, None
@@ -575,6 +586,25 @@ class Runtime:
         for k, v in reports.items():
             self.report(record.log, lower, k, v)
         return g
+
+    def solution(self, lower: str, upper_name: str, final: dict, up: dict, batch) -> tuple:
+        """``(Solution, info)``: level ``lower`` at the end of its block (state ``final``, the other
+        levels at ``up``, its last ``batch``) toward ``upper_name``, for a method's own source in
+        the step (``Method.source``); ``info`` collects the diagnostics it reports."""
+        info: dict = {}
+        loss = self.minimized(lower, self.lower_loss(lower, upper_name, up, params_of(final), batch))
+        return Solution(lower, final[lower]["params"], up[upper_name], loss, final[lower].get("opt", {}),
+                        info.__setitem__), info
+
+    @staticmethod
+    def report_info(log, level: str, info: dict):
+        """A method's diagnostics (``Runtime.solution``'s ``info``) as the level's metrics."""
+        for key, value in info.items():
+            Runtime.report(log, level, key, value)
+
+    def products_region(self, lower: str, upper_name: str, fn: Callable) -> Callable:
+        """A method's own VJP source (``(final, up, batch, v) -> (vjp, info)``) as one compiled region."""
+        return self.region(lower, f"hypergradient products toward '{upper_name}'", fn)
 
     @staticmethod
     def group_vjp(name: str, run: Callable, sub: dict, cotangent: dict) -> dict:

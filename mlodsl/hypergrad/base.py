@@ -29,6 +29,9 @@ ones that differ):
 * ``path_stride(steps) -> int`` (1) -- with ``keeps_path``, keep every ``path_stride``-th iterate;
 * ``workspace(state_bytes, param_bytes) -> int`` (0) -- the bytes of the method's other buffers,
   for ``prog.explain()``;
+* ``source(me) -> list[str] | None`` (None) -- for a ``products_only`` method, its VJP written as
+  the lines of Python the generated step runs (``prog.code`` shows the method's math, not a call
+  into it), or None: the step calls ``vjp``;
 * ``vjp(trajectory, cotangent) -> dict`` (abstract) -- ``cotangent`` maps level names to parameter
   cotangents: ``cotangent[trajectory.level]`` is v; when the upper's loss also takes a level deeper
   in the block (a classifier two levels down), its cotangent is there too, and a method that
@@ -168,6 +171,15 @@ class Method(abc.ABC):
         """Bytes of the method's buffers besides kept iterates, for ``prog.explain()`` (default 0)."""
         return 0
 
+    def source(self, me: str) -> list | None:
+        """The body of this method's VJP in the generated step, or None (the default: the step
+        calls ``vjp``). Only a ``products_only`` method's source is used. The lines run with
+        ``solution`` (the ``Solution``), ``v`` (the cotangent on ``solution.params``) and ``info`` (a
+        dict whose entries become the level's diagnostics, as ``solution.report`` writes them) in
+        scope, may use the modules ``products`` and ``linear`` of ``mlodsl.hypergrad``, name this
+        method ``me``, and end with ``return`` of the VJP on ``solution.upper``."""
+        return None
+
     def __repr__(self) -> str:
         return settings_repr(self) if dataclasses.is_dataclass(self) else f"{type(self).__name__}()"
 
@@ -175,7 +187,7 @@ class Method(abc.ABC):
 # The members a method may override: the flags, then the hooks (read by ``as_method`` alone).
 FLAGS = ("keeps_path", "records_tape", "products_only", "replays_updates", "second_order", "leaf_only",
          "forward_over_reverse", "on_divergence")
-HOOKS = ("diverged", "unconverged", "path_stride", "workspace")
+HOOKS = ("diverged", "unconverged", "path_stride", "workspace", "source")
 SECOND_ORDER_DEFAULT = Method.second_order
 
 

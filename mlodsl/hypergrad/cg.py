@@ -55,3 +55,7 @@ class CG(LinearSystemMethod):
 
     def solver(self) -> Callable:
         return cg_solver(self.iters, self.tol)
+
+    def solve_source(self, me: str) -> str:
+        tol = f", tol={self.tol!r}" if self.tol is not None else ""
+        return f"linear.conjugate_gradient(hessian_vp, v, iters={self.iters}{tol}, info=info)"

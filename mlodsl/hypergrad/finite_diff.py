@@ -51,3 +51,7 @@ class FiniteDiff(ImplicitMethod):
 
     def solution_vjp(self, solution: Solution, v: dict) -> dict:
         return mixed_difference(solution, v, self.eps)
+
+    def source(self, me: str) -> list:
+        return [f"# -(∇_θU L(θ + ε v̂) - ∇_θU L(θ - ε v̂)) / 2ε, ε = {self.eps!r}: two gradients of the lower loss",
+                f"return finite_diff.mixed_difference(solution, v, {self.eps!r})"]

@@ -66,6 +66,18 @@ class LinearSystemMethod(ImplicitMethod):
     def solution_vjp(self, solution: Solution, v: dict) -> dict:
         return implicit_vjp(solution, v, self.solver(), self.damping)
 
+    def solve_source(self, me: str) -> str:
+        """The expression of x in the generated step, from ``hessian_vp`` and ``v``."""
+        return f"linear.solve_with_info({me}.solver(), hessian_vp, v, info.__setitem__)"
+
+    def source(self, me: str) -> list:
+        """``implicit_vjp`` written out: one linearization of ∇_θ L, the solve, the mixed product."""
+        damping = f", damping={self.damping!r}" if self.damping else ""
+        return [f"hessian_vp, cross_vjp = products.linearize(solution{damping})  # w ↦ (∂²L/∂θ² + λI) w;  "
+                f"x ↦ (∂²L/∂θ_U∂θ) x",
+                f"x = {self.solve_source(me)}  # (∂²L/∂θ² + λI) x = v",
+                "return products.negate(cross_vjp(x))"]
+
     def diverged(self, diagnostics: dict) -> str | None:
         """What the solver's diagnostics say went wrong (``base.diverged``), or None."""
         return diverged(diagnostics, self.growth_fix)

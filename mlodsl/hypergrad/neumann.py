@@ -40,3 +40,6 @@ class Neumann(LinearSystemMethod):
 
     def solver(self) -> Callable:
         return neumann_solver(self.iters, self.alpha)
+
+    def solve_source(self, me: str) -> str:
+        return f"linear.neumann_series(hessian_vp, v, iters={self.iters}, alpha={self.alpha!r}, info=info)"
