@@ -118,7 +118,8 @@ class _Writer:
     def seeded(self, indent):
         if not self.seeds:
             return []
-        return [f"{indent}B = rt.seeded(state, B, {self.tasked!r})  # a seed per update whose loss draws random numbers"]
+        return [f"{indent}B = rt.seeded(state, B, {self.tasked!r})"
+                "  # a seed per update whose loss draws random numbers"]
 
     def partials(self, name, params, batch, log):
         lp, f = self.lp[name], self.ids[name]
@@ -142,7 +143,8 @@ class _Writer:
         f, lp = self.ids[name], self.lp[name]
         lines = [f"    def {f.update}(sub, up, batch, log):",
                  f'        """One update of {name!r} from its batch: (new state, loss, metrics, gradient norm)."""',
-                 f"        loss, metrics, g = rt.partials({name!r}, {{**up, **rt.params_of(sub)}}, batch, ({name!r},), log)",
+                 f"        loss, metrics, g = rt.partials({name!r}, {{**up, **rt.params_of(sub)}}, batch, "
+                 f"({name!r},), log)",
                  f"        return rt.apply_update({name!r}, sub, up, g[{name!r}], batch), loss, metrics, "
                  f"rt.grad_norm(g[{name!r}])"]
         defines = [f.update]
@@ -261,8 +263,8 @@ class _Writer:
         for upper in lp.toward:
             fn = self.ids.vjp(name, upper, len(lp.toward) == 1)
             lines = [f"    def {fn}(final, up, batch, v):",
-                     f'        """vᵀ dθ_{name}/dθ_{upper} by {lp.method!r} at the end of the block of {name!r}, and its '
-                     f'diagnostics; L = {name}\'s loss on its last batch, θ = its parameters there."""',
+                     f'        """vᵀ dθ_{name}/dθ_{upper} by {lp.method!r} at the end of the block of {name!r}, '
+                     f'and its diagnostics; L = {name}\'s loss on its last batch, θ = its parameters there."""',
                      f"        solution, info = rt.solution({name!r}, {upper!r}, final, up, batch)"]
             *body_lines, last = body
             if not last.startswith("return "):
@@ -305,14 +307,16 @@ class _Writer:
             final, record = (fc.sub, fc.up) if self.lp[c].inline else ("s", fc.record)
             lines += [f"        {final}, {record} = {fc.block}(sub, up, i, log, B)",
                       f"        sub = {{**sub, **{final}}}"]
-        lines += [f"        loss, metrics, g = {self.partials(name, '{**up, **rt.params_of(sub)}', f'B[{name!r}][i]', 'log')}",
+        partials = self.partials(name, "{**up, **rt.params_of(sub)}", f"B[{name!r}][i]", "log")
+        lines += [f"        loss, metrics, g = {partials}",
                   f"        {f.g} = g[{name!r}]"]
         lines += self.hypergradient_terms(name, kids)
         lines += self.hypergradient_terms(name, outside, shared=True)
         if group:
             cot = "{" + ", ".join(f"{n!r}: g[{n!r}]" for b in group for n in plan.subtree[b]
                                   if n in self.lp[name].wrt[1:]) + "}"
-            lines.append(f"        {f.g} = rt.add({f.g}, rt.group_vjp({name!r}, lambda s_: {f.group}(s_, up, i, None, B), "
+            lines.append(f"        {f.g} = rt.add({f.g}, rt.group_vjp({name!r}, "
+                         f"lambda s_: {f.group}(s_, up, i, None, B), "
                          f"start, {cot}))")
         self.add([fn], lines + [f"        return {f.g}, sub, loss, metrics"])
 
@@ -325,7 +329,8 @@ class _Writer:
         for c in group:
             record = f"shared[{c!r}]" if c in plan.hosts else "_"
             final = self.ids[c].sub if self.lp[c].inline else "s"
-            lines += [f"        {final}, {record} = {self.ids[c].block}(sub, up, i, log, B{', shared' if c in plan.outside else ''})",
+            arg = ", shared" if c in plan.outside else ""
+            lines += [f"        {final}, {record} = {self.ids[c].block}(sub, up, i, log, B{arg})",
                       f"        sub = {{**sub, **{final}}}"]
             if c in plan.hosts and self.lp[c].inline:
                 lines.append(f"        shared[{c!r}] = ({final}, shared[{c!r}])")
@@ -351,7 +356,8 @@ class _Writer:
                 f"                return rt.evaluate({name!r}, params, B_task[{name!r}][i])[0], "
                 f"rt.restrict(s, [{tasked!r}])",
                 f"            loss, {t.sub} = vmap(task_loss, randomness='different')(",
-                f"                rt.restrict(sub, [{tasked!r}]), {{{tasked!r}: B[{tasked!r}], {name!r}: B[{name!r}]}})",
+                f"                rt.restrict(sub, [{tasked!r}]), "
+                f"{{{tasked!r}: B[{tasked!r}], {name!r}: B[{name!r}]}})",
                 "            g = rt.tape_gradient(loss.mean(), leaves)",
                 f"            return g, {{**sub, **rt.untaped({t.sub}, leaves)}}, loss.mean().detach(), {{}}"]
         self.add([f.gradient], lines + [

@@ -134,7 +134,8 @@ class LevelPlan:
     sharded: bool
     data_parallel: bool
 
-    HEADER = "level: method | iterates kept | tape | compiled | vjp source | random | start | tasks | precision | sharded"
+    HEADER = ("level: method | iterates kept | tape | compiled | vjp source | random | start | tasks | "
+              "precision | sharded")
 
     def __str__(self) -> str:
         keep = {0: "none", 1: "every"}.get(self.keep, f"every {self.keep}")
