@@ -182,7 +182,8 @@ class _Writer:
         steps, subtree = lp.steps, list(plan.subtree[name])
         leaf = not plan.lowers[name]
         arg = ", shared" if name in plan.outside else ""
-        what = (f"{lp.method!r} differentiates its end" if lp.inline else
+        what = (f"on the tape: {lp.method!r} differentiates its updates by one backward pass" if lp.inline and lp.tape
+                else f"{lp.method!r} differentiates its end" if lp.inline else
                 f"keeping what {lp.method!r} needs" if lp.toward else "no level differentiates it")
         lines = [f"    def {f.block}(state, up, i, log, B{arg}):",
                  f'        """{steps} update(s) of {name!r} from `state` ({what})."""',
@@ -195,9 +196,10 @@ class _Writer:
         if lp.start is not None:
             lines += ["        s0 = s", f"        s = rt.begin({name!r}, s0, {f.up})"]
         record = not lp.inline and bool(lp.toward)
+        taped = lp.inline and lp.tape  # Unroll's VJP is one backward over this tape: nothing else to keep
         if record:
             lines.append("        start = s")
-        keep = lp.keep and record and not (lp.tape and not lp.nested)  # the tape stands in for the iterates
+        keep = lp.keep and record
         if keep:
             lines.append("        path = {0: s} if tape is None else None" if tape else "        path = {0: s}")
         batches = leaf and record  # a level with no lower levels: its batches go to the record
@@ -231,6 +233,9 @@ class _Writer:
                 lines += [f"{body}if {cond}:", f"{body}    path[k + 1] = s"]
             else:
                 lines.append(f"{body}path[k + 1] = s")
+        if taped:
+            self.add([f.block], lines + ["        return rt.untaped(s, tape), (s, tape)"])
+            return
         if not record:
             self.add([f.block], lines + [f"        return s, {f.up}"])
             return
@@ -253,10 +258,15 @@ class _Writer:
                   f"        return {'rt.untaped(s, tape)' if lp.tape else 's'}, record"]
         self.add([f.block], lines)
 
+    def products(self, name) -> bool:
+        """Whether the lower level's VJP is its method's own source on the block's end (the block
+        returns its final state and the parameters outside it)."""
+        return self.lp[name].inline and not self.lp[name].tape
+
     def vjp_units(self, name):
         """The lower level ``name``'s VJP toward each upper, as its method's own source."""
         lp = self.lp[name]
-        if not lp.inline:
+        if not self.products(name):
             return
         me = f"method[{name!r}]"
         body = lp.method.source(me)
@@ -282,7 +292,10 @@ class _Writer:
             lc = self.lp[c]
             cot = "{" + ", ".join(f"{n!r}: g[{n!r}]" for n in plan.subtree[c] if n in wrt[1:]) + "}"
             record = f"shared[{c!r}]" if shared else self.ids[c].record
-            if lc.inline:
+            if lc.inline and lc.tape:
+                out.append(f"        {f.g} = rt.add({f.g}, rt.tape_vjp({record}, {name!r}, {cot}))"
+                           f"  # {lc.method!r}: one backward pass over the tape of {c}'s updates")
+            elif lc.inline:
                 fn = self.ids.vjp(c, name, len(lc.toward) == 1)
                 final, up = (f"{record}[0]", f"{record}[1]") if shared else (self.ids[c].sub, self.ids[c].up)
                 out += [f"        ct, info = {fn}({final}, {up}, {self.batch(c, k=str(lc.steps - 1))}, g[{c!r}])",
@@ -304,7 +317,7 @@ class _Writer:
             lines += ["        start = sub", f"        sub = {f.group}(sub, up, i, log, B)"]
         for c in kids:
             fc = self.ids[c]
-            final, record = (fc.sub, fc.up) if self.lp[c].inline else ("s", fc.record)
+            final, record = (fc.sub, fc.up) if self.products(c) else ("s", fc.record)
             lines += [f"        {final}, {record} = {fc.block}(sub, up, i, log, B)",
                       f"        sub = {{**sub, **{final}}}"]
         partials = self.partials(name, "{**up, **rt.params_of(sub)}", f"B[{name!r}][i]", "log")
@@ -328,11 +341,11 @@ class _Writer:
                  "        shared = {}"]
         for c in group:
             record = f"shared[{c!r}]" if c in plan.hosts else "_"
-            final = self.ids[c].sub if self.lp[c].inline else "s"
+            final = self.ids[c].sub if self.products(c) else "s"
             arg = ", shared" if c in plan.outside else ""
             lines += [f"        {final}, {record} = {self.ids[c].block}(sub, up, i, log, B{arg})",
                       f"        sub = {{**sub, **{final}}}"]
-            if c in plan.hosts and self.lp[c].inline:
+            if c in plan.hosts and self.products(c):
                 lines.append(f"        shared[{c!r}] = ({final}, shared[{c!r}])")
         self.add([f.group], lines + ["        return sub"])
 
@@ -395,10 +408,10 @@ class _Writer:
         lines = [f"{indent}shared = {{}}"]
         for n in shared:
             arg = ", shared" * (n in self.plan.outside)
-            final = self.ids[n].sub if self.lp[n].inline else "s"
+            final = self.ids[n].sub if self.products(n) else "s"
             lines += [f"{indent}{final}, shared[{n!r}] = {self.ids[n].block}(state, {{}}, 0, log, B{arg})",
                       f"{indent}state = {{**state, **{final}}}"]
-            if self.lp[n].inline:
+            if self.products(n):
                 lines.append(f"{indent}shared[{n!r}] = ({final}, shared[{n!r}])")
         return lines
 

@@ -110,7 +110,8 @@ class LevelPlan:
       decides per run and falls back to the kept iterates;
     * ``compiled``: its regions (partial gradients, update, products) are compiled; ``loop``: its
       ``steps`` updates are one compiled loop;
-    * ``inline``: its method's VJP is the method's own source in the step (``Method.source``);
+    * ``inline``: its method's VJP is written out in the step: an implicit method's own source
+      (``Method.source``), or ``Unroll``'s one backward pass over the tape its block recorded;
     * ``random``: a lower level whose loss draws random numbers (each of its updates gets a seed;
       None: an opaque level, known after its first run);
     * ``start``: None (warm start), ``"init"`` or the upper level it starts from (MAML).
@@ -187,8 +188,10 @@ def decide(plan: Plan, levels: dict, methods: dict, *, taken: dict, compiled: se
         tape = (bool(toward) and method is not None and bool(method.records_tape) and not is_compiled
                 and name not in sharded)
         nested = _runs_inside_a_derivative(name, plan, methods, levels)
+        if tape and not nested:
+            stride = 0  # the tape stands in for the iterates: nothing falls back on them
         inline = (method is not None and bool(method.products_only) and method.source("method") is not None
-                  and name not in sharded)
+                  and name not in sharded) or (tape and not nested and type(method).vjp is Unroll.vjp)
         start = levels[name].start_from
         out[name] = LevelPlan(
             name, steps, method, wrt, toward, stride, tape, nested, is_compiled,

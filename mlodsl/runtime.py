@@ -81,19 +81,7 @@ class BlockRecord:
         recorded (``Runtime.tape``), or None when they recorded none for ``upper_name``."""
         if self.tape is None or upper_name not in self.tape:
             return None
-        leaves, final = self.tape[upper_name], self.final
-        several = len(self.tape) > 1  # the other uppers still need the tape
-
-        def vjp(cotangent: dict) -> dict:
-            pairs = [(final[n]["params"][k], c) for n, ct in cotangent.items() for k, c in ct.items()
-                     if final[n]["params"][k].requires_grad]
-            if not pairs:
-                return {k: torch.zeros_like(v) for k, v in leaves.items()}
-            grads = autodiff.tape_grads([o for o, _ in pairs], list(leaves.values()), [c for _, c in pairs],
-                                    create_graph=False, retain_graph=several)
-            return dict(zip(leaves, grads))
-
-        return vjp
+        return lambda cotangent: Runtime.tape_vjp((self.final, self.tape), upper_name, cotangent)
 
     def toward(self, upper_name: str) -> Trajectory:
         rt, level, up = self.runtime, self.level, self.up
@@ -536,6 +524,21 @@ class Runtime:
     def tape_gradient(loss: torch.Tensor, leaves: dict) -> dict:
         """∇ loss in ``leaves``, by one backward pass over the tape."""
         return dict(zip(leaves, autodiff.tape_grads([loss], list(leaves.values()), None, create_graph=False)))
+
+    @staticmethod
+    def tape_vjp(taped: tuple, upper_name: str, cotangent: dict) -> dict:
+        """``vᵀ dθ_K/dθ_U`` by one backward pass over the tape a block recorded: ``taped`` is the
+        block's ``(final state, tape)``, ``cotangent`` maps levels to cotangents on their final
+        parameters."""
+        final, tape = taped
+        leaves = tape[upper_name]
+        pairs = [(final[n]["params"][k], c) for n, ct in cotangent.items() for k, c in ct.items()
+                 if final[n]["params"][k].requires_grad]
+        if not pairs:
+            return {k: torch.zeros_like(v) for k, v in leaves.items()}
+        grads = autodiff.tape_grads([o for o, _ in pairs], list(leaves.values()), [c for _, c in pairs],
+                                    create_graph=False, retain_graph=len(tape) > 1)  # other uppers need it
+        return dict(zip(leaves, grads))
 
     @staticmethod
     def recording(tape):

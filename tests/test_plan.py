@@ -14,7 +14,7 @@ from helpers import DT, make_hpo, reference_implicit_hpo
     (ml.hypergrad.CG(iters=3), 0, False, True),
     (ml.hypergrad.Neumann(iters=3, alpha=0.1), 0, False, True),
     (ml.hypergrad.FiniteDiff(), 0, False, True),
-    (ml.hypergrad.Unroll(), 1, True, False),                  # the tape stands in for the iterates
+    (ml.hypergrad.Unroll(), 0, True, True),                   # one backward over the tape: no iterates
     (ml.hypergrad.Unroll(checkpoint=2), 2, False, False),     # every 2nd iterate, replayed
     (ml.hypergrad.FirstOrder(), 0, False, False),
 ])
