@@ -25,10 +25,13 @@ programs printed from the same definitions. Loops stay loops; nothing is inlined
 from __future__ import annotations
 
 import hashlib
+import io
 import linecache
 import os
 import re
 import tempfile
+import textwrap
+import tokenize
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -457,16 +460,13 @@ class _Writer:
         """The definitions ``entry`` reaches, in the order they were written, as the source of
         ``make_<entry>(rt)``."""
         defined = {n: u for u in self.units for n in u.defines}
-        word = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
         reached, pending = set(), [defined[entry]]
         while pending:
             unit = pending.pop()
             if id(unit) in reached:
                 continue
             reached.add(id(unit))
-            # a unit that defines a name as ``name = rt.region(..., name)`` reaches the def above it
-            pending += [defined[w] for line in unit.lines for w in word.findall(line)
-                        if w in defined and defined[w] is not unit]
+            pending += [defined[w] for w in _names_used(unit.lines) if w in defined and defined[w] is not unit]
         body = [line for u in self.units if id(u) in reached for line in u.lines]
         text = "\n".join(body)
         used = [m for m in _METHOD_MODULES if re.search(rf"\b{m}\.", text)]
@@ -482,6 +482,12 @@ class _Writer:
             head.append("")
         binds = ["    method = rt.methods", ""] if re.search(r"\bmethod\[", text) else []
         return "\n".join(head + ["", f"def make_{entry}(rt):"] + binds + body + [f"    return {entry}", ""])
+
+
+def _names_used(lines) -> set:
+    """The identifiers a unit's code uses (not those in its strings and comments)."""
+    tokens = tokenize.generate_tokens(io.StringIO(textwrap.dedent("\n".join(lines)) + "\n").readline)
+    return {tok.string for tok in tokens if tok.type == tokenize.NAME}
 
 
 def generate(plan: Plan, title: str, entry: str = "step") -> str:
