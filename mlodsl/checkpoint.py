@@ -29,7 +29,7 @@ import tempfile
 import torch
 
 from .data import BatchStream
-from .runtime import MicroBatches
+from .data import MicroBatches
 from .tree import tree_map
 
 FORMAT, VERSION = "mlodsl-checkpoint", 1

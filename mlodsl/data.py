@@ -18,6 +18,10 @@ from __future__ import annotations
 import torch
 
 
+class MicroBatches(list):
+    """The ``grad_accum`` micro-batches of one update: the level's loss is their mean."""
+
+
 class DataExhaustedError(ValueError):
     """A level's one-shot data iterator ended; it cannot be cycled."""
 

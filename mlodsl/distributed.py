@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch.utils._pytree import tree_leaves
 
-from .runtime import MicroBatches
+from .data import MicroBatches
 from .sharding import is_sharded
 
 

@@ -27,7 +27,8 @@ from .param_groups import GroupError
 from .compiled import MAX_OPS, Compiler, graph_ops
 from .plan import decide, make_plan
 from .precision import Autocast, LossScaler, check as check_precision
-from .runtime import MicroBatches, Runtime, split_output
+from .data import MicroBatches
+from .runtime import Runtime, split_output
 from .tree import tree_leaves, tree_map
 from .binding import ProgramModules, learnable
 from .trace import BufferState, TracedLevel, trace_level

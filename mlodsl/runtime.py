@@ -1,28 +1,29 @@
-"""The helpers the generated step calls: evaluating a level's loss and its partial derivatives,
-applying an optimizer update, recording metrics, and packaging a block's trajectory.
+"""The runtime the generated step calls: evaluating a level's loss and its partial derivatives,
+applying an optimizer update, and handing a lower level's block to its hypergradient method.
 
-Everything here is a pure function of tensors (the log is written only outside of transforms), so
-the generated step stays differentiable and traceable.
+Everything here is a pure function of tensors, so the generated step stays differentiable and
+traceable. The step's other helpers live in modules of their own and are bound here under the
+names the generated code uses (``rt.record``, ``rt.tape_vjp``, ``rt.restrict``...): the log
+(``steplog``), the tape and block records (``records``), random seeds (``randomness``), the state's
+dict operations (``states``), and which parameters a loss reaches (``reach``).
 """
 from __future__ import annotations
 
-import contextlib
-import warnings
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from torch.utils._python_dispatch import TorchDispatchMode
-
-from . import autodiff
+from . import autodiff, records, states, steplog
 from .compiled import Compiler, is_plain
-from .hypergrad.base import DivergenceError, DivergenceWarning, Solution, Trajectory, state_vjp
-from .hypergrad.implicit import ConvergenceWarning
+from .data import MicroBatches
+from .hypergrad.base import Solution, Trajectory, state_vjp
 from .kernels import attention_kernel
-from .loops import StackedPath, UpdateLoop
-from .sharding import plain, plain_tree
-from .tree import detached
+from .loops import UpdateLoop
+from .randomness import Seeds, SeededBatch, draws_random, fixed_rng
+from .reach import absent_params
+from .records import BlockRecord
+from .sharding import plain_tree
+from .states import params_of
 
 
 class LevelError(RuntimeError):
@@ -44,197 +45,6 @@ def split_output(name: str, out):
     return out, metrics
 
 
-@dataclass
-class BlockRecord:
-    """What a lower level's block did; ``toward(upper)`` views it as a ``Trajectory`` for one upper."""
-
-    level: str
-    steps: int
-    start: dict
-    final: dict
-    path: list | None
-    up: dict                       # parameters of every level outside the block, as the block saw them
-    advance: Callable              # (state, up, k) -> state
-    last_batch: object
-    runtime: "Runtime"
-    begin: Callable | None = None  # up -> start state, when the block restarts each time it runs
-    log: dict | None = None        # where methods' diagnostics go (None inside transforms)
-    update_vjp: Callable | None = None  # (state, up, upper name, k, λ) -> (λ, upper cotangent)
-    tape: dict | None = None       # upper name -> the leaves the block's updates were recorded from
-    loop: UpdateLoop | None = None  # the level's update loop as compiled regions (mlodsl.loops)
-    batches: list | None = None    # the block's batches, one per update (for the loop's reverse pass)
-
-    def reverse_vjp(self, upper_name: str) -> Callable | None:
-        """``(first, λ_K, total) -> (λ_first, total + Σ ∂S_{k+1}/∂θ_U ᵀ λ_{k+1}) | None``: Unroll's
-        reverse pass as one compiled loop, when the forward pass ran as one (``StackedPath``)."""
-        if self.loop is None or not isinstance(self.path, StackedPath):
-            return None
-        up = self.up
-
-        def reverse(first, lam, total):
-            return self.loop.reverse(self.path, up, upper_name, self.batches, first, lam, total)
-
-        return reverse
-
-    def taped_vjp(self, upper_name: str) -> Callable | None:
-        """``v ↦ vᵀ dθ_K/dθ_U`` by one backward pass over the tape the block's forward updates
-        recorded (``Runtime.tape``), or None when they recorded none for ``upper_name``."""
-        if self.tape is None or upper_name not in self.tape:
-            return None
-        return lambda cotangent: Runtime.tape_vjp((self.final, self.tape), upper_name, cotangent)
-
-    def toward(self, upper_name: str) -> Trajectory:
-        rt, level, up = self.runtime, self.level, self.up
-        final_params = params_of(self.final)
-
-        def advance(state, upper, k):
-            return self.advance(state, {**up, upper_name: upper}, k)
-
-        loss = rt.lower_loss(level, upper_name, up, final_params, self.last_batch)
-
-        def update_map(own, upper):
-            g = autodiff.grad(loss)(own, upper)
-            reads = {**up, **final_params, level: own, upper_name: upper}
-            new = rt.optimizers[level].update(own, rt.mark_absent(level, g), self.final[level]["opt"], reads)[0]
-            return rt.projections[level](new) if level in rt.projections else new
-
-        def begin(upper):
-            return self.start if self.begin is None else self.begin({**up, upper_name: upper})
-
-        from_upper = rt.starts.get(level) == upper_name
-        advance_vjp = None
-        if self.update_vjp is not None:
-            def advance_vjp(state, k, lam):
-                return self.update_vjp(state, up, upper_name, k, lam)
-
-        def report(key, value):
-            Runtime.report(self.log, level, key, value)
-
-        update_split = None
-        if self.batches is not None:  # a level with no lower levels: its k-th update's batch is known
-            def update_split(k):
-                return rt.update_split(level, up, upper_name, self.batches[k])
-
-        return Trajectory(level, self.steps, self.start, self.final, self.path, upper_name,
-                          up[upper_name], advance, rt.minimized(level, loss), update_map, begin, from_upper,
-                          report, advance_vjp,
-                          self.taped_vjp(upper_name), self.reverse_vjp(upper_name), update_split)
-
-
-_NO_GRADIENT = {"detach", "detach_", "requires_grad_", "size", "dim", "numel"}
-
-
-def reached_params(traced) -> set | None:
-    """``{(level, parameter)}`` that the loss of a traced level reaches in its fx graph (through
-    ops other than ``detach``), or None when that cannot be read off (an opaque level: all count)."""
-    if getattr(traced, "opaque", True):
-        return None
-    output = next(n for n in traced.graph.graph.nodes if n.op == "output")
-    value = output.args[0]
-    loss = value[0] if isinstance(value, (tuple, list)) else value  # (loss, metrics): the loss only
-    if not isinstance(loss, torch.fx.Node):
-        return set()
-    seen, stack = set(), [loss]
-    while stack:
-        node = stack.pop()
-        if node in seen or (node.op in ("call_function", "call_method")
-                            and getattr(node.target, "__name__", node.target) in _NO_GRADIENT):
-            continue
-        seen.add(node)
-        stack.extend(node.all_input_nodes)
-    return {traced.inputs[n.target] for n in seen if n.op == "placeholder" and n.target in traced.inputs}
-
-
-def absent_params(traced: dict, lowers: dict, optimizers: dict, starts: dict) -> dict:
-    """``{level: names of its parameters whose gradient is structurally absent}``, decided once.
-
-    A level's total gradient is its own loss plus the hypergradients through the levels below it,
-    so a parameter of X has a gradient when X's loss or the loss of any level below X reaches it
-    (or when an optimizer hyperparameter or a ``start_from`` of a level below takes X). Only
-    levels whose graphs can be read count; where one cannot, nothing of X is absent."""
-    def below(name, out):
-        for c in lowers.get(name, ()):
-            if c not in out:
-                out.add(c)
-                below(c, out)
-        return out
-
-    absent = {}
-    for name in optimizers:
-        mine = {p for lvl, p in traced[name].inputs.values() if lvl == name}
-        related = {name} | below(name, set())
-        if any(name in optimizers[r].reads or starts.get(r) == name for r in related):
-            continue
-        reached = set()
-        for r in related:
-            found = reached_params(traced[r])
-            if found is None:
-                reached = mine
-                break
-            reached |= {p for lvl, p in found if lvl == name}
-        if mine - reached:
-            absent[name] = frozenset(mine - reached)
-    return absent
-
-
-_RANDOM_PREFIXES = ("rand", "bernoulli", "normal_", "multinomial", "poisson", "uniform_", "exponential_",
-                    "cauchy_", "geometric_", "log_normal_", "random_", "rrelu")
-
-
-def draws_random(traced) -> bool | None:
-    """Whether a level's loss draws random numbers (dropout, ``torch.rand``...): an fx node of a
-    random op; None for an opaque level, whose graph cannot be read (``Runtime.seeded`` runs it once)."""
-    if getattr(traced, "opaque", True):
-        return None
-    for node in traced.graph.graph.nodes:
-        if node.op in ("call_function", "call_method"):
-            name = str(getattr(node.target, "__name__", node.target)).lower()
-            if "dropout" in name and _dropout_is_identity(node):
-                continue
-            if "dropout" in name or name == "normal" or name.startswith(_RANDOM_PREFIXES):
-                return True
-    return False
-
-
-def _dropout_is_identity(node) -> bool:
-    """A dropout node whose probability is the constant 0, or whose training flag is the constant
-    False (``F.dropout(x, p, training)``, ``aten.dropout(x, p, train)``): it draws nothing. Models
-    configured without dropout (``dropout=0.0``, Hugging Face's ``*_dropout_prob=0``) keep such
-    calls; seeding their updates would cost a generator fork per evaluation for nothing."""
-    p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
-    train = node.kwargs.get("training", node.kwargs.get("train", node.args[2] if len(node.args) > 2 else True))
-    return (isinstance(p, (int, float)) and p == 0) or train is False
-
-
-class _RandomOps(TorchDispatchMode):
-    """Notes whether any operation that runs under it draws from a generator."""
-
-    found = False
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.found = self.found or torch.Tag.nondeterministic_seeded in func.tags
-        return func(*args, **(kwargs or {}))
-
-
-@dataclass(frozen=True)
-class SeededBatch:
-    """One update's batch with the seed of its random draws: every evaluation of that update's loss
-    (the update itself, Unroll's replays of it, a finite difference's two sides, an implicit
-    method's products at the block's end) sees the same dropout masks."""
-
-    batch: object
-    seed: int
-
-
-@contextlib.contextmanager
-def fixed_rng(seed: int):
-    """torch's generators seeded with ``seed`` inside, as they were outside (``fork_rng``)."""
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
 def _mean_outputs(outs: list):
     """The mean of ``(loss, metrics)`` pairs (metrics that are not tensors: the last one's)."""
     n = len(outs)
@@ -250,31 +60,6 @@ def clip_norm(grad: dict, max_norm: float) -> dict:
     norm = torch.sqrt(sum((g ** 2).sum() for g in grad.values()))
     factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
     return {k: g * factor for k, g in grad.items()}
-
-
-def params_of(state: dict) -> dict:
-    """``{level: params}`` from a state ``{level: {"params", "opt"}}``."""
-    return {name: s["params"] for name, s in state.items()}
-
-
-def restrict(state: dict, names) -> dict:
-    return {n: state[n] for n in names}
-
-
-def outside(state: dict, up: dict, names) -> dict:
-    """Parameters of every level seen from a block over ``names``: ``up`` plus the rest of ``state``."""
-    return {**up, **{n: s["params"] for n, s in state.items() if n not in names}}
-
-
-class MicroBatches(list):
-    """The ``grad_accum`` micro-batches of one update: the level's loss is their mean."""
-
-
-class TaskLog(dict):
-    """The log of one task's evaluation under ``vmap`` (``tasks=True``). Nothing can be written
-    from inside the transform to a log outside it, so a task's method diagnostics (a CG residual)
-    and loss health come back as outputs of the vmapped function (``task_outcome``) and are merged
-    into the step's log (``merge_task_outcomes``); running statistics are not staged from it."""
 
 
 class Runtime:
@@ -303,18 +88,37 @@ class Runtime:
         self.weigh = weigh                    # data parallel: (level, loss, batch) -> this rank's share of the mean
         self.gather = gather                  # sharded levels: params -> full params, just before a loss runs
         self.clip = clip or {}                # level -> max norm of its total gradient
-        self.restrict, self.outside, self.params_of = restrict, outside, params_of
         self.buffer_state = None              # trace.BufferState: staged running statistics
         self.compiler = compiler or Compiler(None)  # compile=True: the step's compiled regions
         self.second_order = second_order or set()  # levels whose loss is differentiated twice (mlodsl.kernels)
         self._products: dict = {}             # (lower, upper) -> compiled region of a products_only vjp
-        self.warned_unconverged: set = set()  # levels whose method's solve has been said not to converge
+        self.health = steplog.StepHealth(methods, self.loss_scales)  # the checks of a step's log
         # level -> parameters no loss it is differentiated through reaches: their gradient is absent
         # (None to the optimizer, as torch.optim's p.grad), so decay and moments leave them alone
         self.absent = absent_params(traced, lowers, optimizers, self.starts) if lowers is not None else {}
         # lower level -> whether its loss draws random numbers (then each of its updates gets a seed
         # per step); None until an opaque level's loss has run once (``seeded``)
         self.stochastic = {n: draws_random(traced[n]) for n in methods}
+        self.seeds = Seeds(self.stochastic, self.evaluate)
+        self.seeded = self.seeds.seeded
+
+    # The step's helpers that need nothing of the runtime, under the names the generated code uses.
+    restrict, outside, params_of = map(staticmethod, (states.restrict, states.outside, states.params_of))
+    add, mean_over_tasks = map(staticmethod, (states.add, states.mean_over_tasks))
+    new_log, task_log, task_outcome = map(staticmethod, (steplog.new_log, steplog.task_log, steplog.task_outcome))
+    merge_task_outcomes, report, report_info = map(staticmethod, (steplog.merge_task_outcomes, steplog.report,
+                                                                  steplog.report_info))
+    record, grad_norm = map(staticmethod, (steplog.record, steplog.grad_norm))
+    tape_gradient, tape_vjp = map(staticmethod, (records.tape_gradient, records.tape_vjp))
+    recording, untaped = map(staticmethod, (records.recording, records.untaped))
+
+    def finite(self, log) -> dict:
+        """``StepHealth.finite``: whether every loss and gradient of the step was finite, by level."""
+        return self.health.finite(log)
+
+    def check_divergence(self, reports: dict):
+        """``StepHealth.check_divergence``."""
+        self.health.check_divergence(reports)
 
     def region(self, name: str, what: str, fn: Callable, trailing: int = 0) -> Callable:
         """``fn`` as a compiled region of level ``name`` under ``compile=True`` (``mlodsl.compiled``);
@@ -358,36 +162,6 @@ class Runtime:
 
         return [loss_on(mb) for mb in parts], scale, apply
 
-    def seeded(self, state: dict, B: dict, exclude=()) -> dict:
-        """The step's batches with a seed for each update of a lower level whose loss draws random
-        numbers (``SeededBatch``), drawn here from torch's generator: that update's loss is evaluated
-        under that seed every time (a finite difference's two sides, every replay) and so sees the
-        same dropout mask. ``exclude``: levels batched over tasks (``vmap`` draws their masks)."""
-        for n, random in self.stochastic.items():
-            if random is None and n not in exclude and n in B:  # an opaque level: run it once and see
-                self.stochastic[n] = self._draws_random_when_run(n, state, B[n][0])
-        levels = [n for n, random in self.stochastic.items() if random and n not in exclude and n in B]
-        if not levels:
-            return B
-        sizes = {n: sum(len(b) if isinstance(b, MicroBatches) else 1 for b in B[n]) for n in levels}
-        seeds = iter(torch.randint(0, 2 ** 62, (sum(sizes.values()),)).tolist())  # one draw for the step
-        out = dict(B)
-        for n in levels:
-            out[n] = [MicroBatches(SeededBatch(mb, next(seeds)) for mb in b) if isinstance(b, MicroBatches)
-                      else SeededBatch(b, next(seeds)) for b in B[n]]
-        return out
-
-    def _draws_random_when_run(self, name: str, state: dict, batch) -> bool:
-        """Whether level ``name``'s loss draws random numbers, seen by evaluating it once (the
-        generators as they were afterwards); True where the evaluation fails here."""
-        params = {n: s["params"] for n, s in state.items()}
-        try:
-            with fixed_rng(0), torch.no_grad(), _RandomOps() as mode:
-                self.evaluate(name, params, batch[0] if isinstance(batch, MicroBatches) else batch)
-        except Exception:  # noqa: BLE001 - the step itself will report it; seeding is then harmless
-            return True
-        return mode.found
-
     def evaluate(self, name: str, params: dict, batch):
         """``(loss, metrics)`` of level ``name`` under its precision; the mean over micro-batches.
         A loss that is differentiated twice runs under attention kernels with a double backward."""
@@ -422,7 +196,7 @@ class Runtime:
         forward pass, not a re-evaluation), the level's buffers (running statistics) advance.
         """
         traced = self.traced[name]
-        if (log is not None and not isinstance(log, TaskLog) and self.buffer_state is not None
+        if (log is not None and not isinstance(log, steplog.TaskLog) and self.buffer_state is not None
                 and getattr(traced, "buffers", None)):
             with self.buffer_state.writing(name):
                 return self.partials(name, params, batch, wrt)
@@ -520,38 +294,6 @@ class Runtime:
             return None
         return {k: v.detach().requires_grad_() for k, v in sub[name]["params"].items()}
 
-    @staticmethod
-    def tape_gradient(loss: torch.Tensor, leaves: dict) -> dict:
-        """∇ loss in ``leaves``, by one backward pass over the tape."""
-        return dict(zip(leaves, autodiff.tape_grads([loss], list(leaves.values()), None, create_graph=False)))
-
-    @staticmethod
-    def tape_vjp(taped: tuple, upper_name: str, cotangent: dict) -> dict:
-        """``vᵀ dθ_K/dθ_U`` by one backward pass over the tape a block recorded: ``taped`` is the
-        block's ``(final state, tape)``, ``cotangent`` maps levels to cotangents on their final
-        parameters."""
-        final, tape = taped
-        leaves = tape[upper_name]
-        pairs = [(final[n]["params"][k], c) for n, ct in cotangent.items() for k, c in ct.items()
-                 if final[n]["params"][k].requires_grad]
-        if not pairs:
-            return {k: torch.zeros_like(v) for k, v in leaves.items()}
-        grads = autodiff.tape_grads([o for o, _ in pairs], list(leaves.values()), [c for _, c in pairs],
-                                    create_graph=False, retain_graph=len(tape) > 1)  # other uppers need it
-        return dict(zip(leaves, grads))
-
-    @staticmethod
-    def recording(tape):
-        """The context the block's updates run in: while a tape is recorded, every product inside
-        them is built with ``create_graph`` (even where its own inputs carry no graph yet, as at
-        the first update), as for the updates an enclosing product differentiates."""
-        return autodiff.evaluating() if tape is not None else contextlib.nullcontext()
-
-    @staticmethod
-    def untaped(state: dict, tape) -> dict:
-        """The block's final state as the rest of the step sees it: values, off the tape."""
-        return state if tape is None else detached(state)
-
     def begin(self, name: str, s: dict, up: dict) -> dict:
         """The state a block of ``name`` starts from: as it is (warm start), its initial values
         (``start_from="init"``), or the upper level's parameters (``start_from=<upper>``, MAML)."""
@@ -598,12 +340,6 @@ class Runtime:
         loss = self.minimized(lower, self.lower_loss(lower, upper_name, up, params_of(final), batch))
         return Solution(lower, final[lower]["params"], up[upper_name], loss, final[lower].get("opt", {}),
                         info.__setitem__), info
-
-    @staticmethod
-    def report_info(log, level: str, info: dict):
-        """A method's diagnostics (``Runtime.solution``'s ``info``) as the level's metrics."""
-        for key, value in info.items():
-            Runtime.report(log, level, key, value)
 
     def products_region(self, lower: str, upper_name: str, fn: Callable) -> Callable:
         """A method's own VJP source (``(final, up, batch, v) -> (vjp, info)``) as one compiled region."""
@@ -673,113 +409,4 @@ class Runtime:
             log["_finite"][loop.name][-1] = losses + norms  # every update's health, not the last's alone
         return final, path
 
-    @staticmethod
-    def new_log() -> dict:
-        return {"_finite": {}, "_reports": {}}
 
-    @staticmethod
-    def task_log() -> TaskLog:
-        return TaskLog(_finite={}, _reports={})
-
-    @staticmethod
-    def task_outcome(log: TaskLog) -> dict:
-        """What one task's evaluation reported, as tensors (an output of the vmapped function)."""
-        return {"_finite": log["_finite"],
-                "_reports": {lvl: {k: [torch.as_tensor(v) for v in vs] for k, vs in keys.items()}
-                             for lvl, keys in log["_reports"].items()}}
-
-    @staticmethod
-    def merge_task_outcomes(log, outcomes: dict):
-        """Every task's reports and loss health (stacked over tasks by ``vmap``) into the step's
-        log: a diagnostic is the worst over the tasks, so one task's diverged solve is caught."""
-        if log is None:
-            return
-        for name, values in outcomes["_finite"].items():
-            log["_finite"].setdefault(name, []).extend(values)
-        for level, keys in outcomes["_reports"].items():
-            for key, values in keys.items():
-                for value in values:
-                    Runtime.report(log, level, key, value.max())
-
-    @staticmethod
-    def report(log, level: str, key: str, value):
-        """A method's diagnostic (a CG residual) as the level's metric; every value of the step is
-        kept for ``check_divergence`` (a block may run several times a step; the metric is the last)."""
-        if log is None:
-            return
-        value = plain(value.detach()) if isinstance(value, torch.Tensor) else value
-        log[f"{level}/{key}"] = value
-        log.setdefault("_reports", {}).setdefault(level, {}).setdefault(key, []).append(value)
-
-    def check_divergence(self, reports: dict):
-        """Raise ``DivergenceError`` (or warn, for a method with ``on_divergence="warn"``) when a
-        method's diagnostics in this step say its solve diverged (the method's ``diverged``). Runs
-        after the step, outside every transform and before anything is committed."""
-        for level, values in reports.items():
-            method = self.methods.get(level)
-            if method is None:
-                continue
-            # every diagnostic is "larger is worse"; a few scalars per step (one per hypergradient)
-            worst = {k: max(float(v) for v in vs) for k, vs in values.items()}
-            problem = method.diverged(worst)
-            if problem is None:
-                self.warn_unconverged(level, method, worst)
-                continue
-            message = f"level '{level}': the hypergradient by {method!r} {problem}."
-            if method.on_divergence == "warn":
-                warnings.warn(message + " The step is taken all the same (on_divergence='warn').",
-                              DivergenceWarning, stacklevel=4)
-            else:
-                raise DivergenceError(message + " The program's parameters and optimizer states are unchanged "
-                                      "(on_divergence='warn' on the method warns and goes on instead).")
-
-    def warn_unconverged(self, level: str, method, worst: dict):
-        """Warn, once per level, when the method's solve stopped short of converging (its
-        ``unconverged(diagnostics)``, optional: ``CG``'s residual above ``warn_residual``)."""
-        if level in self.warned_unconverged:
-            return
-        note = method.unconverged(worst)
-        if note is not None:
-            self.warned_unconverged.add(level)
-            warnings.warn(f"level '{level}': the hypergradient by {method!r} {note}. The step is taken; "
-                          f"this warning is given once for this level (the residual is its metric "
-                          f"'{level}/cg_residual' in the history).", ConvergenceWarning, stacklevel=5)
-
-    @staticmethod
-    def grad_norm(grad: dict) -> torch.Tensor:
-        """The norm of a gradient (detached): a NaN or Inf anywhere in it makes the norm non-finite."""
-        if len(grad) == 1:
-            return plain(torch.linalg.vector_norm(next(iter(grad.values())).detach()))
-        norms = [plain(torch.linalg.vector_norm(g.detach())) for g in grad.values()]  # a slice's: all-reduced
-        return torch.linalg.vector_norm(torch.stack(norms))
-
-    @staticmethod
-    def record(log, name, loss, metrics, norm):
-        """Write a level's loss, metrics and gradient norm to the log (outside of transforms only)."""
-        if log is None:
-            return
-        # Checked once at the end of the step (``finite``): one reduction per level, not per update.
-        log["_finite"].setdefault(name, []).append(loss.detach() + norm)
-        log[name] = loss.detach()
-        log[f"{name}/grad_norm"] = norm
-        for k, v in metrics.items():
-            log[f"{name}/{k}"] = v.detach() if isinstance(v, torch.Tensor) else v
-
-    def finite(self, log) -> dict:
-        """``{level: True when every loss and gradient it logged in the step was finite}``; pops them.
-        First raises ``DivergenceError`` when a hypergradient solve in the step diverged (not in an
-        fp16 step that overflowed: the Program skips that one and backs its loss scale off)."""
-        finite = {n: bool(torch.isfinite(torch.cat([x.reshape(-1) for x in v])).all())
-                  for n, v in log.pop("_finite").items()}
-        reports = log.pop("_reports", {})
-        if all(finite.values()) or not self.loss_scales:
-            self.check_divergence(reports)
-        return finite
-
-    @staticmethod
-    def mean_over_tasks(g: dict) -> dict:
-        return {k: v.mean(0) for k, v in g.items()}
-
-    @staticmethod
-    def add(a: dict, b: dict) -> dict:
-        return {k: a[k] + b[k] for k in a}
