@@ -4,9 +4,9 @@ PyTorch picks a fused kernel for ``scaled_dot_product_attention`` (flash attenti
 CUDA) whose backward has no derivative of its own: a second derivative through it fails with
 ``derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented``.
 The math kernel computes the same attention from differentiable ops. mlodsl knows which losses are
-differentiated twice (``second_order_levels``) and evaluates those under the math kernel
-(``attention_kernel``); every other loss (a top level's own gradient, levels under ``FiniteDiff``
-or ``FirstOrder``) keeps the fast kernel.
+differentiated twice (``second_order_levels``) and evaluates those of them that may call attention
+(``may_run_attention``) under the math kernel (``attention_kernel``); every other loss (a top
+level's own gradient, levels under ``FiniteDiff`` or ``FirstOrder``) keeps the fast kernel.
 
 ``check_second_order`` takes one Hessian-vector product of each such level at build time, so an
 op with no double backward at all (a custom ``autograd.Function`` marked ``once_differentiable``)
@@ -32,6 +32,23 @@ def second_order_levels(plan, methods: dict) -> set:
     level of the blocks a level unrolls together because they share a level (``plan.groups``)."""
     unrolled = {n for group in plan.groups.values() for m in group for n in plan.subtree[m]}
     return unrolled | {n for lower, m in methods.items() if differentiates_twice(m) for n in plan.subtree[lower]}
+
+
+def may_run_attention(traced) -> bool:
+    """Whether a level's loss may call ``scaled_dot_product_attention``: a node of its graph that
+    is attention, or a module call or an opaque level, whose contents the graph does not show. A
+    loss that cannot is evaluated without entering ``attention_kernel`` (a context per evaluation
+    is a measurable part of a small level's update)."""
+    if getattr(traced, "opaque", True):
+        return True
+    for node in traced.graph.graph.nodes:
+        if node.op == "call_module":
+            return True
+        if node.op in ("call_function", "call_method"):
+            name = str(getattr(node.target, "__name__", node.target)).lower()
+            if "attention" in name or "scaled_dot_product" in name:
+                return True
+    return False
 
 
 def attention_kernel() -> contextlib.AbstractContextManager:

@@ -363,7 +363,8 @@ class Program:
         self.plan = decide(self.plan, levels, methods, taken=_levels_taken(self.levels),
                            compiled={n for n in levels if compiler.compiles(n)},
                            loops_allowed={n: not lvl.optimizer.solves for n, lvl in levels.items()},
-                           sharded=set(sharded), random=self._runtime.stochastic, precision=self.precision,
+                           sharded=set(sharded), random=self._runtime.stochastic,
+                           math_attention=self._runtime.math_attention, precision=self.precision,
                            data_parallel=dp is not None)
         self._title = title
         self.code = codegen.generate(self.plan, title)

@@ -17,7 +17,7 @@ from . import autodiff, records, states, steplog
 from .compiled import Compiler, is_plain
 from .data import MicroBatches
 from .hypergrad.base import Solution, Trajectory, state_vjp
-from .kernels import attention_kernel
+from .kernels import attention_kernel, may_run_attention
 from .loops import UpdateLoop
 from .randomness import Seeds, SeededBatch, draws_random, fixed_rng
 from .reach import absent_params
@@ -91,6 +91,8 @@ class Runtime:
         self.buffer_state = None              # trace.BufferState: staged running statistics
         self.compiler = compiler or Compiler(None)  # compile=True: the step's compiled regions
         self.second_order = second_order or set()  # levels whose loss is differentiated twice (mlodsl.kernels)
+        # of those, the levels whose loss may call attention: evaluated under the math kernel
+        self.math_attention = {n for n in self.second_order if may_run_attention(traced[n])}
         self._products: dict = {}             # (lower, upper) -> compiled region of a products_only vjp
         self.health = steplog.StepHealth(methods, self.loss_scales)  # the checks of a step's log
         # level -> parameters no loss it is differentiated through reaches: their gradient is absent
@@ -170,7 +172,7 @@ class Runtime:
                 return self.evaluate(name, params, batch.batch)
         if isinstance(batch, MicroBatches):
             return _mean_outputs([self.evaluate(name, params, b) for b in batch])
-        if name in self.second_order:
+        if name in self.math_attention:
             with attention_kernel():
                 return self._evaluate(name, params, batch)
         return self._evaluate(name, params, batch)
