@@ -43,6 +43,8 @@ def test_only_losses_differentiated_twice_leave_the_fast_kernel(method, twice):
     net, logits, train, val = encoder()
     prog, _ = reweighting(net, logits, train, val, method, steps=1)
     assert prog._runtime.second_order == twice
+    # the plan evaluates exactly those under the math kernel: the encoder's loss calls attention
+    assert {n for n, lp in prog.plan.levels.items() if lp.math_attention} == twice
     with warnings.catch_warnings():  # CG at a random init meets negative curvature: warned
         warnings.simplefilter("ignore", ml.hypergrad.DivergenceWarning)
         assert torch.isfinite(prog.hypergradient("outer")["w"]).all()

@@ -26,6 +26,7 @@ def test_the_plan_records_what_each_lower_level_keeps_and_how_it_is_differentiat
     assert inner.wrt == ("inner",) and outer.wrt == ("outer", "inner")  # own, then the levels below
     assert not inner.nested and not inner.compiled and inner.method == method
     assert outer.method is None and outer.keep == 0
+    assert not inner.math_attention  # a loss without attention never enters the math-kernel context
     printed = str(prog.plan)
     assert str(prog.schedule) in printed and f"inner: {method!r} |" in printed
 
