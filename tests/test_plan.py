@@ -91,3 +91,15 @@ def test_compile_decisions_are_in_the_plan_and_only_then_in_the_code():
     eager, *_ = make_hpo(K=2)
     assert "rt.region(" not in eager.code and "loop_inner" not in eager.code
     assert not any(lp.compiled for lp in eager.plan.levels.values())
+
+
+def test_the_architecture_page_shows_what_the_quickstart_program_prints():
+    """docs/design.md prints the plan and the step of examples/hpo_logreg.py with CG(iters=3);
+    `python docs/_print_step.py` rewrites them after a change to the plan or the generator."""
+    from pathlib import Path
+
+    from mlodsl_examples import hpo_logreg
+    train, val, _, _ = hpo_logreg.make_data(0)
+    prog = hpo_logreg.build(train, val, method="cg")[0]
+    page = (Path(__file__).resolve().parents[1] / "docs" / "design.md").read_text()
+    assert f"```text\n{prog.plan}\n```" in page and f"```python\n{prog.code}```" in page
