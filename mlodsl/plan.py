@@ -189,6 +189,9 @@ def decide(plan: Plan, levels: dict, methods: dict, *, taken: dict, compiled: se
         leaf = not plan.lowers[name]
         stride = method.path_stride(steps) if method is not None and method.keeps_path else 0
         is_compiled = name in compiled
+        # A sharded level keeps its iterates (slices) instead: the tape would hold every update's
+        # gathered parameters (measured on 2 ranks, 25M parameters, Unroll over 4 updates: peak
+        # per rank 1.06x the unsharded program's on the tape, 0.83x replaying the kept slices).
         tape = (bool(toward) and method is not None and bool(method.records_tape) and not is_compiled
                 and name not in sharded)
         nested = _runs_inside_a_derivative(name, plan, methods, levels)
