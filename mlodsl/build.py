@@ -262,9 +262,10 @@ def add_unnamed_reads(graph, levels: dict):
                 graph.add_edge(name, other, kind="reads", via="closure")
 
 
-def levels_taken(levels: dict) -> dict:
-    """``{level: the levels whose parameters its loss takes as inputs}`` (itself included)."""
-    return {n: {n, *(lvl for lvl, _ in pl.traced.inputs.values())} for n, pl in levels.items()}
+def levels_taken(traced: dict) -> dict:
+    """``{level: the levels whose parameters its loss takes as inputs}`` (itself included);
+    ``traced``: name -> ``TracedLevel``."""
+    return {n: {n, *(lvl for lvl, _ in t.inputs.values())} for n, t in traced.items()}
 
 
 # -- the step ----------------------------------------------------------------------------------------
@@ -279,12 +280,13 @@ class Step:
     hypergradient: Callable       # (name, state, batches[, log]) -> (hypergradient, loss)
 
 
-def make_step(title: str, plan, levels: dict, methods: dict, runtime_args: tuple, runtime_options: dict,
-              buffers, wrap: Callable | None = None) -> Step:
-    """Generate the step's source from the plan, build it, and bind it to a ``Runtime(*runtime_args,
-    **runtime_options)``; ``wrap`` (a sharded program's) wraps the step and the hypergradient."""
-    runtime = Runtime(*runtime_args, **runtime_options)
-    code = codegen.generate(plan, levels, methods, title, levels_taken(levels))
+def make_step(title: str, plan, levels: dict, methods: dict, traced: dict, runtime_args: tuple,
+              runtime_options: dict, buffers, wrap: Callable | None = None) -> Step:
+    """Generate the step's source from the plan, build it, and bind it to a ``Runtime(traced,
+    *runtime_args, **runtime_options)``; ``wrap`` (a sharded program's) wraps the step and the
+    hypergradient. ``levels``: name -> ``Level``; ``traced``: name -> ``TracedLevel``."""
+    runtime = Runtime(traced, *runtime_args, **runtime_options)
+    code = codegen.generate(plan, levels, methods, title, levels_taken(traced))
     (step, hypergradient), filename = codegen.build(code, runtime)
     runtime.buffer_state = buffers
     if wrap is not None:

@@ -106,8 +106,9 @@ class Program:
         dp = self.distributed
         step = build.make_step(
             f"Program({', '.join(t.name for t in tops)})", self.plan, levels, methods,
-            ({n: pl.traced for n, pl in self.levels.items()}, {n: lvl.optimizer for n, lvl in levels.items()},
-             methods, starts, {n: dict(s["params"]) for n, s in self._state.items()},
+            {n: pl.traced for n, pl in self.levels.items()},
+            ({n: lvl.optimizer for n, lvl in levels.items()}, methods, starts,
+             {n: dict(s["params"]) for n, s in self._state.items()},
              {n: lvl.project for n, lvl in levels.items() if lvl.project is not None}),
             dict(autocast={n: Autocast(p, devices[n]) for n, p in self.precision.items() if p != "fp32"},
                  loss_scales=self.scalers,
