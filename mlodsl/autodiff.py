@@ -70,7 +70,8 @@ def _inputs(leaves):
     ``nested``: this product will itself be differentiated (an input carries a graph, or it is
     evaluated inside the function of an enclosing product), so it must be built with create_graph.
     """
-    nested = _differentiating() > 0 or any(x.requires_grad for x in leaves)
+    # on the tape only, never under torch.compile: the ContextVar is read directly
+    nested = _DIFFERENTIATING.get() > 0 or any(x.requires_grad for x in leaves)
     return [x.view_as(x) if x.requires_grad else x.detach().requires_grad_() for x in leaves], nested
 
 
