@@ -136,7 +136,7 @@ def memory_in_subprocess(bench: str, contender: str, config: dict, threads: int,
     return {"error": tail[0][:200]}
 
 
-def _prime():
+def prime():
     """Load what every contender loads lazily on its first step (autograd engine, torch.func,
     torch.optim), so the one-off ~70 MiB of that is not charged to whoever runs first."""
     import torch
@@ -164,7 +164,7 @@ def worker(module, contender: str, config: dict, steps: int) -> dict:
         except Exception:
             pass
     data = module.data(config)
-    _prime()
+    prime()
     base, ok = reset_peak()
     c = module.CONTENDERS[contender](data, config)
     for _ in range(steps):

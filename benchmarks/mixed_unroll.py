@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mlodsl as ml
-from benchmarks.common import _prime, peak_kb, reset_peak
+from benchmarks.common import prime, peak_kb, reset_peak
 
 METHODS = {"unroll": lambda: ml.hypergrad.Unroll(), "replay": lambda: ml.hypergrad.Unroll(checkpoint=1),
            "mixed": lambda: ml.hypergrad.MixedUnroll()}
@@ -108,7 +108,7 @@ def flat(g: dict) -> torch.Tensor:
 
 def worker(model: str, T: int, method: str) -> dict:
     """In a fresh process: peak extra RSS and time of one hypergradient (after a warm-up one)."""
-    _prime()
+    prime()
     prog = program(model, T, method)
     prog.hypergradient("outer")  # warm-up: lazy initialisation, the first batch drawn
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the warm-up's freed heap back to the OS
@@ -132,7 +132,7 @@ def product(model: str, kind: str) -> dict:
     ``kind`` names (``PRODUCTS``); what one update of the reverse pass holds besides the iterates."""
     from mlodsl import autodiff
     from mlodsl.kernels import attention_kernel
-    _prime()
+    prime()
     net, (x, y), _ = model_and_data(model, torch.float32)
     params = {k: v.detach() for k, v in net.named_parameters()}
     u = {k: torch.randn_like(v) for k, v in params.items()}
@@ -141,10 +141,9 @@ def product(model: str, kind: str) -> dict:
         return F.cross_entropy(torch.func.functional_call(net, p, (x,)), y)
 
     where, mode = PRODUCTS[kind]
-    autodiff.use_torch_func(where == "func")
 
     def hvp():
-        with attention_kernel():
+        with attention_kernel(), autodiff.torch_func_products(where == "func"):
             if mode == "forward":
                 return autodiff.forward_over_reverse(loss, (params,), (u,))
             return autodiff.vjp(autodiff.grad(loss), (params,), u)[0]

@@ -13,27 +13,55 @@ graph (a level above is differentiating through this product), the product is bu
 """
 from __future__ import annotations
 
+import contextlib
+from contextvars import ContextVar
+
 import torch
 from torch.utils import _pytree as pytree
 
 from .tree import detached, flatten
 
-_FORCE_FUNC = [False]
-_DIFFERENTIATING = [0]  # > 0 while a function is evaluated for an enclosing product on the tape
+# Modes, per thread and per asyncio task (contextvars), set only by the context managers below.
+_FORCE_FUNC: ContextVar[bool] = ContextVar("mlodsl_autodiff_force_func", default=False)
+# > 0 while a function is evaluated for an enclosing product on the tape
+_DIFFERENTIATING: ContextVar[int] = ContextVar("mlodsl_autodiff_differentiating", default=0)
 
 
-def use_torch_func(flag: bool) -> None:
-    """Always use torch.func (for torch.compile, which traces transforms but not the tape)."""
-    _FORCE_FUNC[0] = flag
+@contextlib.contextmanager
+def torch_func_products(flag: bool = True):
+    """Within it, products are always ``torch.func`` transforms (``flag=True``: for
+    ``torch.compile``, which traces transforms but not the tape), or chosen as usual (``False``)."""
+    token = _FORCE_FUNC.set(flag)
+    try:
+        yield
+    finally:
+        _FORCE_FUNC.reset(token)
+
+
+# torch.compile cannot read a ContextVar: it calls these once while tracing a region and keeps the
+# result (its regions are traced under torch_func_products(), outside any tape product).
+@torch.compiler.assume_constant_result
+def _forced_func() -> bool:
+    return _FORCE_FUNC.get()
+
+
+@torch.compiler.assume_constant_result
+def _differentiating() -> int:
+    return _DIFFERENTIATING.get()
 
 
 def _tape() -> bool:
-    return not _FORCE_FUNC[0] and torch._C._functorch.maybe_current_level() is None
+    return not _forced_func() and torch._C._functorch.maybe_current_level() is None
 
 
 def on_tape() -> bool:
     """Whether products are taken on the autograd tape here (no torch.func transform is active)."""
     return _tape()
+
+
+def inside_product() -> bool:
+    """Whether a function is being evaluated for an enclosing product on the tape (``evaluating``)."""
+    return _differentiating() > 0
 
 
 def _inputs(leaves):
@@ -42,18 +70,24 @@ def _inputs(leaves):
     ``nested``: this product will itself be differentiated (an input carries a graph, or it is
     evaluated inside the function of an enclosing product), so it must be built with create_graph.
     """
-    nested = _DIFFERENTIATING[0] > 0 or any(x.requires_grad for x in leaves)
+    # on the tape only, never under torch.compile: the ContextVar is read directly
+    nested = _DIFFERENTIATING.get() > 0 or any(x.requires_grad for x in leaves)
     return [x.view_as(x) if x.requires_grad else x.detach().requires_grad_() for x in leaves], nested
 
 
 class evaluating:
-    """Marks the evaluation of a function that an enclosing tape product differentiates."""
+    """Marks the evaluation of a function that an enclosing tape product differentiates.
+
+    A class rather than ``contextlib.contextmanager``: it runs on every product, and a generator
+    costs several times more per use."""
+
+    __slots__ = ("_token",)
 
     def __enter__(self):
-        _DIFFERENTIATING[0] += 1
+        self._token = _DIFFERENTIATING.set(_DIFFERENTIATING.get() + 1)
 
     def __exit__(self, *exc):
-        _DIFFERENTIATING[0] -= 1
+        _DIFFERENTIATING.reset(self._token)
 
 
 def tape_grads(outputs, inputs, grad_outputs, create_graph, retain_graph=None):

@@ -1,15 +1,16 @@
 """Checkpoints: a Program's state as plain data, checked against the program before any of it is used.
 
-``state_dict(prog)`` holds only tensors, numbers, strings, ``None``, lists, tuples and dicts:
-every level's parameters and optimizer state (a ``torch.optim`` optimizer as its own state dict),
-its module's buffers, the data positions, the fp16 loss scales, torch's RNG state, the step count
-and ``history``. ``save`` writes ``{"format", "version", "sha256", "state"}`` with ``torch.save``
-(to a temporary file, then a rename); the sha256 covers the structure and every tensor's dtype,
-shape and bytes. ``load`` reads the file with ``weights_only=True``, so a file holding anything but
+A program hands its pieces over as ``Parts``. ``state_dict(parts)`` holds only tensors, numbers,
+strings, ``None``, lists, tuples and dicts: every level's parameters and optimizer state (a
+``torch.optim`` optimizer as its own state dict), its module's buffers, the data positions, the fp16
+loss scales, torch's RNG state, the step count and ``history``. ``save`` writes
+``{"format", "version", "sha256", "state"}`` with ``torch.save`` (to a temporary file, then a
+rename); the sha256 covers the structure and every tensor's dtype, shape and bytes. ``read`` reads
+the file with ``weights_only=True``, so a file holding anything but
 plain data (a pickle that would run code) is refused without running it, and a file whose checksum
 does not match (a flipped byte, a truncation) is refused too.
 
-``load_state_dict(prog, sd)`` first checks everything against the program (levels, parameter names,
+``restore(parts, sd)`` first checks everything against the program (levels, parameter names,
 shapes and dtypes, the optimizer state's structure against the program's own, buffers, loss
 scales, data positions) and raises ``CheckpointError`` listing every mismatch by level; only a state
 that passes is applied, so a refused checkpoint changes nothing.
@@ -28,8 +29,9 @@ import tempfile
 
 import torch
 
-from .data import BatchStream
-from .data import MicroBatches
+from dataclasses import dataclass
+
+from .feeder import Feeder
 from .tree import tree_map
 
 FORMAT, VERSION = "mlodsl-checkpoint", 1
@@ -38,6 +40,31 @@ PLAIN = (bool, int, float, str, type(None))  # the scalars a checkpoint may hold
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be saved or does not fit the program; nothing was changed."""
+
+
+@dataclass
+class Parts:
+    """What a checkpoint reads of a program and restores into it, as the program hands it over.
+
+    Args:
+        state: ``{level: {"params", "opt"}}`` as this process holds it (a sharded level: its slice).
+        levels: ``{level: Level}``: each level's module (its buffers) and optimizer.
+        feeder: the program's batch streams (``mlodsl.feeder``).
+        scalers: ``{level: LossScaler}`` of the fp16 levels.
+        sharding: the sharded levels (``mlodsl.sharding``), or None.
+        distributed: the data-parallel group (``mlodsl.distributed``), or None.
+        step: the number of steps taken.
+        history: the log rows of the steps taken.
+    """
+
+    state: dict
+    levels: dict
+    feeder: Feeder
+    scalers: dict
+    sharding: object
+    distributed: object
+    step: int
+    history: list
 
 
 # -- the state as plain data ----------------------------------------------------------------------
@@ -62,37 +89,26 @@ def _plain_row(row: dict) -> dict:
     return {k: plain(v) for k, v in row.items()}
 
 
-def _consumed(prog, name: str) -> int:
-    """Batches of level ``name`` the program has used (drawn batches still pending are not)."""
-    pending = prog._pending[name] if prog._pending is not None else []
-    return prog._streams[name].position - len(_draws(pending))
-
-
-def _draws(pending: list) -> list:
-    """The single draws behind one level's pending update batches (micro-batches flattened; a batch
-    shared by a block's updates, ``BlockBatches``, once)."""
-    pending = getattr(pending, "draws", pending)
-    return [b for batch in pending for b in (batch if isinstance(batch, MicroBatches) else [batch])]
-
-
 def _buffers(module) -> dict:
     return {k: b.detach() for k, b in module.named_buffers()}
 
 
-def _as_one(prog) -> dict:
+def _as_one(parts: Parts) -> dict:
     """The levels' states as one process holds them: a sharded level's slices gathered (a collective:
     every rank calls it), so that one file loads into a sharded or an unsharded program alike."""
-    return prog._state if prog.sharding is None else prog.sharding.full_state(prog._state)
+    return parts.state if parts.sharding is None else parts.sharding.full_state(parts.state)
 
 
-def state_dict(prog) -> dict:
-    return {"step": prog.step_count,
-            "levels": {n: {"params": dict(s["params"]), "opt": _plain_opt(s["opt"])} for n, s in _as_one(prog).items()},
-            "buffers": {n: _buffers(pl.level.module) for n, pl in prog.levels.items()},
-            "data": {n: _consumed(prog, n) for n in prog._streams},
-            "loss_scales": {n: sc.state_dict() for n, sc in prog.scalers.items()},
+def state_dict(parts: Parts) -> dict:
+    """The program's state as plain data (see the module's docstring)."""
+    return {"step": parts.step,
+            "levels": {n: {"params": dict(s["params"]), "opt": _plain_opt(s["opt"])}
+                       for n, s in _as_one(parts).items()},
+            "buffers": {n: _buffers(lvl.module) for n, lvl in parts.levels.items()},
+            "data": {n: parts.feeder.consumed(n) for n in parts.feeder.streams},
+            "loss_scales": {n: sc.state_dict() for n, sc in parts.scalers.items()},
             "rng": torch.get_rng_state(),
-            "history": [_plain_row(r) for r in prog.history]}
+            "history": [_plain_row(r) for r in parts.history]}
 
 
 # -- checking a state against the program --------------------------------------------------------
@@ -150,32 +166,32 @@ def _torch_opt_mismatches(saved, handle) -> list:
     return out
 
 
-def _opt_mismatches(name: str, saved, prog, state: dict) -> list:
+def _opt_mismatches(name: str, saved, parts: Parts, state: dict) -> list:
     mine = _plain_opt(state[name]["opt"])
-    optimizer = prog.levels[name].level.optimizer
+    optimizer = parts.levels[name].optimizer
     if isinstance(mine, dict) and "torch" in mine and isinstance(saved, dict) and saved.keys() == mine.keys():
         return (_tree_mismatches(saved["count"], mine["count"], "optimizer state['count']")
-                + _torch_opt_mismatches(saved["torch"], prog._state[name]["opt"]["torch"]))
+                + _torch_opt_mismatches(saved["torch"], parts.state[name]["opt"]["torch"]))
     found = _tree_mismatches(saved, mine, "optimizer state")
     if found:  # say whose state the program expects: an adam state into an sgd program, say
         found.insert(0, f"its optimizer state does not fit {optimizer!r}")
     return found
 
 
-def _level_mismatches(prog, state: dict, name: str, saved: dict) -> list:
+def _level_mismatches(parts: Parts, state: dict, name: str, saved: dict) -> list:
     if not isinstance(saved, dict) or not {"params", "opt"} <= saved.keys():
         return [f"its entry is {_describe(saved)}, not {{'params', 'opt'}}"]
     return (_named_mismatches(saved["params"], state[name]["params"], "parameter")
-            + _opt_mismatches(name, saved["opt"], prog, state))
+            + _opt_mismatches(name, saved["opt"], parts, state))
 
 
-def _data_mismatches(prog, name: str, position) -> list:
+def _data_mismatches(feeder: Feeder, name: str, position) -> list:
     if type(position) is not int or position < 0:
         return [f"its data position is {position!r}, not a count of batches"]
-    stream = prog._streams[name]
-    if stream.one_shot and position != _consumed(prog, name):
+    stream = feeder.streams[name]
+    if stream.one_shot and position != feeder.consumed(name):
         return [f"its data is a one-shot iterator ({type(stream.data).__name__}) standing after "
-                f"{_consumed(prog, name)} batches, which cannot be moved to the checkpoint's {position}: pass a "
+                f"{feeder.consumed(name)} batches, which cannot be moved to the checkpoint's {position}: pass a "
                 f"list, a re-iterable (e.g. a DataLoader) or a callable as data= to resume it"]
     return []
 
@@ -191,20 +207,21 @@ def _per_level(saved, known, what: str, check) -> list:
     return out + [f"level '{n}': {m}" for n in known if n in saved for m in check(n, saved[n])]
 
 
-def mismatches(prog, sd) -> list:
-    """Every way ``sd`` does not fit ``prog``, as messages naming the level; empty when it fits."""
+def mismatches(parts: Parts, sd) -> list:
+    """Every way ``sd`` does not fit the program, as messages naming the level; empty when it fits."""
     if not isinstance(sd, dict):
         return [f"the state is {_describe(sd)}, not a dict"]
     missing = [k for k in ("step", "levels", "buffers", "data", "loss_scales", "rng", "history") if k not in sd]
     if missing:
         return [f"the state has no {missing} (not a state_dict of this mlodsl version)"]
-    state = _as_one(prog)
-    out = _per_level(sd["levels"], state, "states", lambda n, s: _level_mismatches(prog, state, n, s))
-    out += _per_level(sd["buffers"], prog.levels, "buffers",
-                      lambda n, b: _named_mismatches(b, _buffers(prog.levels[n].level.module), "buffer"))
-    out += _per_level(sd["data"], prog._streams, "data positions", lambda n, pos: _data_mismatches(prog, n, pos))
-    out += _per_level(sd["loss_scales"], prog.scalers, "fp16 loss scales",
-                      lambda n, sc: _tree_mismatches(sc, prog.scalers[n].state_dict(), "its fp16 loss scale"))
+    state = _as_one(parts)
+    out = _per_level(sd["levels"], state, "states", lambda n, s: _level_mismatches(parts, state, n, s))
+    out += _per_level(sd["buffers"], parts.levels, "buffers",
+                      lambda n, b: _named_mismatches(b, _buffers(parts.levels[n].module), "buffer"))
+    out += _per_level(sd["data"], parts.feeder.streams, "data positions",
+                      lambda n, pos: _data_mismatches(parts.feeder, n, pos))
+    out += _per_level(sd["loss_scales"], parts.scalers, "fp16 loss scales",
+                      lambda n, sc: _tree_mismatches(sc, parts.scalers[n].state_dict(), "its fp16 loss scale"))
     if type(sd["step"]) is not int or sd["step"] < 0:
         out.append(f"its step is {sd['step']!r}, not a count")
     out += _tree_mismatches(sd["rng"], torch.get_rng_state(), "the RNG state")
@@ -226,55 +243,38 @@ def _restored_opt(saved, mine):
     return tree_map(_copy_like, saved, mine)
 
 
-def _positioned_streams(prog, positions: dict) -> dict:
-    """Every level's stream at its checkpoint position: the live stream where it already stands
-    there, a fresh one fast-forwarded otherwise (a one-shot iterator is never: ``mismatches``)."""
-    streams = {}
-    for name, position in positions.items():
-        if position == _consumed(prog, name):
-            streams[name] = prog._streams[name]
-        else:
-            streams[name] = BatchStream(name, prog.levels[name].level.data)
-            streams[name].skip_to(position)
-    return streams
-
-
-def _use_streams(prog, streams: dict) -> None:
-    """Make ``streams`` the program's; a kept stream gets back its drawn but unused batches."""
-    for name, stream in streams.items():
-        if stream is prog._streams[name] and prog._pending is not None:
-            stream.give_back(_draws(prog._pending[name]))
-    prog._streams, prog._pending = streams, None
-
-
-def _restore_levels(prog, levels: dict, buffers: dict) -> None:
-    state = {n: {"params": {k: _copy_like(v, prog._state[n]["params"][k]) for k, v in s["params"].items()},
-                 "opt": _restored_opt(s["opt"], prog._state[n]["opt"])}
+def _restored_levels(parts: Parts, levels: dict) -> dict:
+    """The saved levels' states, copied onto the program's devices; a sharded level as its slice."""
+    state = {n: {"params": {k: _copy_like(v, parts.state[n]["params"][k]) for k, v in s["params"].items()},
+                 "opt": _restored_opt(s["opt"], parts.state[n]["opt"])}
              for n, s in levels.items()}
-    if prog.sharding is not None:  # every rank read the whole file: each keeps its slice
-        state = {n: (prog.sharding.shard_like(s, prog._state[n]) if n in prog.sharding.levels else s)
+    if parts.sharding is not None:  # every rank read the whole file: each keeps its slice
+        state = {n: (parts.sharding.shard_like(s, parts.state[n]) if n in parts.sharding.levels else s)
                  for n, s in state.items()}
-    prog._state = state
-    with torch.no_grad():
-        for n, named in buffers.items():
-            for k, v in named.items():
-                prog.levels[n].level.module.get_buffer(k).copy_(v)
-    prog._write_back()
+    return state
 
 
-def load_state_dict(prog, sd: dict, source: str = "the state dict") -> None:
-    """Restore ``prog`` from ``sd``; refuse with ``CheckpointError`` (changing nothing) if it does not fit."""
-    found = mismatches(prog, sd)
+def restore(parts: Parts, sd: dict, source: str = "the state dict") -> Parts:
+    """Restore ``sd`` into the program's feeder, modules' buffers, loss scales and torch's RNG, and
+    return the parts the program holds itself (state, step, history) as restored; refuse with
+    ``CheckpointError``, changing nothing, if it does not fit. The caller then points the user's
+    modules at the returned state's parameters."""
+    found = mismatches(parts, sd)
     if found:
         raise CheckpointError(f"{source} does not fit the program; nothing was restored:\n  " + "\n  ".join(found))
-    streams = _positioned_streams(prog, sd["data"])  # this draws from the data: before any state changes
-    _use_streams(prog, streams)
-    _restore_levels(prog, sd["levels"], sd["buffers"])
+    # this draws from the data: before any state changes
+    streams = {name: parts.feeder.positioned(name, position) for name, position in sd["data"].items()}
+    parts.feeder.use(streams)
+    state = _restored_levels(parts, sd["levels"])
+    with torch.no_grad():
+        for n, named in sd["buffers"].items():
+            for k, v in named.items():
+                parts.levels[n].module.get_buffer(k).copy_(v)
     for n, sc in sd["loss_scales"].items():
-        prog.scalers[n].load_state_dict(sc)
-    prog.step_count = sd["step"]
-    prog.history = [dict(r) for r in sd["history"]]
+        parts.scalers[n].load_state_dict(sc)
     torch.set_rng_state(sd["rng"])
+    return Parts(state, parts.levels, parts.feeder, parts.scalers, parts.sharding, parts.distributed,
+                 sd["step"], [dict(r) for r in sd["history"]])
 
 
 # -- files ----------------------------------------------------------------------------------------
@@ -311,20 +311,20 @@ def digest(state) -> str:
     return h.hexdigest()
 
 
-def save(prog, path) -> None:
-    """Write ``prog``'s checkpoint to ``path`` atomically (a temporary file, then a rename); under
+def save(parts: Parts, path) -> None:
+    """Write the program's checkpoint to ``path`` atomically (a temporary file, then a rename); under
     data parallel, rank 0 writes it and every rank waits until it is written."""
-    dp = prog.distributed
+    dp = parts.distributed
     if dp is not None and not dp.is_main:
         try:
-            if prog.sharding is not None:
-                state_dict(prog)  # its gathers are collectives: every rank takes part, rank 0 writes
+            if parts.sharding is not None:
+                state_dict(parts)  # its gathers are collectives: every rank takes part, rank 0 writes
         finally:
             dp.barrier()
         return
     path = os.fspath(path)
     try:
-        state = state_dict(prog)
+        state = state_dict(parts)
         try:
             payload = {"format": FORMAT, "version": VERSION, "sha256": digest(state), "state": state}
         except CheckpointError as err:
@@ -381,9 +381,3 @@ def read(path) -> dict:
     if not intact:
         raise CheckpointError(f"checkpoint '{path}' is corrupted: its contents do not match their sha256 checksum")
     return payload["state"]
-
-
-def load(path, prog):
-    """Restore ``prog`` from the checkpoint ``prog.save(path)`` wrote; returns ``prog``."""
-    load_state_dict(prog, read(path), source=f"checkpoint '{os.fspath(path)}'")
-    return prog

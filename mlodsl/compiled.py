@@ -54,7 +54,7 @@ def graph_ops(traced) -> int | None:
 def is_plain(args) -> bool:
     """True when no derivative has to flow through a call on ``args``: no tensor in them requires
     grad, no ``torch.func`` transform is active, and no enclosing tape product is evaluating."""
-    if autodiff._DIFFERENTIATING[0] or torch._C._functorch.maybe_current_level() is not None:
+    if autodiff.inside_product() or torch._C._functorch.maybe_current_level() is not None:
         return False
     return not _any_requires_grad(args)
 
@@ -100,18 +100,15 @@ class Region:
         core = args[:len(args) - self.trailing]
         if self.reason is not None or not is_plain(core):
             return self.fn(*args)
-        previous = autodiff._FORCE_FUNC[0]
-        autodiff.use_torch_func(True)  # dynamo traces torch.func transforms, not the autograd tape
         try:
-            out = self._compiled(*core)
+            with autodiff.torch_func_products():  # dynamo traces torch.func transforms, not the autograd tape
+                out = self._compiled(*core)
         except Exception as err:  # noqa: BLE001 - any compiler failure means: run eagerly
             if not _is_compiler_error(err):
                 raise
             self.reason = f"{type(err).__name__}: {_first_reason(err)}"
             warnings.warn(f"{self.label} could not be compiled ({self.reason}); {self.instead}",
                           CompileWarning, stacklevel=2)
-        finally:
-            autodiff.use_torch_func(previous)
         if self.reason is not None:  # eagerly, as if never compiled (the tape, not torch.func)
             return self.fn(*args)
         self.compiled_calls += 1

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils import _pytree as pytree
 
+from .feeder import first_micro_batch
+from .runtime import split_output
 from .tree import tree_leaves
 
 
@@ -174,3 +176,27 @@ def explain(state: dict, plan, methods: dict, activations: dict | None = None,
             workspace = method.workspace(block, params)
         report.append(LevelMemory(name, params, opt, iterates, workspace, activations.get(name, 0)))
     return report
+
+
+def measure(levels: dict, state: dict, plan, runtime, batches: dict, tasked: set) -> MemoryReport:
+    """``explain`` of a built program, its activations and update graphs measured on ``batches``
+    (the next step's). ``levels``: name -> ``ProgramLevel``; ``runtime``: the step's ``Runtime``
+    (its methods and compiler); ``tasked``: levels batched over tasks, whose per-task activations
+    under vmap are not measured."""
+    params = {n: s["params"] for n, s in state.items()}
+    activations, update_graphs = {}, {}
+    for name, pl in levels.items():
+        if name in tasked:
+            continue
+        batch = first_micro_batch(batches[name][0])
+        activations[name] = saved_activation_bytes(
+            lambda own: split_output(name, pl.traced({**params, name: own}, batch))[0], params[name])
+        method = runtime.methods.get(name)
+        if method is not None and method.keeps_path:  # it differentiates the updates themselves
+            uppers = {n: params[n] for n in plan.subtree if name in plan.lowers[n]}
+            update_graphs[name] = taped_update_bytes(
+                lambda own, ups: split_output(name, pl.traced({**params, **ups, name: own}, batch))[0],
+                params[name], uppers)
+    taped = {n for n, m in runtime.methods.items()  # compiled updates are replayed instead
+             if m.records_tape and not runtime.compiler.compiles(n)}
+    return explain(state, plan, runtime.methods, activations, update_graphs, taped)

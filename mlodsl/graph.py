@@ -61,8 +61,6 @@ def collect_levels(tops) -> dict:
             cand = visible.get(arg)
             if cand is not None and cand.name == arg:
                 pending.append(cand)
-    for i, lvl in enumerate(levels.values()):
-        lvl._position = i
     return levels
 
 

@@ -115,18 +115,6 @@ def _hvp_or_raise(runtime, name, params, batch):
             f"@once_differentiable).") from err
 
 
-@contextlib.contextmanager
-def _under_func():
-    """Products as under a ``torch.func`` transform (``autodiff.use_torch_func``)."""
-    from . import autodiff
-    previous = autodiff._FORCE_FUNC[0]
-    autodiff.use_torch_func(True)
-    try:
-        yield
-    finally:
-        autodiff.use_torch_func(previous)
-
-
 def _jvp_of_grad_or_raise(runtime, name, params, batch):
     """One forward-over-reverse product (``torch.func.jvp`` of ``torch.func.grad``) of level
     ``name``'s loss in every level's parameters, as ``MixedUnroll`` takes them."""
@@ -139,7 +127,7 @@ def _jvp_of_grad_or_raise(runtime, name, params, batch):
 
     try:
         for transformed in (False, True):  # on the tape (eager) and under torch.func (vmap, compile)
-            with (_under_func() if transformed else contextlib.nullcontext()):
+            with (autodiff.torch_func_products() if transformed else contextlib.nullcontext()):
                 autodiff.forward_over_reverse(loss, (own, others), ({k: torch.ones_like(v) for k, v in own.items()},
                                                                     None))
     except RuntimeError as err:

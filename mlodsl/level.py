@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from torch import nn
@@ -42,7 +42,6 @@ class Level:
     own_arg: str = ""                       # the name of fn's first parameter
     level_args: tuple = ()                  # the other parameters (names of levels)
     takes_batch: bool = False
-    _position: int = field(default=0, repr=False)
 
     def __post_init__(self):
         _DEFINED.add(self)

@@ -79,8 +79,8 @@ def test_the_code_generator_prints_the_decisions_it_is_given():
     assert "linear.conjugate_gradient(hessian_vp, v, iters=6, info=info)" in prog.code
     step, _ = codegen.build(source, prog._runtime)
     want = reference_implicit_hpo(net, hyper, train, val, K=30, lr=0.5)  # H formed and solved exactly
-    for fn in (prog._step_fn, step):
-        state, log = fn(prog._state, prog._pending)
+    for fn in (prog._step.step, step):
+        state, log = fn(prog._state, prog._feeder.peek())
         # one SGD step of the upper level (lr 0.1) from log_l2 = -2 with the hypergradient
         g = (-2.0 - state["outer"]["params"]["log_l2"]) / 0.1
         torch.testing.assert_close(g, want, rtol=1e-6, atol=1e-9)
