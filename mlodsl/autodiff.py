@@ -64,15 +64,28 @@ def tape_grads(outputs, inputs, grad_outputs, create_graph, retain_graph=None):
 
 
 def grad_with_aux(fn, primals):
-    """``(∇ fn(primals), aux)`` for ``fn(primals) -> (scalar, aux)``; primals is a pytree."""
-    if not _tape():
+    """``(∇ fn(primals), aux)`` for ``fn(primals) -> (scalar, aux)``; primals is a pytree.
+
+    The eager step calls this once per update, so its own cost is kept to a few microseconds:
+    the grad mode is switched only when it is off, and the nesting count is kept by hand."""
+    if _FORCE_FUNC[0] or torch._C._functorch.maybe_current_level() is not None:
         return _func_grad_with_aux(fn, primals)
     leaves, unflatten = flatten(primals)
-    with torch.enable_grad():
-        inputs, nested = _inputs(leaves)
-        with evaluating():
+    grad_was = torch.is_grad_enabled()
+    if not grad_was:
+        torch.set_grad_enabled(True)
+    try:
+        inputs, nested = _inputs(leaves)  # with grad on: the alias of an input must carry its graph
+        _DIFFERENTIATING[0] += 1
+        try:
             out, aux = fn(unflatten(inputs))
-        grads = tape_grads([out], inputs, None, nested)
+        finally:
+            _DIFFERENTIATING[0] -= 1
+        grads = torch.autograd.grad((out,), inputs, create_graph=nested, allow_unused=True)
+    finally:
+        if not grad_was:
+            torch.set_grad_enabled(False)
+    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
     if not nested:
         aux = detached(aux)
     return unflatten(grads), aux
