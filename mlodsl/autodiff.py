@@ -70,21 +70,21 @@ def grad_with_aux(fn, primals):
     the grad mode is switched only when it is off, and the nesting count is kept by hand."""
     if _FORCE_FUNC[0] or torch._C._functorch.maybe_current_level() is not None:
         return _func_grad_with_aux(fn, primals)
+    if torch.is_grad_enabled():
+        return _tape_grad_with_aux(fn, primals)
+    with torch.enable_grad():
+        return _tape_grad_with_aux(fn, primals)
+
+
+def _tape_grad_with_aux(fn, primals):
     leaves, unflatten = flatten(primals)
-    grad_was = torch.is_grad_enabled()
-    if not grad_was:
-        torch.set_grad_enabled(True)
+    inputs, nested = _inputs(leaves)  # with grad on: the alias of an input must carry its graph
+    _DIFFERENTIATING[0] += 1
     try:
-        inputs, nested = _inputs(leaves)  # with grad on: the alias of an input must carry its graph
-        _DIFFERENTIATING[0] += 1
-        try:
-            out, aux = fn(unflatten(inputs))
-        finally:
-            _DIFFERENTIATING[0] -= 1
-        grads = torch.autograd.grad((out,), inputs, create_graph=nested, allow_unused=True)
+        out, aux = fn(unflatten(inputs))
     finally:
-        if not grad_was:
-            torch.set_grad_enabled(False)
+        _DIFFERENTIATING[0] -= 1
+    grads = torch.autograd.grad((out,), inputs, create_graph=nested, allow_unused=True)
     grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
     if not nested:
         aux = detached(aux)

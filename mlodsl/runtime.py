@@ -264,6 +264,12 @@ def clip_norm(grad: dict, max_norm: float) -> dict:
     return {k: g * factor for k, g in grad.items()}
 
 
+def _levels_taken(traced) -> frozenset:
+    """The levels whose parameters a traced loss takes (``TracedLevel.levels``, read once)."""
+    levels = getattr(traced, "levels", None)
+    return levels if levels is not None else frozenset(lvl for lvl, _ in traced.inputs.values())
+
+
 def params_of(state: dict) -> dict:
     """``{level: params}`` from a state ``{level: {"params", "opt"}}``."""
     return {name: s["params"] for name, s in state.items()}
@@ -409,7 +415,7 @@ class Runtime:
                 return self.evaluate(name, params, batch.batch)
         if kind is MicroBatches:
             return _mean_outputs([self.evaluate(name, params, b) for b in batch])
-        if name in self.second_order and self.traced[name].attends:
+        if name in self.second_order and getattr(self.traced[name], "attends", True):
             with attention_kernel():
                 return self._evaluate(name, params, batch)
         return self._evaluate(name, params, batch)
@@ -440,11 +446,11 @@ class Runtime:
         forward pass, not a re-evaluation), the level's buffers (running statistics) advance.
         """
         traced = self.traced[name]
-        if (log is not None and traced.buffers and self.buffer_state is not None
+        if (log is not None and getattr(traced, "buffers", None) and self.buffer_state is not None
                 and not isinstance(log, TaskLog)):
             with self.buffer_state.writing(name):
                 return self.partials(name, params, batch, wrt)
-        taken = traced.levels
+        taken = _levels_taken(traced)
         diff = {w: params[w] for w in wrt if w in taken}
         scale = self.loss_scales[name].scale if name in self.loss_scales else None  # fp16: scale·loss
 

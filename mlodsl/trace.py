@@ -20,7 +20,6 @@ from __future__ import annotations
 import re
 import warnings
 from dataclasses import dataclass, field
-from functools import cached_property
 
 import torch
 import torch.fx as fx
@@ -52,20 +51,16 @@ class TracedLevel:
     buffer_state: object = None     # the Program's BufferState (staged running statistics)
     reads: tuple = ()               # levels whose parameters the loss reaches (found at build time)
 
-    @cached_property
-    def levels(self) -> frozenset:
-        """The levels whose parameters the graph takes."""
-        return frozenset(lvl for lvl, _ in self.inputs.values())
-
-    @cached_property
-    def attends(self) -> bool:
-        """Whether running the graph may call scaled-dot-product attention, whose kernel a loss
-        that is differentiated twice must pick (``mlodsl.kernels``): an op named for attention (or
-        a transformer's fused path), a module or a function outside torch that the graph calls
-        without showing its ops, or an opaque graph. Read once; the eager step asks every update."""
-        if self.opaque or self.graph is None:
-            return True
-        return any(_may_attend(node) for node in self.graph.graph.nodes)
+    def __post_init__(self):
+        # Read off once at build: the eager step asks them at every update, and a compiled region
+        # may ask them while dynamo traces it (which a lazy property's lock would break).
+        self.levels = frozenset(lvl for lvl, _ in self.inputs.values())  # levels whose parameters it takes
+        # whether running the graph may call scaled-dot-product attention, whose kernel a loss that
+        # is differentiated twice must pick (mlodsl.kernels): an op named for attention (or a
+        # transformer's fused path), a module or a function outside torch that the graph calls
+        # without showing its ops, or an opaque graph
+        self.attends = (self.opaque or self.graph is None
+                        or any(_may_attend(node) for node in self.graph.graph.nodes))
 
     def batch_args(self, batch) -> tuple:
         if self.batch_kind == "none":
