@@ -158,7 +158,7 @@ def prime():
 def worker(module, contender: str, config: dict, steps: int) -> dict:
     """Body of ``--worker``: build the data, reset the peak, build and run one contender."""
     # the same imports for every contender
-    for peer in ("mlodsl", "betty", "higher", "torchopt", "betty.engine", "networkx", "tqdm.auto"):
+    for peer in ("mlodsl", "betty", "higher", "torchopt", "betty.engine", "boat_torch", "networkx", "tqdm.auto"):
         try:
             __import__(peer)
         except Exception:
@@ -193,10 +193,10 @@ def machine() -> dict:
 
 def versions() -> dict:
     out = {}
-    for name in ("mlodsl", "betty", "higher", "torchopt"):
+    for name in ("mlodsl", "betty", "boat", "higher", "torchopt"):
         try:
             from importlib.metadata import version
-            out[name] = version({"betty": "betty-ml"}.get(name, name))
+            out[name] = version({"betty": "betty-ml", "boat": "boat-torch"}.get(name, name))
         except Exception:
             out[name] = "not installed"
     return out

@@ -39,9 +39,11 @@ def quiet():
     warnings.filterwarnings("ignore")
 
 
-def floor_of(name: str, names) -> str | None:
+def floor_of(name: str, names, floors=None) -> str | None:
     if name.startswith("floor"):
         return None
+    if floors and name in floors:
+        return floors[name] if floors[name] in names else None
     method = name.split("-", 1)[1] if "-" in name else ""
     for cand in (f"floor-{method}", "floor"):
         if cand in names:
@@ -100,7 +102,7 @@ def run_config(mod, config, settings, threads, memory: bool) -> dict:
                                      settings["warmup"] + settings["mem_steps"])
             rows[name]["mem"] = m
     for name, row in rows.items():
-        fl = floor_of(name, rows)
+        fl = floor_of(name, rows, getattr(mod, "FLOORS", None))
         if fl and "ms" in row and "ms" in rows[fl]:
             row["x_floor"] = row["ms"] / rows[fl]["ms"]
         if name in agree:

@@ -98,18 +98,75 @@ def tape_grads(outputs, inputs, grad_outputs, create_graph, retain_graph=None):
 
 
 def grad_with_aux(fn, primals):
-    """``(∇ fn(primals), aux)`` for ``fn(primals) -> (scalar, aux)``; primals is a pytree."""
-    if not _tape():
+    """``(∇ fn(primals), aux)`` for ``fn(primals) -> (scalar, aux)``; primals is a pytree.
+
+    The eager step calls this once per update, so its own cost is kept to a few microseconds:
+    the grad mode is switched only when it is off, and the nesting count is kept by hand."""
+    if _FORCE_FUNC[0] or torch._C._functorch.maybe_current_level() is not None:
         return _func_grad_with_aux(fn, primals)
-    leaves, unflatten = flatten(primals)
+    if torch.is_grad_enabled():
+        return _tape_grad_with_aux(fn, primals)
     with torch.enable_grad():
-        inputs, nested = _inputs(leaves)
-        with evaluating():
-            out, aux = fn(unflatten(inputs))
-        grads = tape_grads([out], inputs, None, nested)
+        return _tape_grad_with_aux(fn, primals)
+
+
+def _level_params(primals) -> bool:
+    """Whether ``primals`` is ``{level: {name: tensor}}``, the shape the step differentiates in."""
+    if type(primals) is not dict:
+        return False
+    for params in primals.values():
+        if type(params) is not dict:
+            return False
+        for x in params.values():
+            if not isinstance(x, torch.Tensor):
+                return False
+    return True
+
+
+def _tape_grad_with_aux(fn, primals):
+    if _level_params(primals):  # the update's own case, without the generic flattening
+        return _tape_grad_with_aux_levels(fn, primals)
+    leaves, unflatten = flatten(primals)
+    inputs, nested = _inputs(leaves)  # with grad on: the alias of an input must carry its graph
+    _DIFFERENTIATING[0] += 1
+    try:
+        out, aux = fn(unflatten(inputs))
+    finally:
+        _DIFFERENTIATING[0] -= 1
+    grads = torch.autograd.grad((out,), inputs, create_graph=nested, allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
     if not nested:
         aux = detached(aux)
     return unflatten(grads), aux
+
+
+def _tape_grad_with_aux_levels(fn, primals: dict):
+    nested = _DIFFERENTIATING[0] > 0
+    inputs, flat = {}, []
+    for level, params in primals.items():
+        mine = inputs[level] = {}
+        for k, x in params.items():
+            if x.requires_grad:  # it carries a graph: alias it (a partial derivative), keep the graph
+                nested = True
+                mine[k] = x = x.view_as(x)
+            else:
+                mine[k] = x = x.detach().requires_grad_()
+            flat.append(x)
+    _DIFFERENTIATING[0] += 1
+    try:
+        out, aux = fn(inputs)
+    finally:
+        _DIFFERENTIATING[0] -= 1
+    grads = iter(torch.autograd.grad((out,), flat, create_graph=nested, allow_unused=True))
+    out_grads = {}
+    for level, params in inputs.items():
+        mine = out_grads[level] = {}
+        for k, x in params.items():
+            g = next(grads)
+            mine[k] = torch.zeros_like(x) if g is None else g
+    if not nested:
+        aux = detached(aux)
+    return out_grads, aux
 
 
 def _func_grad_with_aux(fn, primals):

@@ -35,20 +35,12 @@ def second_order_levels(plan, methods: dict) -> set:
 
 
 def may_run_attention(traced) -> bool:
-    """Whether a level's loss may call ``scaled_dot_product_attention``: a node of its graph that
-    is attention, or a module call or an opaque level, whose contents the graph does not show. A
-    loss that cannot is evaluated without entering ``attention_kernel`` (a context per evaluation
-    is a measurable part of a small level's update)."""
-    if getattr(traced, "opaque", True):
-        return True
-    for node in traced.graph.graph.nodes:
-        if node.op == "call_module":
-            return True
-        if node.op in ("call_function", "call_method"):
-            name = str(getattr(node.target, "__name__", node.target)).lower()
-            if "attention" in name or "scaled_dot_product" in name:
-                return True
-    return False
+    """Whether a level's loss may call ``scaled_dot_product_attention`` (``TracedLevel.attends``,
+    read off its graph at build: an attention op, a module or a function outside torch that the
+    graph calls without showing its ops, or an opaque level). A loss that cannot is evaluated
+    without entering ``attention_kernel`` (a context per evaluation is a measurable part of a small
+    level's update)."""
+    return getattr(traced, "attends", True)
 
 
 def attention_kernel() -> contextlib.AbstractContextManager:

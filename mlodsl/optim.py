@@ -178,6 +178,16 @@ def _count(state):
     return state["count"] + 1
 
 
+def _hyperparameters(plan: ParamGroups, hyperparams: dict, groups: dict):
+    """``(params, count, reads) -> {parameter: {hyperparameter: value}}`` for an update. Without
+    groups or callables every parameter shares the constants, handed back without resolving them
+    at each update (the eager step pays this once per update of every level)."""
+    if not groups and not any(callable(v) for v in hyperparams.values()):
+        constant = dict(hyperparams)
+        return lambda params, count, reads: dict.fromkeys(params, constant)
+    return lambda params, count, reads: plan.values(params, lambda v: resolve(v, count, reads))
+
+
 def _zero_count(params: dict) -> torch.Tensor:
     """The update counter, on the parameters' device (a factory without device= follows torch's default)."""
     return torch.zeros((), dtype=torch.int64, device=next(iter(params.values())).device)
@@ -227,6 +237,7 @@ def sgd(lr, momentum=0.0, weight_decay=0.0, nesterov=False, dampening=0.0, *, ma
         raise ValueError("sgd: nesterov=True needs momentum > 0 (in every group)")
     use_momentum = any(callable(m) or m != 0 for m in momenta)
     plan = ParamGroups("sgd", hp, groups)
+    values_of = _hyperparameters(plan, hp, groups)
 
     def init(params):
         state = {"count": _zero_count(params)}
@@ -236,7 +247,7 @@ def sgd(lr, momentum=0.0, weight_decay=0.0, nesterov=False, dampening=0.0, *, ma
 
     def update(params, grads, state, reads=None):
         count = _count(state)
-        values = plan.values(params, lambda v: resolve(v, count, reads))
+        values = values_of(params, count, reads)
         new_params, new_state = {}, {"count": count}
         if use_momentum:
             new_state["momentum"] = {}
@@ -273,6 +284,7 @@ def _adam(name, lr, betas, eps, weight_decay, decoupled, eps_root, maximize, gro
     groups = check_groups(name, groups, ("lr", "betas", "eps", "weight_decay"))
     hp = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     plan = ParamGroups(name, hp, groups)
+    values_of = _hyperparameters(plan, hp, groups)
 
     def init(params):
         return {"count": _zero_count(params),
@@ -281,7 +293,7 @@ def _adam(name, lr, betas, eps, weight_decay, decoupled, eps_root, maximize, gro
 
     def update(params, grads, state, reads=None):
         count = _count(state)
-        values = plan.values(params, lambda v: resolve(v, count, reads))
+        values = values_of(params, count, reads)
         new_params, m_new, v_new = {}, {}, {}
         for k, p in params.items():
             eta, (b1, b2), e, wd = (values[k][h] for h in ("lr", "betas", "eps", "weight_decay"))

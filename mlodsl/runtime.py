@@ -62,6 +62,12 @@ def clip_norm(grad: dict, max_norm: float) -> dict:
     return {k: g * factor for k, g in grad.items()}
 
 
+def _levels_taken(traced) -> frozenset:
+    """The levels whose parameters a traced loss takes (``TracedLevel.levels``, read once)."""
+    levels = getattr(traced, "levels", None)
+    return levels if levels is not None else frozenset(lvl for lvl, _ in traced.inputs.values())
+
+
 class Runtime:
     """Binds the program's traced losses, optimizers and methods for the generated step.
 
@@ -167,10 +173,11 @@ class Runtime:
     def evaluate(self, name: str, params: dict, batch):
         """``(loss, metrics)`` of level ``name`` under its precision; the mean over micro-batches.
         A loss that is differentiated twice runs under attention kernels with a double backward."""
-        if isinstance(batch, SeededBatch):  # the same random draws at every evaluation of one update
+        kind = type(batch)
+        if kind is SeededBatch:  # the same random draws at every evaluation of one update
             with fixed_rng(batch.seed):
                 return self.evaluate(name, params, batch.batch)
-        if isinstance(batch, MicroBatches):
+        if kind is MicroBatches:
             return _mean_outputs([self.evaluate(name, params, b) for b in batch])
         if name in self.math_attention:
             with attention_kernel():
@@ -180,13 +187,18 @@ class Runtime:
     def _evaluate(self, name: str, params: dict, batch):
         if self.gather is not None:  # sharded levels: all-gathered here, freed with this evaluation
             params = self.gather(params)
-        ctx = self.autocast.get(name)
+        ctx = self.autocast.get(name) if self.autocast else None
         if ctx is None:
-            loss, metrics = split_output(name, self.traced[name](params, batch))
+            out = self.traced[name](params, batch)
         else:
             with ctx():
-                loss, metrics = split_output(name, self.traced[name](params, batch))
-            loss = loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss
+                out = self.traced[name](params, batch)
+        if type(out) is torch.Tensor and out.dim() == 0:  # a plain loss (split_output's common case)
+            loss, metrics = out, {}
+        else:
+            loss, metrics = split_output(name, out)
+        if ctx is not None and loss.dtype in (torch.float16, torch.bfloat16):
+            loss = loss.float()
         if self.weigh is not None:  # unequal shards: the ranks' mean is then the union's mean loss
             loss = self.weigh(name, loss, batch)
         return loss, metrics
@@ -198,11 +210,11 @@ class Runtime:
         forward pass, not a re-evaluation), the level's buffers (running statistics) advance.
         """
         traced = self.traced[name]
-        if (log is not None and not isinstance(log, steplog.TaskLog) and self.buffer_state is not None
-                and getattr(traced, "buffers", None)):
+        if (log is not None and getattr(traced, "buffers", None) and self.buffer_state is not None
+                and not isinstance(log, steplog.TaskLog)):
             with self.buffer_state.writing(name):
                 return self.partials(name, params, batch, wrt)
-        taken = {lvl for lvl, _ in traced.inputs.values()}
+        taken = _levels_taken(traced)
         diff = {w: params[w] for w in wrt if w in taken}
         scale = self.loss_scales[name].scale if name in self.loss_scales else None  # fp16: scale·loss
 
@@ -222,12 +234,14 @@ class Runtime:
             grads = {w: {k: sum(o[2][w][k] for o in outs) / n for k in diff[w]} for w in diff}
         else:
             loss, metrics, grads = partials_at(batch)
-        lowers = [w for w in grads if w != name]
-        if self.reduce is not None and lowers:  # data parallel: the cotangents a method is handed
-            grads = {**grads, **self.reduce({w: grads[w] for w in lowers})}  # are the ranks' mean
-        for w in wrt:
-            if w not in grads:
-                grads[w] = {k: torch.zeros_like(v) for k, v in params[w].items()}
+        if self.reduce is not None:  # data parallel: the cotangents a method is handed are the ranks' mean
+            lowers = [w for w in grads if w != name]
+            if lowers:
+                grads = {**grads, **self.reduce({w: grads[w] for w in lowers})}
+        if len(grads) < len(wrt):
+            for w in wrt:
+                if w not in grads:
+                    grads[w] = {k: torch.zeros_like(v) for k, v in params[w].items()}
         return loss, metrics, grads
 
     def apply_update(self, name: str, sub: dict, up: dict, grad: dict, batch=None) -> dict:

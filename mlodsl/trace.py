@@ -51,6 +51,17 @@ class TracedLevel:
     buffer_state: object = None     # the Program's BufferState (staged running statistics)
     reads: tuple = ()               # levels whose parameters the loss reaches (found at build time)
 
+    def __post_init__(self):
+        # Read off once at build: the eager step asks them at every update, and a compiled region
+        # may ask them while dynamo traces it (which a lazy property's lock would break).
+        self.levels = frozenset(lvl for lvl, _ in self.inputs.values())  # levels whose parameters it takes
+        # whether running the graph may call scaled-dot-product attention, whose kernel a loss that
+        # is differentiated twice must pick (mlodsl.kernels): an op named for attention (or a
+        # transformer's fused path), a module or a function outside torch that the graph calls
+        # without showing its ops, or an opaque graph
+        self.attends = (self.opaque or self.graph is None
+                        or any(_may_attend(node) for node in self.graph.graph.nodes))
+
     def batch_args(self, batch) -> tuple:
         if self.batch_kind == "none":
             return ()
@@ -137,6 +148,21 @@ class BufferState:
             for (lvl, name), value in self.staged.items():
                 modules[lvl].get_buffer(name).copy_(value)
         self.begin()
+
+
+_TORCH_MODULES = ("torch", "_operator", "operator", "builtins", "math")
+
+
+def _may_attend(node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return True
+    if node.op != "call_function":
+        return False  # placeholders, attributes, outputs; a tensor method is never attention
+    target = node.target
+    name = f"{getattr(target, '__module__', '')}.{getattr(target, '__name__', '')} {target}".lower()
+    if "attention" in name or "transformer" in name:
+        return True
+    return not (getattr(target, "__module__", None) or "").startswith(_TORCH_MODULES)
 
 
 def _raised(fn, *args):

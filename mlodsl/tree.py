@@ -40,6 +40,29 @@ def flatten(tree):
     return leaves, lambda xs: build(iter(xs))
 
 
+def _leaves_into(tree, leaves: list):
+    if isinstance(tree, torch.Tensor):
+        leaves.append(tree)
+        return
+    kind = type(tree)
+    if kind is dict:
+        tree = tree.values()
+    elif kind is not list and kind is not tuple:
+        raise _NotPlain
+    for x in tree:
+        _leaves_into(x, leaves)
+
+
+def fast_leaves(tree) -> list:
+    """``pytree.tree_leaves(tree)`` (same order), by the direct path for a step's trees."""
+    leaves: list = []
+    try:
+        _leaves_into(tree, leaves)
+    except _NotPlain:
+        return pytree.tree_leaves(tree)
+    return leaves
+
+
 def detached(tree):
     """``tree`` with every tensor detached (other leaves as they are)."""
     if isinstance(tree, torch.Tensor):
@@ -85,7 +108,7 @@ def tree_zeros_like(tree):
 
 def tree_vdot(a, b) -> torch.Tensor:
     """Sum over leaves of <a, b>."""
-    return sum((x * y).sum() for x, y in zip(pytree.tree_leaves(a), pytree.tree_leaves(b)))
+    return sum((x * y).sum() for x, y in zip(fast_leaves(a), fast_leaves(b)))
 
 
 def is_differentiable(x) -> bool:

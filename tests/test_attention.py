@@ -131,3 +131,25 @@ def test_a_middle_level_whose_loss_reaches_only_the_level_below_builds():
 
     got = ml.Program(top).hypergradient("middle")["w"]
     torch.testing.assert_close(got, 2 * (0.5 * x - 2) * x, rtol=1e-14, atol=1e-14)
+
+
+def test_the_math_kernel_is_entered_only_for_graphs_that_can_attend(monkeypatch):
+    """Read once at build from the traced graph: a twice-differentiated loss with attention in it
+    (or a module the graph does not show) runs under the math kernel, a plain one skips the
+    kernel's context, which the eager step would otherwise enter at every update."""
+    from helpers import make_hpo
+
+    net, logits, train, val = encoder()
+    attending, _ = reweighting(net, logits, train, val, ml.hypergrad.CG(iters=2, on_divergence="warn"), steps=1)
+    plain = make_hpo(K=2, method=ml.hypergrad.CG(iters=2))[0]
+    assert "inner" in attending._runtime.second_order and attending._runtime.traced["inner"].attends
+    assert "inner" in plain._runtime.second_order and not plain._runtime.traced["inner"].attends
+    entered = []
+    real = ml.runtime.attention_kernel
+    monkeypatch.setattr(ml.runtime, "attention_kernel", lambda: entered.append(1) or real())
+    plain.hypergradient("outer")
+    assert not entered
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ml.hypergrad.DivergenceWarning)
+        attending.hypergradient("outer")
+    assert entered
