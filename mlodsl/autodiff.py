@@ -102,7 +102,7 @@ def grad_with_aux(fn, primals):
 
     The eager step calls this once per update, so its own cost is kept to a few microseconds:
     the grad mode is switched only when it is off, and the nesting count is kept by hand."""
-    if _FORCE_FUNC[0] or torch._C._functorch.maybe_current_level() is not None:
+    if _FORCE_FUNC.get() or torch._C._functorch.maybe_current_level() is not None:
         return _func_grad_with_aux(fn, primals)
     if torch.is_grad_enabled():
         return _tape_grad_with_aux(fn, primals)
@@ -128,11 +128,11 @@ def _tape_grad_with_aux(fn, primals):
         return _tape_grad_with_aux_levels(fn, primals)
     leaves, unflatten = flatten(primals)
     inputs, nested = _inputs(leaves)  # with grad on: the alias of an input must carry its graph
-    _DIFFERENTIATING[0] += 1
+    token = _DIFFERENTIATING.set(_DIFFERENTIATING.get() + 1)
     try:
         out, aux = fn(unflatten(inputs))
     finally:
-        _DIFFERENTIATING[0] -= 1
+        _DIFFERENTIATING.reset(token)
     grads = torch.autograd.grad((out,), inputs, create_graph=nested, allow_unused=True)
     grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
     if not nested:
@@ -141,7 +141,7 @@ def _tape_grad_with_aux(fn, primals):
 
 
 def _tape_grad_with_aux_levels(fn, primals: dict):
-    nested = _DIFFERENTIATING[0] > 0
+    nested = _DIFFERENTIATING.get() > 0
     inputs, flat = {}, []
     for level, params in primals.items():
         mine = inputs[level] = {}
@@ -152,11 +152,11 @@ def _tape_grad_with_aux_levels(fn, primals: dict):
             else:
                 mine[k] = x = x.detach().requires_grad_()
             flat.append(x)
-    _DIFFERENTIATING[0] += 1
+    token = _DIFFERENTIATING.set(_DIFFERENTIATING.get() + 1)
     try:
         out, aux = fn(inputs)
     finally:
-        _DIFFERENTIATING[0] -= 1
+        _DIFFERENTIATING.reset(token)
     grads = iter(torch.autograd.grad((out,), flat, create_graph=nested, allow_unused=True))
     out_grads = {}
     for level, params in inputs.items():
