@@ -102,7 +102,7 @@ def grad_with_aux(fn, primals):
 
     The eager step calls this once per update, so its own cost is kept to a few microseconds:
     the grad mode is switched only when it is off, and the nesting count is kept by hand."""
-    if _FORCE_FUNC.get() or torch._C._functorch.maybe_current_level() is not None:
+    if _forced_func() or torch._C._functorch.maybe_current_level() is not None:
         return _func_grad_with_aux(fn, primals)
     if torch.is_grad_enabled():
         return _tape_grad_with_aux(fn, primals)
