@@ -4,9 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from .base import check_on_divergence
+from .base import Solution, check_on_divergence
 from .implicit import LinearSystemMethod, check_damping
-from .linear import cg_solver
+from .linear import cg_solver, conjugate_gradient
+from .products import joint_products, negate
+from ..tree import tree_zeros_like
 
 WARN_RESIDUAL = 0.5  # CG(warn_residual=...)'s default: the solve has not even halved ‖v - Hx‖
 
@@ -23,7 +25,9 @@ class CG(LinearSystemMethod):
     ‖r‖/‖v‖ above ``warn_residual`` (default 0.5) but below 1 has not converged: the hypergradient
     is that of a partial solve, and the Program warns once per level (``ConvergenceWarning``, with
     the residual and the fix: ``damping=``, more ``iters=``); ``warn_residual=None`` never warns.
-    Cost: ``iters`` Hessian-vector products, one mixed VJP and two linearizations; memory O(d).
+    Cost: ``iters`` products of one linearization, each giving a Hessian-vector product and the
+    mixed product of the same direction; memory O(d): r, p and A p (x is not formed: the mixed
+    products are summed as CG goes, ``conjugate_gradient(readout=...)``).
     """
 
     iters: int
@@ -55,3 +59,13 @@ class CG(LinearSystemMethod):
 
     def solver(self) -> Callable:
         return cg_solver(self.iters, self.tol)
+
+    def solution_vjp(self, solution: Solution, v: dict) -> dict:
+        """-(∂²L/∂θ_U∂θ_L) x = -Σₖ αₖ (∂²L/∂θ_U∂θ_L) pₖ over CG's directions pₖ (``implicit_vjp`` with
+        ``solver()``, to rounding, without the vector x)."""
+        info: dict = {}
+        bx = conjugate_gradient(joint_products(solution, self.damping), v, iters=self.iters, tol=self.tol,
+                                info=info, readout=tree_zeros_like(solution.upper))
+        for key, value in info.items():
+            solution.report(key, value)
+        return negate(bx)
