@@ -376,3 +376,23 @@ def test_solver_diagnostics_reach_the_metrics():
     assert prog.step()["inner/cg_residual"] < 1e-8
     prog, train, val, log_l2 = ridge(ml.hypergrad.Neumann(iters=3, alpha=0.1))
     assert 0 < prog.step()["inner/neumann_change"] < 1
+
+
+@pytest.mark.parametrize("iters", [2, 5])
+def test_conjugate_gradient_readout_sums_the_mapped_directions_without_forming_x(iters):
+    """CG with ``readout``: ``matvec`` gives (A p, M p) and the result is M x, summed over CG's
+    directions. Exact (5 iterations on a 5-dimensional SPD system): M A⁻¹ b by torch.linalg.solve;
+    a partial solve (2 iterations): M times the x the plain CG forms, with the same residual."""
+    from mlodsl.hypergrad.linear import conjugate_gradient
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(5, 5, generator=g, dtype=torch.float64)
+    A, M = q @ q.T + 0.5 * torch.eye(5, dtype=torch.float64), torch.randn(3, 5, generator=g, dtype=torch.float64)
+    b = {"w": torch.randn(5, generator=g, dtype=torch.float64)}
+    info_x, info_m = {}, {}
+    x = conjugate_gradient(lambda p: {"w": A @ p["w"]}, b, iters=iters, info=info_x)
+    mx = conjugate_gradient(lambda p: ({"w": A @ p["w"]}, {"u": M @ p["w"]}), b, iters=iters, info=info_m,
+                            readout={"u": torch.zeros(3, dtype=torch.float64)})
+    torch.testing.assert_close(mx["u"], M @ x["w"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(info_m["cg_residual"], info_x["cg_residual"], rtol=0, atol=0)
+    if iters == 5:
+        torch.testing.assert_close(mx["u"], M @ torch.linalg.solve(A, b["w"]), rtol=1e-9, atol=1e-10)
