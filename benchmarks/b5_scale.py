@@ -31,10 +31,13 @@ import time
 # CG warns instead of raising on negative curvature: the random tanh network is not at a minimum
 # (at 20M parameters CG meets pᵀHp < 0), and this benchmark measures memory and time, as Betty's
 # cg (which does not check) does.
+# unroll16_ckpt8: segments of 8, each reversed by bisection (3 recomputed iterates alive, 1 kept
+# inside the block) against √16 = 4 (2 recomputed, 3 kept): less memory for more recomputation.
 METHODS = {"finitediff": "FiniteDiff()", "cg3": "CG(iters=3, on_divergence='warn')",
-           "unroll16_ckpt": "Unroll(checkpoint='sqrt')"}
+           "unroll16_ckpt": "Unroll(checkpoint='sqrt')", "unroll16_ckpt8": "Unroll(checkpoint=8)"}
 PRODUCTS = {"finitediff": dict(grads=4, hvps=0), "cg3": dict(grads=2, hvps=4),
-            "unroll16_ckpt": dict(grads=17, hvps=16)}  # inner steps + upper + method's products
+            "unroll16_ckpt": dict(grads=17, hvps=16), "unroll16_ckpt8": dict(grads=17, hvps=16)}
+# (inner steps + upper + the method's products)
 
 
 def rss() -> int:
