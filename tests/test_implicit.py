@@ -396,3 +396,32 @@ def test_conjugate_gradient_readout_sums_the_mapped_directions_without_forming_x
     torch.testing.assert_close(info_m["cg_residual"], info_x["cg_residual"], rtol=0, atol=0)
     if iters == 5:
         torch.testing.assert_close(mx["u"], M @ torch.linalg.solve(A, b["w"]), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.5])
+def test_cg_without_x_and_its_generated_source_give_the_closed_form(damping):
+    """CG sums the mixed products of its directions instead of forming x, in ``solution_vjp`` and in
+    the lines it hands the generated step (``source``, run here with the names the step binds).
+    On L(θ, u) = ½ θᵀAθ - θᵀMᵀu (H = A, ∂²L/∂u∂θ = -M) with d = 4 iterations on d = 4 parameters,
+    both are M (A + damping·I)⁻¹ v."""
+    from mlodsl.hypergrad import linear, products
+    from mlodsl.hypergrad.base import Solution
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(4, 4, generator=g, dtype=DT)
+    A, M = q @ q.T + torch.eye(4, dtype=DT), torch.randn(3, 4, generator=g, dtype=DT)
+    v = {"w": torch.randn(4, generator=g, dtype=DT)}
+
+    def loss(own, upper):
+        return 0.5 * own["w"] @ (A @ own["w"]) - own["w"] @ (M.T @ upper["u"])
+
+    reports = {}
+    sol = Solution("low", {"w": torch.randn(4, generator=g, dtype=DT)}, {"u": torch.randn(3, generator=g, dtype=DT)},
+                   loss, {}, reports.__setitem__)
+    expected = M @ torch.linalg.solve(A + damping * torch.eye(4, dtype=DT), v["w"])
+    cg = ml.hypergrad.CG(iters=4, damping=damping)
+    torch.testing.assert_close(cg.solution_vjp(sol, v)["u"], expected, rtol=1e-9, atol=1e-10)
+    assert float(reports["cg_residual"]) < 1e-8
+    namespace = {"products": products, "linear": linear, "solution": sol, "v": v, "info": {}}
+    exec("def vjp():\n" + "\n".join("    " + line for line in cg.source("method['low']")), namespace)
+    torch.testing.assert_close(namespace["vjp"]()["u"], expected, rtol=1e-9, atol=1e-10)
+    assert float(namespace["info"]["cg_residual"]) < 1e-8

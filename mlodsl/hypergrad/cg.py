@@ -7,8 +7,7 @@ from typing import Callable
 from .base import Solution, check_on_divergence
 from .implicit import LinearSystemMethod, check_damping
 from .linear import cg_solver, conjugate_gradient
-from .products import joint_products, negate
-from ..tree import tree_zeros_like
+from .products import joint_products, negate, upper_zeros
 
 WARN_RESIDUAL = 0.5  # CG(warn_residual=...)'s default: the solve has not even halved ‖v - Hx‖
 
@@ -65,7 +64,18 @@ class CG(LinearSystemMethod):
         ``solver()``, to rounding, without the vector x)."""
         info: dict = {}
         bx = conjugate_gradient(joint_products(solution, self.damping), v, iters=self.iters, tol=self.tol,
-                                info=info, readout=tree_zeros_like(solution.upper))
+                                info=info, readout=upper_zeros(solution))
         for key, value in info.items():
             solution.report(key, value)
         return negate(bx)
+
+    def source(self, me: str) -> list:
+        """``solution_vjp`` as the lines of the generated step (``Method.source``; its names are the
+        step's reserved ones: ``hessian_vp`` is the joint product here)."""
+        damping = f", damping={self.damping!r}" if self.damping else ""
+        tol = f", tol={self.tol!r}" if self.tol is not None else ""
+        return ["# -(∂²L/∂θ_U∂θ) x, (∂²L/∂θ² + λI) x = v by CG, as Σ_k α_k (∂²L/∂θ_U∂θ) p_k: x is never formed",
+                f"hessian_vp = products.joint_products(solution{damping})  # w ↦ ((∂²L/∂θ² + λI) w, "
+                f"(∂²L/∂θ_U∂θ) w): one backward pass",
+                f"return products.negate(linear.conjugate_gradient(hessian_vp, v, iters={self.iters}{tol}, info=info, "
+                f"readout=products.upper_zeros(solution)))"]

@@ -9,6 +9,8 @@ block ended.
 """
 from __future__ import annotations
 
+import torch
+
 from .. import autodiff
 from .base import Solution, Trajectory, as_solution
 
@@ -46,6 +48,11 @@ def joint_products(point: Solution | Trajectory, damping: float = 0.0):
         return (hw if damping == 0.0 else {k: v + damping * w[k] for k, v in hw.items()}), bw
 
     return both
+
+
+def upper_zeros(point: Solution | Trajectory) -> dict:
+    """Zeros shaped like θ_U (where a sum of mixed products starts)."""
+    return {k: torch.zeros_like(t) for k, t in as_solution(point).upper.items()}
 
 
 def _linearized(sol: Solution):
