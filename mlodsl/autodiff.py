@@ -62,9 +62,10 @@ class evaluating:
 
 
 def edge(output: torch.Tensor):
-    """Where a backward pass from ``output`` starts: its ``GradientEdge`` for a plain tensor computed
-    in the graph (holding the edge does not keep the tensor's memory), else the tensor itself."""
-    if type(output) is torch.Tensor and output.grad_fn is not None:
+    """Where a backward pass from ``output`` starts: its ``GradientEdge`` for a tensor computed in the
+    graph (a sharded level's ``DTensor`` too; holding the edge does not keep the tensor's memory),
+    else the tensor itself (a leaf)."""
+    if output.grad_fn is not None:
         return get_gradient_edge(output)
     return output
 
