@@ -10,6 +10,10 @@ the function runs, so paths that reach an output through the inputs' own history
 final parameters computed from the upper's) are not counted. When an input already carries a
 graph (a level above is differentiating through this product), the product is built with
 ``create_graph=True`` so that it stays differentiable.
+
+A backward pass starts from the outputs' places in the graph (``GradientEdge``), not from the output
+tensors: an output the caller does not keep (a linearized gradient, an update's new parameters) is
+freed before the backward passes run, unless the graph itself saved it.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import contextlib
 from contextvars import ContextVar
 
 import torch
+from torch.autograd.graph import get_gradient_edge
 from torch.utils import _pytree as pytree
 
 from .tree import detached, flatten
@@ -88,6 +93,15 @@ class evaluating:
 
     def __exit__(self, *exc):
         _DIFFERENTIATING.reset(self._token)
+
+
+def edge(output: torch.Tensor):
+    """Where a backward pass from ``output`` starts: its ``GradientEdge`` for a tensor computed in the
+    graph (a sharded level's ``DTensor`` too; holding the edge does not keep the tensor's memory),
+    else the tensor itself (a leaf)."""
+    if output.grad_fn is not None:
+        return get_gradient_edge(output)
+    return output
 
 
 def tape_grads(outputs, inputs, grad_outputs, create_graph, retain_graph=None):
@@ -186,23 +200,27 @@ def _func_grad_with_aux(fn, primals):
     return grads, pytree.tree_unflatten([next(it) if x is None else x for x in others], spec)
 
 
-def vjp(fn, primals: tuple, cotangent):
-    """``cotangentᵀ ∂fn/∂primals`` for each primal (a tuple of pytrees), and ``fn(*primals)``."""
+def vjp(fn, primals: tuple, cotangent, output: bool = True):
+    """``cotangentᵀ ∂fn/∂primals`` for each primal (a tuple of pytrees), and ``fn(*primals)``
+    (``None`` with ``output=False``: then, on the tape, the outputs are freed before the backward
+    pass, which starts from their gradient edges)."""
     if not _tape():
         out, pullback = torch.func.vjp(fn, *primals)
-        return pullback(cotangent), out
+        return pullback(cotangent), (out if output else None)
     flat, unflatten = flatten(list(primals))
     with torch.enable_grad():
         inputs, nested = _inputs(flat)
         with evaluating():
             out = fn(*unflatten(inputs))
         outs, cts = flatten(out)[0], flatten(cotangent)[0]
-        pairs = [(o, c) for o, c in zip(outs, cts) if o.requires_grad]
+        pairs = [(edge(o), c) for o, c in zip(outs, cts) if o.requires_grad]
+        if not output:
+            out = outs = None
         if pairs:
             grads = tape_grads([o for o, _ in pairs], inputs, [c for _, c in pairs], nested)
         else:
             grads = [torch.zeros_like(x) for x in inputs]
-    if not nested:
+    if output and not nested:
         out = detached(out)
     return tuple(unflatten(grads)), out
 
@@ -241,10 +259,12 @@ def vjp_fn(fn, *primals):
         inputs, nested = _inputs(flat)
         with evaluating():
             out = fn(*unflatten(inputs))
-    outs = flatten(out)[0]
+    # The edges, not the outputs: a caller that drops the outputs (CG drops the linearized gradient)
+    # frees them while the linearization lives on for every later pullback.
+    roots = [edge(o) if o.requires_grad else None for o in flatten(out)[0]]
 
     def pullback(cotangent, argnums=None):
-        pairs = [(o, c) for o, c in zip(outs, flatten(cotangent)[0]) if o.requires_grad]
+        pairs = [(o, c) for o, c in zip(roots, flatten(cotangent)[0]) if o is not None]
         wanted = range(len(primals)) if argnums is None else argnums
         wrt = [x for i in wanted for x in inputs[starts[i]:starts[i] + sizes[i]]]
         with torch.enable_grad():

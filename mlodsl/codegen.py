@@ -50,7 +50,7 @@ _FIXED_NAMES = ("make_step", "make_hypergradient", "rt", "method", "vmap", "step
                 "norm", "record", "start", "path", "tape", "batches", "looped", "shared", "leaves", "task_loss",
                 "one_task", "sub_task", "B_task", "task_log", "outcomes", "params", "batch", "name", "upper",
                 "ct", "print", "range", "KeyError", "final", "v", "info", "solution", "hessian_vp", "cross_vjp",
-                "x", "products", "linear", "finite_diff")
+                "joint_vp", "x", "scale", "g_plus", "g_minus", "products", "linear", "finite_diff")
 # The modules a method's own source may use (``Method.source``), imported when the step uses them.
 _METHOD_MODULES = ("finite_diff", "linear", "products")
 
@@ -282,7 +282,9 @@ class _Writer:
             *body_lines, last = body
             if not last.startswith("return "):
                 raise ValueError(f"{lp.method!r}.source() must end with `return <the VJP>`, got {last!r}")
-            lines += [f"        {line}" for line in body_lines] + [f"        {last}, info"]
+            code, _, comment = last.partition("  # ")
+            lines += [f"        {line}" for line in body_lines]
+            lines.append(f"        {code}, info" + (f"  # {comment}" if comment else ""))
             if lp.compiled:  # one compiled region from plain tensors; its diagnostics come back as outputs
                 lines.append(f"    {fn} = rt.products_region({name!r}, {upper!r}, {fn})")
             self.add([fn], lines)

@@ -6,7 +6,8 @@
 * ``optimizer``: its optimizer state (moments, momentum buffers, the update count);
 * ``iterates``: for a lower level, what its hypergradient method keeps of the level's block (the
   level and every level below it) for the reverse pass: ``Unroll`` keeps every
-  ``path_stride``-th state of the block, plus one recomputed segment when checkpointing, or, when
+  ``path_stride``-th state of the block, plus the ⌈log₂ stride⌉ recomputed iterates of a segment alive
+  at once when checkpointing (``Unroll`` reverses a segment by bisection), or, when
   the block is recorded on the autograd tape, the graph of each of its updates;
 * ``workspace``: the method's other buffers (``method.workspace(state_bytes, param_bytes)`` where a
   method defines it: the cotangents and the one update being differentiated);
@@ -89,7 +90,8 @@ def kept_iterates(method, steps: int) -> int:
         return 0
     stride = method.path_stride(steps)
     kept = math.ceil(steps / stride) + 1
-    return kept + (stride - 1 if stride > 1 else 0)  # plus one recomputed segment in the reverse pass
+    # plus the recomputed iterates of one segment alive at once in the reverse pass (bisection: ⌈log₂ stride⌉)
+    return kept + (math.ceil(math.log2(stride)) if stride > 1 else 0)
 
 
 def saved_activation_bytes(loss_fn, params) -> int:

@@ -376,3 +376,52 @@ def test_solver_diagnostics_reach_the_metrics():
     assert prog.step()["inner/cg_residual"] < 1e-8
     prog, train, val, log_l2 = ridge(ml.hypergrad.Neumann(iters=3, alpha=0.1))
     assert 0 < prog.step()["inner/neumann_change"] < 1
+
+
+@pytest.mark.parametrize("iters", [2, 5])
+def test_conjugate_gradient_readout_sums_the_mapped_directions_without_forming_x(iters):
+    """CG with ``readout``: ``matvec`` gives (A p, M p) and the result is M x, summed over CG's
+    directions. Exact (5 iterations on a 5-dimensional SPD system): M A⁻¹ b by torch.linalg.solve;
+    a partial solve (2 iterations): M times the x the plain CG forms, with the same residual."""
+    from mlodsl.hypergrad.linear import conjugate_gradient
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(5, 5, generator=g, dtype=torch.float64)
+    A, M = q @ q.T + 0.5 * torch.eye(5, dtype=torch.float64), torch.randn(3, 5, generator=g, dtype=torch.float64)
+    b = {"w": torch.randn(5, generator=g, dtype=torch.float64)}
+    info_x, info_m = {}, {}
+    x = conjugate_gradient(lambda p: {"w": A @ p["w"]}, b, iters=iters, info=info_x)
+    mx = conjugate_gradient(lambda p: ({"w": A @ p["w"]}, {"u": M @ p["w"]}), b, iters=iters, info=info_m,
+                            readout={"u": torch.zeros(3, dtype=torch.float64)})
+    torch.testing.assert_close(mx["u"], M @ x["w"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(info_m["cg_residual"], info_x["cg_residual"], rtol=0, atol=0)
+    if iters == 5:
+        torch.testing.assert_close(mx["u"], M @ torch.linalg.solve(A, b["w"]), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.5])
+def test_cg_without_x_and_its_generated_source_give_the_closed_form(damping):
+    """CG sums the mixed products of its directions instead of forming x, in ``solution_vjp`` and in
+    the lines it hands the generated step (``source``, run here with the names the step binds).
+    On L(θ, u) = ½ θᵀAθ - θᵀMᵀu (H = A, ∂²L/∂u∂θ = -M) with d = 4 iterations on d = 4 parameters,
+    both are M (A + damping·I)⁻¹ v."""
+    from mlodsl.hypergrad import linear, products
+    from mlodsl.hypergrad.base import Solution
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(4, 4, generator=g, dtype=DT)
+    A, M = q @ q.T + torch.eye(4, dtype=DT), torch.randn(3, 4, generator=g, dtype=DT)
+    v = {"w": torch.randn(4, generator=g, dtype=DT)}
+
+    def loss(own, upper):
+        return 0.5 * own["w"] @ (A @ own["w"]) - own["w"] @ (M.T @ upper["u"])
+
+    reports = {}
+    sol = Solution("low", {"w": torch.randn(4, generator=g, dtype=DT)}, {"u": torch.randn(3, generator=g, dtype=DT)},
+                   loss, {}, reports.__setitem__)
+    expected = M @ torch.linalg.solve(A + damping * torch.eye(4, dtype=DT), v["w"])
+    cg = ml.hypergrad.CG(iters=4, damping=damping)
+    torch.testing.assert_close(cg.solution_vjp(sol, v)["u"], expected, rtol=1e-9, atol=1e-10)
+    assert float(reports["cg_residual"]) < 1e-8
+    namespace = {"products": products, "linear": linear, "solution": sol, "v": v, "info": {}}
+    exec("def vjp():\n" + "\n".join("    " + line for line in cg.source("method['low']")), namespace)
+    torch.testing.assert_close(namespace["vjp"]()["u"], expected, rtol=1e-9, atol=1e-10)
+    assert float(namespace["info"]["cg_residual"]) < 1e-8

@@ -76,7 +76,7 @@ def test_the_code_generator_prints_the_decisions_it_is_given():
                                                 "inner": dataclasses.replace(plan.levels["inner"], inline=False)})
     source = codegen.generate(generic, "Program(outer)")
     assert "linear.conjugate_gradient" not in source and "rt.best_response_vjp('inner', 'outer'" in source
-    assert "linear.conjugate_gradient(hessian_vp, v, iters=6, info=info)" in prog.code
+    assert "linear.conjugate_gradient(joint_vp, v, iters=6, info=info" in prog.code
     step, _ = codegen.build(source, prog._runtime)
     want = reference_implicit_hpo(net, hyper, train, val, K=30, lr=0.5)  # H formed and solved exactly
     for fn in (prog._step.step, step):

@@ -185,11 +185,14 @@ def test_frozen_parameters_are_constants_not_state():
     assert torch.equal(net.bias.detach(), b0)
 
 
-@pytest.mark.parametrize("checkpoint, evaluations", [(None, 8), (1, 16)])
+@pytest.mark.parametrize("checkpoint, evaluations", [(None, 8), (1, 16), (4, 8 + 2 * 4 + 8)])
 def test_plain_unroll_records_the_tape_and_evaluates_each_update_once(checkpoint, evaluations):
     """Plain Unroll records the K forward updates on the autograd tape and differentiates them by one
     backward pass: K evaluations of the lower loss; replaying every update from kept iterates
-    (checkpoint=1) evaluates each twice. Both give the hand-written hypergradient, and the state
+    (checkpoint=1) evaluates each twice. checkpoint=4 reverses each segment of 4 by bisection: the
+    iterate 2 updates in (2 updates), the one after it (1), then iterate 1 from the segment's start
+    (1): 4 recomputed updates per segment where a plain recompute takes 3, besides the K forward
+    updates and the K replayed in the VJPs. All give the hand-written hypergradient, and the state
     the step keeps carries no graph."""
     K, lr = 8, 0.5
     prog, net, hyper, train, val = make_hpo(K=K, lr=lr, method=ml.hypergrad.Unroll(checkpoint=checkpoint))

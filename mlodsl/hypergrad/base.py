@@ -354,4 +354,4 @@ def state_vjp(update: Callable, state: dict, upper: dict, lam: list) -> tuple:
     def floating_update(state_floats, upper_):
         return split_differentiable(update(join(state_floats), upper_))[0]
 
-    return autodiff.vjp(floating_update, (floats, upper), lam)[0]
+    return autodiff.vjp(floating_update, (floats, upper), lam, output=False)[0]

@@ -4,9 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from .base import check_on_divergence
+from .base import Solution, check_on_divergence
 from .implicit import LinearSystemMethod, check_damping
-from .linear import cg_solver
+from .linear import cg_solver, conjugate_gradient
+from .products import joint_products, negate, upper_zeros
 
 WARN_RESIDUAL = 0.5  # CG(warn_residual=...)'s default: the solve has not even halved ‖v - Hx‖
 
@@ -23,7 +24,9 @@ class CG(LinearSystemMethod):
     ‖r‖/‖v‖ above ``warn_residual`` (default 0.5) but below 1 has not converged: the hypergradient
     is that of a partial solve, and the Program warns once per level (``ConvergenceWarning``, with
     the residual and the fix: ``damping=``, more ``iters=``); ``warn_residual=None`` never warns.
-    Cost: ``iters`` Hessian-vector products, one mixed VJP and two linearizations; memory O(d).
+    Cost: ``iters`` products of one linearization, each giving a Hessian-vector product and the
+    mixed product of the same direction; memory O(d): r, p and A p (x is not formed: the mixed
+    products are summed as CG goes, ``conjugate_gradient(readout=...)``).
     """
 
     iters: int
@@ -56,6 +59,22 @@ class CG(LinearSystemMethod):
     def solver(self) -> Callable:
         return cg_solver(self.iters, self.tol)
 
-    def solve_source(self, me: str) -> str:
+    def solution_vjp(self, solution: Solution, v: dict) -> dict:
+        """-(∂²L/∂θ_U∂θ_L) x = -Σₖ αₖ (∂²L/∂θ_U∂θ_L) pₖ over CG's directions pₖ (``implicit_vjp`` with
+        ``solver()``, to rounding, without the vector x)."""
+        info: dict = {}
+        bx = conjugate_gradient(joint_products(solution, self.damping), v, iters=self.iters, tol=self.tol,
+                                info=info, readout=upper_zeros(solution))
+        for key, value in info.items():
+            solution.report(key, value)
+        return negate(bx)
+
+    def source(self, me: str) -> list:
+        """``solution_vjp`` as the lines of the generated step (``Method.source``)."""
+        damping = f", damping={self.damping!r}" if self.damping else ""
         tol = f", tol={self.tol!r}" if self.tol is not None else ""
-        return f"linear.conjugate_gradient(hessian_vp, v, iters={self.iters}{tol}, info=info)"
+        return ["# -(∂²L/∂θ_U∂θ) x, (∂²L/∂θ² + λI) x = v by CG, as Σ_k α_k (∂²L/∂θ_U∂θ) p_k: x is never formed",
+                f"joint_vp = products.joint_products(solution{damping})  # w ↦ ((∂²L/∂θ² + λI) w, "
+                f"(∂²L/∂θ_U∂θ) w): one backward pass",
+                f"return products.negate(linear.conjugate_gradient(joint_vp, v, iters={self.iters}{tol}, info=info, "
+                f"readout=products.upper_zeros(solution)))"]

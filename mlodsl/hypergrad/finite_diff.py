@@ -21,11 +21,16 @@ def mixed_difference(point: Solution | Trajectory, direction: dict, eps: float) 
     """
     sol = as_solution(point)
     own = sol.params
-    norm = tree_norm(direction)
-    scale = eps / torch.clamp_min(norm, torch.finfo(norm.dtype).tiny)
+    scale = step_size(direction, eps)
     g_plus = upper_gradient(sol, tree_axpy(scale, direction, own))
     g_minus = upper_gradient(sol, tree_axpy(-scale, direction, own))
     return {k: -(g_plus[k] - g_minus[k]) / (2 * scale) for k in g_plus}
+
+
+def step_size(direction: dict, eps: float) -> torch.Tensor:
+    """ε' = eps / ‖d‖: the perturbation θ ± ε' d has norm ``eps`` (a zero d gives a finite ε')."""
+    norm = tree_norm(direction)
+    return eps / torch.clamp_min(norm, torch.finfo(norm.dtype).tiny)
 
 
 @dataclass(frozen=True, repr=False)
@@ -53,5 +58,9 @@ class FiniteDiff(ImplicitMethod):
         return mixed_difference(solution, v, self.eps)
 
     def source(self, me: str) -> list:
-        return [f"# -(∇_θU L(θ + ε v̂) - ∇_θU L(θ - ε v̂)) / 2ε, ε = {self.eps!r}: two gradients of the lower loss",
-                f"return finite_diff.mixed_difference(solution, v, {self.eps!r})"]
+        return [f"scale = finite_diff.step_size(v, {self.eps!r})  # ε / ‖v‖",
+                "g_plus = products.upper_gradient(solution, linear.tree_axpy(scale, v, solution.params))  "
+                "# ∇_θU L(θ + ε v/‖v‖)",
+                "g_minus = products.upper_gradient(solution, linear.tree_axpy(-scale, v, solution.params))  "
+                "# ∇_θU L(θ - ε v/‖v‖)",
+                "return {k: -(g_plus[k] - g_minus[k]) / (2 * scale) for k in g_plus}  # ≈ -(∂²L/∂θ_U∂θ) v"]

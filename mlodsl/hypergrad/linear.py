@@ -38,7 +38,8 @@ def _ratio(num, den):
     return num / torch.where(den == 0, torch.ones_like(den), den)
 
 
-def conjugate_gradient(matvec, b, *, iters: int, tol: float | None = None, info: dict | None = None):
+def conjugate_gradient(matvec, b, *, iters: int, tol: float | None = None, info: dict | None = None,
+                       readout: dict | None = None):
     """Conjugate gradient for A x = b, A symmetric positive definite, from x₀ = 0.
 
     r₀ = p₀ = b;  αₖ = rₖᵀrₖ / pₖᵀA pₖ;  x ← x + αₖ pₖ;  r ← r - αₖ A pₖ;
@@ -52,26 +53,41 @@ def conjugate_gradient(matvec, b, *, iters: int, tol: float | None = None, info:
     ``info`` gets ``cg_residual`` = ‖r‖/‖b‖ at the end (above 1: it did not converge) and
     ``cg_indefinite``, the number of iterations that met pᵀA p < 0 (A is not positive definite: CG
     is no longer minimizing anything); both are tensors, counted without a branch.
+
+    ``readout`` (zeros shaped like M's output): ``matvec(p)`` returns ``(A p, M p)`` for a linear map M
+    (one backward pass gives both: the implicit methods' H p and mixed product B p), and the result
+    is M x = Σₖ αₖ M pₖ,
+    accumulated as CG goes: x itself is never formed (one vector of b's size fewer) and M is not
+    applied again at the end. The last iteration updates neither p nor, when nothing reads the
+    residual (no ``info``, no ``tol``), r.
     """
-    x = tree_map(torch.zeros_like, b)
+    x = tree_map(torch.zeros_like, b) if readout is None else readout
     r, p = b, b
     rr = tree_vdot(r, r)
+    bb = rr
     indefinite = torch.zeros_like(rr)
-    for _ in range(iters):
+    for i in range(iters):
         if tol is not None and bool(rr <= tol * tol):  # a comparison, not float(): exact on a sharded level too
             break
         Ap = matvec(p)
+        if readout is not None:
+            Ap, Mp = Ap
         pAp = tree_vdot(p, Ap)
         if info is not None:  # pᵀAp = 0 exactly: p = 0 or a direction the loss does not depend on (α = 0 then)
             indefinite = indefinite + (pAp < 0).to(rr.dtype)
         alpha = _ratio(rr, pAp)
-        x = tree_axpy(alpha, p, x)
+        x = tree_axpy(alpha, p if readout is None else Mp, x)
+        last = i == iters - 1
+        if last and readout is not None and info is None and tol is None:
+            break
         r = tree_axpy(-alpha, Ap, r)
+        del Ap
         rr_new = tree_vdot(r, r)
-        p = tree_axpy(_ratio(rr_new, rr), p, r)
+        if not last:
+            p = tree_axpy(_ratio(rr_new, rr), p, r)
         rr = rr_new
     if info is not None:  # free: CG tracks its residual anyway
-        info["cg_residual"] = torch.sqrt(_ratio(rr, tree_vdot(b, b)))
+        info["cg_residual"] = torch.sqrt(_ratio(rr, bb))
         info["cg_indefinite"] = indefinite
     return x
 

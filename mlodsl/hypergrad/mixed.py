@@ -79,7 +79,7 @@ class MixedUnroll(Method):
         def applied(state_floats, upper_, grad_):
             return split_differentiable(apply(join(state_floats), upper_, grad_))[0]
 
-        (lam_state, upper_ct, u), _ = autodiff.vjp(applied, (floats, upper, grad), lam)
+        (lam_state, upper_ct, u), _ = autodiff.vjp(applied, (floats, upper, grad), lam, output=False)
         del grad  # not needed by the product below: free it before its peak
 
         # H u in (θ, θ_U) by forward-over-reverse: the tangent of the joint gradient along (u, 0)

@@ -9,6 +9,8 @@ block ended.
 """
 from __future__ import annotations
 
+import torch
+
 from .. import autodiff
 from .base import Solution, Trajectory, as_solution
 
@@ -23,12 +25,7 @@ def linearize(point: Solution | Trajectory, damping: float = 0.0) -> tuple:
 
     ``point``: a ``Solution`` (or a trajectory's).
     """
-    sol = as_solution(point)
-
-    def stationarity(own, upper):
-        return autodiff.grad(sol.loss)(own, upper)
-
-    _, pullback = autodiff.vjp_fn(stationarity, sol.params, sol.upper)
+    pullback = _linearized(as_solution(point))
 
     def hessian_matvec(w):
         (hw,) = pullback(w, argnums=(0,))
@@ -38,6 +35,33 @@ def linearize(point: Solution | Trajectory, damping: float = 0.0) -> tuple:
         return pullback(x, argnums=(1,))[0]
 
     return hessian_matvec, cross_vjp
+
+
+def joint_products(point: Solution | Trajectory, damping: float = 0.0):
+    """``w ↦ ((H + damping·I) w, (∂²L/∂θ_U∂θ_L) w)``: ``linearize``'s two products of one vector
+    from one backward pass (the pullback in θ_L and θ_U at once), for a solver that applies the
+    mixed product to every direction it takes (``conjugate_gradient(readout=...)``)."""
+    pullback = _linearized(as_solution(point))
+
+    def both(w):
+        hw, bw = pullback(w)
+        return (hw if damping == 0.0 else {k: v + damping * w[k] for k, v in hw.items()}), bw
+
+    return both
+
+
+def upper_zeros(point: Solution | Trajectory) -> dict:
+    """Zeros shaped like θ_U (where a sum of mixed products starts)."""
+    return {k: torch.zeros_like(t) for k, t in as_solution(point).upper.items()}
+
+
+def _linearized(sol: Solution):
+    """The pullback of the stationarity (θ_L, θ_U) ↦ ∇_{θ_L} L at (θ_L*, θ_U); the gradient itself is
+    not kept (the pullback starts from its place in the graph)."""
+    def stationarity(own, upper):
+        return autodiff.grad(sol.loss)(own, upper)
+
+    return autodiff.vjp_fn(stationarity, sol.params, sol.upper)[1]
 
 
 def upper_gradient(point: Solution | Trajectory, own: dict) -> dict:

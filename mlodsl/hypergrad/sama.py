@@ -37,7 +37,7 @@ def adam_preconditioned(point: Solution | Trajectory, v: dict, betas, eps, eps_r
             return adam_direction(gk, opt["m"][k], opt["v"][k], opt["count"], betas, eps, eps_root)
         # u is elementwise in g, so its Jacobian is diagonal: the jvp along v is the vjp with v
         # (through mlodsl.autodiff: the tape where it can, which sharded tensors need)
-        (out[k],), _ = autodiff.vjp(u, (g[k],), v[k])
+        (out[k],), _ = autodiff.vjp(u, (g[k],), v[k], output=False)
     return out
 
 

@@ -26,8 +26,11 @@ class Unroll(Method):
     of two, at the price of every update's activations.
 
     ``checkpoint=n`` keeps every n-th iterate only and recomputes each segment of n updates
-    forward before reversing it: memory O((K/n + n)·d) for one more forward pass; ``"sqrt"``
-    picks n = ⌈√K⌉, memory O(√K·d). Same numbers as keeping every iterate.
+    forward before reversing it, by bisection: the iterate halfway through the segment is
+    recomputed, the second half reversed from it (recursively), then the first half from the
+    segment's start, so that at most ⌈log₂ n⌉ recomputed iterates are alive at once. Memory
+    O((K/n + log n)·d) for about (log₂ n)/2 more forward passes (one for n ≤ 3, 4/3 for n = 4);
+    ``"sqrt"`` picks n = ⌈√K⌉. Same numbers as keeping every iterate.
     """
 
     last: int | None = None
@@ -78,17 +81,33 @@ class Unroll(Method):
                 (lam_floats, total), end = looped, first
         while end > first:
             seg = ((end - 1) // stride) * stride       # the kept iterate this segment starts from
-            states = {seg: traj.path[seg]}
-            for j in range(seg, end - 1):               # recompute the segment (nothing when stride = 1)
-                states[j + 1] = traj.advance(states[j], traj.upper, j)
-            for k in reversed(range(max(seg, first), end)):
-                lam_floats, upper_ct = traj.update_vjp(states[k], k, lam_floats)
-                total = tree_add(total, upper_ct)
+            lam_floats, total = reverse_segment(traj, traj.path[seg], seg, end, first, lam_floats, total)
             end = seg
         if first == 0 and traj.starts_from_upper:  # MAML: the start itself is θ_U's
             lam_start = split_differentiable(traj.path[0])[1](lam_floats)
             total = tree_add(total, traj.start_vjp(lam_start[traj.level]["params"]))
         return total
+
+
+def reverse_segment(traj: Trajectory, state: dict, a: int, b: int, first: int, lam: list, total: dict) -> tuple:
+    """Reverse updates b-1 down to max(a, first) from the iterate ``state`` = S_a, by bisection:
+    S_m (m halfway) is recomputed, [m, b) reversed from it, S_m dropped, then [a, m) reversed from
+    S_a. At most ⌈log₂(b - a)⌉ recomputed iterates are alive at once (a plain recompute of the
+    segment keeps b - a - 1); each update's VJP sees the same iterate. Returns (λ_a, total)."""
+    if b - a == 1:
+        if a >= first:
+            lam, upper_ct = traj.update_vjp(state, a, lam)
+            total = tree_add(total, upper_ct)
+        return lam, total
+    m = (a + b) // 2
+    mid = state
+    for j in range(a, m):
+        mid = traj.advance(mid, traj.upper, j)
+    lam, total = reverse_segment(traj, mid, m, b, first, lam, total)
+    del mid
+    if m > first:
+        lam, total = reverse_segment(traj, state, a, m, first, lam, total)
+    return lam, total
 
 
 @dataclass(frozen=True, repr=False)
