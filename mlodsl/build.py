@@ -266,7 +266,7 @@ def add_unnamed_reads(graph, levels: dict):
 def levels_taken(traced: dict) -> dict:
     """``{level: the levels whose parameters its loss takes as inputs}`` (itself included);
     ``traced``: name -> ``TracedLevel``."""
-    return {n: {n, *(lvl for lvl, _ in t.inputs.values())} for n, t in traced.items()}
+    return {n: {n, *t.levels} for n, t in traced.items()}
 
 
 # -- the step ----------------------------------------------------------------------------------------

@@ -112,11 +112,14 @@ class _Writer:
         self.units.append(Unit(tuple(defines), lines + [""]))
 
     # -- pieces ---------------------------------------------------------------------------------
-    def batch(self, name, k="k", sub=""):
-        """The expression of level ``name``'s batch at update ``i * steps + k`` of its block."""
+    def update_index(self, name, k="k"):
+        """The expression of the index of level ``name``'s update ``k`` of its block ``i``."""
         steps = self.lp[name].steps
-        index = "i" if steps == 1 else (f"i * {steps} + {k}" if k != "0" else f"i * {steps}")
-        return f"B{sub}[{name!r}][{index}]"
+        return "i" if steps == 1 else (f"i * {steps} + {k}" if k != "0" else f"i * {steps}")
+
+    def batch(self, name, k="k"):
+        """The expression of level ``name``'s batch at update ``i * steps + k`` of its block."""
+        return f"B[{name!r}][{self.update_index(name, k)}]"
 
     def seeded(self, indent):
         if not self.seeds:
@@ -223,9 +226,9 @@ class _Writer:
             lines.append(f"{head}with rt.recording(tape):")
             head, body = body, body + "    "
         lines.append(f"{head}for k in range({steps}):")
-        index = "i" if steps == 1 else f"i * {steps} + k"
+        index = self.update_index(name)
         if leaf and not record:  # nothing replays the updates: the update itself, in the loop
-            lines += [f"{body}s, loss, metrics, norm = {f.update}(s, {f.up}, B[{name!r}][{index}], log)",
+            lines += [f"{body}s, loss, metrics, norm = {f.update}(s, {f.up}, {self.batch(name)}, log)",
                       f"{body}rt.record(log, {name!r}, loss, metrics, norm)"]
         else:
             lines.append(f"{body}s = {f.advance}(s, {f.up}, {index}, log, B{arg})")
@@ -242,13 +245,12 @@ class _Writer:
         if not record:
             self.add([f.block], lines + [f"        return s, {f.up}"])
             return
-        last = "i" if steps == 1 else f"i * {steps} + {steps - 1}"
-        advance = f"lambda s_, up_, k: {f.advance}(s_, up_, {'i' if steps == 1 else f'i * {steps} + k'}, None, B{arg})"
+        advance = f"lambda s_, up_, k: {f.advance}(s_, up_, {index}, None, B{arg})"
         extras = [f"begin=lambda up_: rt.begin({name!r}, s0, up_)"] if lp.start is not None else []
         extras.append("log=log")
         if leaf and lp.keep and lp.compiled:
             extras.append(f"update_vjp=lambda s_, up_, upper, k, ct: {f.update_vjp}(s_, up_, upper, "
-                          f"B[{name!r}][{'i' if steps == 1 else f'i * {steps} + k'}], ct)")
+                          f"{self.batch(name)}, ct)")
         if lp.tape:
             extras.append("tape=tape")
         if loop:
@@ -257,7 +259,7 @@ class _Writer:
             extras.append("batches=batches")
         lines += [f"        record = rt.block({name!r}, {steps}, start, s, {'path' if keep else 'None'}, {f.up},",
                   f"                          {advance},",
-                  f"                          B[{name!r}][{last}], {', '.join(extras)})",
+                  f"                          {self.batch(name, str(steps - 1))}, {', '.join(extras)})",
                   f"        return {'rt.untaped(s, tape)' if lp.tape else 's'}, record"]
         self.add([f.block], lines)
 

@@ -57,11 +57,8 @@ class ScheduleOp:
         return f"{pad}hypergradient of {self.level} {self.detail}"
 
 
-class Schedule(list):
-    """The planned operations of one step, a list of ``ScheduleOp`` that prints as a tree."""
-
-    def __str__(self) -> str:
-        return "\n".join(str(op) for op in self)
+class _PrintsAsText:
+    """``repr`` and IPython's display are ``str``: the printed schedule or plan."""
 
     def __repr__(self) -> str:
         return str(self)
@@ -70,9 +67,15 @@ class Schedule(list):
         p.text(str(self))
 
 
+class Schedule(_PrintsAsText, list):
+    """The planned operations of one step, a list of ``ScheduleOp`` that prints as a tree."""
 
-@dataclass(frozen=True)
-class Plan:
+    def __str__(self) -> str:
+        return "\n".join(str(op) for op in self)
+
+
+@dataclass(frozen=True, repr=False)
+class Plan(_PrintsAsText):
     blocks: tuple                 # top-level blocks of one step, in order
     parent: dict                  # level -> the level whose update its block precedes (None: step())
     subtree: dict                 # level -> levels its block runs (itself first)
@@ -89,12 +92,6 @@ class Plan:
         """The schedule, then what was decided for each level: the two views the step is written from."""
         rows = [LevelPlan.HEADER] + [str(lp) for lp in self.levels.values()]
         return f"{self.schedule}\n\n" + "\n".join(rows) if self.levels else str(self.schedule)
-
-    def __repr__(self) -> str:
-        return str(self)
-
-    def _repr_pretty_(self, p, cycle):
-        p.text(str(self))
 
 
 @dataclass(frozen=True)
@@ -154,15 +151,12 @@ class LevelPlan:
                 f"{'yes' if self.sharded else 'no'}" + (" | data parallel" if self.data_parallel else ""))
 
 
-def _runs_inside_a_derivative(name, plan: Plan, methods: dict, levels: dict) -> bool:
+def _runs_inside_a_derivative(name, plan: Plan, methods: dict, levels: dict, grouped: set) -> bool:
     """Whether the block of ``name`` may run inside a transform or a product that differentiates it:
-    under ``vmap`` (tasks), re-run by a group's VJP, or replayed by the method of a level whose
-    block contains it (any method but one that takes products at its block's end alone)."""
-    chain = [name]
-    while plan.parent[chain[-1]] is not None:
-        chain.append(plan.parent[chain[-1]])
-    grouped = {n for group in plan.groups.values() for m in group for n in plan.subtree[m]}
-    for level in chain:
+    under ``vmap`` (tasks), re-run by a group's VJP (``grouped``: the levels of the blocks some level
+    unrolls together), or replayed by the method of a level whose block contains it (any method but
+    one that takes products at its block's end alone)."""
+    for level in _chain(name, plan.parent)[:-1]:
         method = methods.get(level)
         if levels[level].tasks or level in grouped:
             return True
@@ -180,6 +174,7 @@ def decide(plan: Plan, levels: dict, methods: dict, *, taken: dict, compiled: se
     (not for a level solved by ``ml.optim.solver``); ``random``: level -> whether its loss draws
     random numbers; ``math_attention``: the levels evaluated under the math attention kernel."""
     out = {}
+    grouped = {n for group in plan.groups.values() for m in group for n in plan.subtree[m]}
     for name in plan.subtree:
         method, steps = methods.get(name), levels[name].steps  # a top level has no method
         below = list(plan.subtree[name][1:]) + [n for c in plan.outside.get(name, ()) for n in plan.subtree[c]]
@@ -194,7 +189,7 @@ def decide(plan: Plan, levels: dict, methods: dict, *, taken: dict, compiled: se
         # per rank 1.06x the unsharded program's on the tape, 0.83x replaying the kept slices).
         tape = (bool(toward) and method is not None and bool(method.records_tape) and not is_compiled
                 and name not in sharded)
-        nested = _runs_inside_a_derivative(name, plan, methods, levels)
+        nested = _runs_inside_a_derivative(name, plan, methods, levels, grouped)
         if tape and not nested:
             stride = 0  # the tape stands in for the iterates: nothing falls back on them
         inline = (method is not None and bool(method.products_only) and method.source("method") is not None

@@ -353,7 +353,7 @@ class Runtime:
         levels at ``up``, its last ``batch``) toward ``upper_name``, for a method's own source in
         the step (``Method.source``); ``info`` collects the diagnostics it reports."""
         info: dict = {}
-        loss = self.minimized(lower, self.lower_loss(lower, upper_name, up, params_of(final), batch))
+        loss = self.objective(lower, upper_name, final, up, batch)
         return Solution(lower, final[lower]["params"], up[upper_name], loss, final[lower].get("opt", {}),
                         info.__setitem__), info
 
@@ -386,6 +386,11 @@ class Runtime:
 
         return loss
 
+    def objective(self, lower: str, upper_name: str, final: dict, up: dict, batch) -> Callable:
+        """The L of level ``lower`` at the end of its block (state ``final``, the other levels at
+        ``up``) on ``batch``: ``lower_loss``, ``minimized``."""
+        return self.minimized(lower, self.lower_loss(lower, upper_name, up, params_of(final), batch))
+
     def minimized(self, level: str, loss: Callable) -> Callable:
         """The objective level ``level`` minimizes: ``loss``, negated when its optimizer maximizes.
         A trajectory's L is this, so that at a maximum the implicit methods see a positive definite
@@ -397,7 +402,7 @@ class Runtime:
 
     def _products_trajectory(self, lower, upper_name, final, up, batch, reports) -> Trajectory:
         """The part of a ``Trajectory`` that a ``products_only`` method uses, from plain values."""
-        loss = self.minimized(lower, self.lower_loss(lower, upper_name, up, params_of(final), batch))
+        loss = self.objective(lower, upper_name, final, up, batch)
 
         def unavailable(*args):
             raise LevelError(f"level '{lower}': a products_only method used more of its trajectory than "
