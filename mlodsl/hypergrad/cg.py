@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .base import Solution, check_on_divergence
-from .implicit import LinearSystemMethod, check_damping
+from .implicit import LinearSystemMethod, check_damping, residual_note
 from .linear import cg_solver, conjugate_gradient
 from .products import joint_products, negate, upper_zeros
 
@@ -19,11 +19,12 @@ class CG(LinearSystemMethod):
     Exact after d iterations on a d-parameter lower level when H + damping·I is positive definite
     (to rounding). ``tol``: stop once ‖r‖ ≤ tol (one host synchronisation per iteration).
     ``damping`` > 0 regularizes an indefinite or ill-conditioned H (the solution then has a bias).
-    A step whose solve meets pᵀHp < 0 or ends with a residual above the initial one raises
-    ``DivergenceError`` (``on_divergence="warn"``: warns and goes on). A step whose solve ends with
-    ‖r‖/‖v‖ above ``warn_residual`` (default 0.5) but below 1 has not converged: the hypergradient
-    is that of a partial solve, and the Program warns once per level (``ConvergenceWarning``, with
-    the residual and the fix: ``damping=``, more ``iters=``); ``warn_residual=None`` never warns.
+    A step whose solve meets pᵀHp < 0 raises ``DivergenceError`` (``on_divergence="warn"``: warns
+    and goes on). A step whose solve ends with ‖r‖/‖v‖ above ``warn_residual`` (default 0.5) has
+    not converged: the hypergradient is that of a partial solve, and the Program warns once per
+    level (``ConvergenceWarning``, with the residual and the fix: ``damping=``, more ``iters=``);
+    ``warn_residual=None`` never warns. A residual above 1 is warned about too, not raised: with
+    positive curvature CG's error in the H-norm falls at every iteration while its residual need not.
     Cost: ``iters`` products of one linearization, each giving a Hessian-vector product and the
     mixed product of the same direction; memory O(d): r, p and A p (x is not formed: the mixed
     products are summed as CG goes, ``conjugate_gradient(readout=...)``).
@@ -36,17 +37,11 @@ class CG(LinearSystemMethod):
     warn_residual: float | None = WARN_RESIDUAL
 
     def unconverged(self, diagnostics: dict) -> str | None:
-        """What to warn about when the step's worst residual ‖r‖/‖v‖ is above ``warn_residual``
-        (not above 1: that is ``diverged``'s), or None."""
-        residual = diagnostics.get("cg_residual")
-        if self.warn_residual is None or residual is None or not residual > self.warn_residual:
+        """What to warn about when the step's worst residual ‖r‖/‖v‖ is above ``warn_residual``, or None."""
+        if self.warn_residual is None:
             return None
-        return (f"did not converge: after {self.iters} iteration(s) its residual ‖r‖/‖v‖ = {residual:.3g} is above "
-                f"warn_residual={self.warn_residual}, so the hypergradient is that of a partial solve of "
-                f"(H + {self.damping}·I) x = v (H near-singular or badly conditioned: LoRA adapters, a lower level "
-                f"far from its minimum). Add damping= (CG(iters, damping=...): about 1/(lr·steps) of the lower "
-                f"level's SGD matches the horizon its own updates cover), or more iters=; "
-                f"CG(..., warn_residual=None) silences this")
+        return residual_note(diagnostics.get("cg_residual"), self.warn_residual,
+                             "; CG(..., warn_residual=None) silences this")
 
     def __post_init__(self):
         if not isinstance(self.iters, int) or self.iters < 1:

@@ -47,12 +47,26 @@ def check_damping(damping: float) -> float:
     return damping
 
 
+def residual_note(residual, threshold: float, silence: str) -> str | None:
+    """The warning for a CG solve whose final ‖r‖/‖v‖ is above ``threshold``, or None. ``silence``:
+    how the method turns the warning off."""
+    if residual is None or not residual > threshold:
+        return None
+    return (f"did not converge: its final residual ‖r‖/‖v‖ = {residual:.3g} is above {threshold:g}, so the "
+            f"hypergradient is that of a partial solve of (H + damping·I) x = v (H near-singular or badly "
+            f"conditioned: LoRA adapters, a lower level far from its minimum or with a vanishing penalty). "
+            f"Above 1 is not divergence: CG's residual is not monotone, while its error in the H-norm still "
+            f"fell at every iteration. Add damping= (about 1/(lr·steps) of the lower level's SGD matches the "
+            f"horizon its own updates cover), or more iters={silence}")
+
+
 class LinearSystemMethod(ImplicitMethod):
     """The implicit hypergradient with the linear solve ``solver()`` of (H + ``damping``·I) x = v.
 
     A solver that writes the diagnostics of ``mlodsl.hypergrad.linear``'s solvers into its
     ``info`` (``cg_indefinite``, ``cg_residual``, ``neumann_growth``) is checked for divergence
-    after the step (``base.diverged``; ``on_divergence="warn"`` warns instead of raising)."""
+    after the step (``base.diverged``; ``on_divergence="warn"`` warns instead of raising); a CG
+    residual above 1 is warned about (``unconverged``)."""
 
     second_order = True  # Hessian and mixed products of the lower loss
     damping: float = 0.0
@@ -81,6 +95,10 @@ class LinearSystemMethod(ImplicitMethod):
     def diverged(self, diagnostics: dict) -> str | None:
         """What the solver's diagnostics say went wrong (``base.diverged``), or None."""
         return diverged(diagnostics, self.growth_fix)
+
+    def unconverged(self, diagnostics: dict) -> str | None:
+        """A conjugate-gradient solve that ended with ‖r‖/‖v‖ above 1: a partial solve (warned)."""
+        return residual_note(diagnostics.get("cg_residual"), 1.0, "")
 
 
 @dataclass(frozen=True, repr=False)
