@@ -111,8 +111,11 @@ class LevelPlan:
       (``Method.source``), or ``Unroll``'s one backward pass over the tape its block recorded;
     * ``random``: a lower level whose loss draws random numbers (each of its updates gets a seed;
       None: an opaque level, known after its first run);
-    * ``math_attention``: its loss is differentiated twice and may call attention: it is evaluated
-      under the math attention kernel, which has a double backward (``mlodsl.kernels``);
+    * ``twice``: its loss is differentiated twice (a method above differentiates its gradient);
+      ``math_attention``: that loss may call attention: it is evaluated under the math attention
+      kernel, which has a double backward (``mlodsl.kernels``);
+    * ``no_gradient``: its parameters that no loss it is differentiated through reaches: their
+      gradient is absent (an optimizer that says it takes None leaves them as they are);
     * ``start``: None (warm start), ``"init"`` or the upper level it starts from (MAML).
     """
 
@@ -128,15 +131,17 @@ class LevelPlan:
     loop: bool
     inline: bool
     random: bool | None
+    twice: bool
     math_attention: bool
+    no_gradient: tuple
     start: str | None
     tasks: bool
     precision: str
     sharded: bool
     data_parallel: bool
 
-    HEADER = ("level: method | iterates kept | tape | compiled | vjp source | random | attention | start | "
-              "tasks | precision | sharded")
+    HEADER = ("level: method | iterates kept | tape | compiled | vjp source | random | differentiated | "
+              "attention | start | tasks | precision | sharded | no gradient")
 
     def __str__(self) -> str:
         keep = {0: "none", 1: "every"}.get(self.keep, f"every {self.keep}")
@@ -146,9 +151,10 @@ class LevelPlan:
         method = "top level" if self.method is None else repr(self.method)
         tape = "where it can" if self.tape and self.nested else ("yes" if self.tape else "no")
         return (f"{self.name}: {method} | {keep} | {tape} | {compiled} | {source} | "
-                f"{random} | {'math' if self.math_attention else 'any'} | {self.start or 'warm'} | "
-                f"{'yes' if self.tasks else 'no'} | {self.precision} | "
-                f"{'yes' if self.sharded else 'no'}" + (" | data parallel" if self.data_parallel else ""))
+                f"{random} | {'twice' if self.twice else 'once'} | {'math' if self.math_attention else 'any'} | "
+                f"{self.start or 'warm'} | {'yes' if self.tasks else 'no'} | {self.precision} | "
+                f"{'yes' if self.sharded else 'no'} | {', '.join(self.no_gradient) or '-'}"
+                + (" | data parallel" if self.data_parallel else ""))
 
 
 def _runs_inside_a_derivative(name, plan: Plan, methods: dict, levels: dict, grouped: set) -> bool:
@@ -166,13 +172,15 @@ def _runs_inside_a_derivative(name, plan: Plan, methods: dict, levels: dict, gro
 
 
 def decide(plan: Plan, levels: dict, methods: dict, *, taken: dict, compiled: set, loops_allowed: dict,
-           sharded: set, random: dict, math_attention: set, precision: dict, data_parallel: bool) -> Plan:
+           sharded: set, random: dict, twice: set, math_attention: set, no_gradient: dict, precision: dict,
+           data_parallel: bool) -> Plan:
     """``plan`` with every level's ``LevelPlan``: the choices the generated step is written from.
 
     ``taken``: level -> the levels whose parameters its loss takes; ``compiled``: the levels whose
     regions compile; ``loops_allowed``: level -> whether its updates may run as one compiled loop
     (not for a level solved by ``ml.optim.solver``); ``random``: level -> whether its loss draws
-    random numbers; ``math_attention``: the levels evaluated under the math attention kernel."""
+    random numbers; ``twice``: the levels whose loss is differentiated twice; ``math_attention``: those
+    evaluated under the math attention kernel; ``no_gradient``: level -> its parameters no loss reaches."""
     out = {}
     grouped = {n for group in plan.groups.values() for m in group for n in plan.subtree[m]}
     for name in plan.subtree:
@@ -198,7 +206,8 @@ def decide(plan: Plan, levels: dict, methods: dict, *, taken: dict, compiled: se
         out[name] = LevelPlan(
             name, steps, method, wrt, toward, stride, tape, nested, is_compiled,
             is_compiled and leaf and stride in (0, 1) and loops_allowed.get(name, True), inline,
-            random.get(name, False), name in math_attention,
+            random.get(name, False), name in twice, name in math_attention,
+            tuple(sorted(no_gradient.get(name, ()))),
             start if start is None or isinstance(start, str) else start.name,
             bool(levels[name].tasks), precision.get(name, "fp32"), name in sharded, data_parallel)
     return replace(plan, levels=out)

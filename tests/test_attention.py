@@ -42,7 +42,7 @@ def test_only_losses_differentiated_twice_leave_the_fast_kernel(method, twice):
     flash attention, which would fail a second derivative: they never take one)."""
     net, logits, train, val = encoder()
     prog, _ = reweighting(net, logits, train, val, method, steps=1)
-    assert prog._runtime.second_order == twice
+    assert {n for n, lp in prog.plan.levels.items() if lp.twice} == twice
     # the plan evaluates exactly those under the math kernel: the encoder's loss calls attention
     assert {n for n, lp in prog.plan.levels.items() if lp.math_attention} == twice
     with warnings.catch_warnings():  # CG at a random init meets negative curvature: warned
@@ -142,8 +142,8 @@ def test_the_math_kernel_is_entered_only_for_graphs_that_can_attend(monkeypatch)
     net, logits, train, val = encoder()
     attending, _ = reweighting(net, logits, train, val, ml.hypergrad.CG(iters=2, on_divergence="warn"), steps=1)
     plain = make_hpo(K=2, method=ml.hypergrad.CG(iters=2))[0]
-    assert "inner" in attending._runtime.second_order and attending._runtime.traced["inner"].attends
-    assert "inner" in plain._runtime.second_order and not plain._runtime.traced["inner"].attends
+    assert attending.plan.levels["inner"].twice and attending.levels["inner"].traced.attends
+    assert plain.plan.levels["inner"].twice and not plain.levels["inner"].traced.attends
     entered = []
     real = ml.runtime.attention_kernel
     monkeypatch.setattr(ml.runtime, "attention_kernel", lambda: entered.append(1) or real())

@@ -96,7 +96,7 @@ def test_dropout_in_a_captured_graph_draws_at_run_time_as_the_function_does():
     prog, _ = reweighting(net, logits, train, val, ml.hypergrad.Unroll())
     traced = prog.levels["inner"].traced
     assert not traced.opaque and "aten.dropout" in traced.graph.code
-    assert prog._runtime.stochastic["inner"]  # each update gets a seed: its replays see its masks
+    assert prog.plan.levels["inner"].random  # each update gets a seed: its replays see its masks
     params, args = _params(prog), traced.batch_args(train)
     kwargs = {ph: params[lvl][p] for ph, (lvl, p) in traced.inputs.items()}
     outs = []
@@ -113,7 +113,7 @@ def test_dropout_of_probability_zero_draws_nothing_and_needs_no_seed():
     evaluation, a quarter of an eager step here, for nothing)."""
     net, logits, train, val = encoder()
     prog, _ = reweighting(net, logits, train, val, ml.hypergrad.Unroll())
-    assert "aten.dropout" in prog.levels["inner"].graph.code and prog._runtime.stochastic == {"inner": False}
+    assert "aten.dropout" in prog.levels["inner"].graph.code and not prog.plan.levels["inner"].random
     state = torch.get_rng_state()
     prog.step()
     assert torch.equal(torch.get_rng_state(), state)  # the step drew nothing
