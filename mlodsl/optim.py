@@ -10,7 +10,8 @@ Nothing is mutated, so an update is differentiable when a hypergradient method u
 
 A hyperparameter (``lr``, ``momentum``, ``weight_decay``, ...) is a number or a callable:
 
-* ``lr=lambda step: 0.1 * 0.99 ** step`` -- a schedule: a function of the update count;
+* ``lr=lambda step: 0.1 * 0.99 ** step`` -- a schedule: a function of the update count (1 at the
+  first update; a 0-dim float tensor in the parameters' precision, float64 for a float64 level);
 * ``lr=lambda outer: outer.log_lr.exp()`` -- a function of the levels the optimizer's level
   reads (by name), so an upper level learns it by differentiating through the updates.
 
@@ -185,7 +186,15 @@ def _hyperparameters(plan: ParamGroups, hyperparams: dict, groups: dict):
     if not groups and not any(callable(v) for v in hyperparams.values()):
         constant = dict(hyperparams)
         return lambda params, count, reads: dict.fromkeys(params, constant)
-    return lambda params, count, reads: plan.values(params, lambda v: resolve(v, count, reads))
+    return lambda params, count, reads: plan.values(params, lambda v: resolve(v, schedule_step(params, count), reads))
+
+
+def schedule_step(params: dict, count: torch.Tensor) -> torch.Tensor:
+    """The update count as a schedule receives it: a float in the parameters' precision, at least
+    float32 (a bf16 count would round from 257 on). The integer count would make
+    ``0.1 * 0.99 ** step`` a float32 tensor (torch's default dtype) in a float64 program."""
+    dtype = next((p.dtype for p in params.values() if p.is_floating_point()), torch.float32)
+    return count.to(torch.promote_types(dtype, torch.float32))
 
 
 def _zero_count(params: dict) -> torch.Tensor:

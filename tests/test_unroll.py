@@ -212,3 +212,17 @@ def test_plain_unroll_records_the_tape_and_evaluates_each_update_once(checkpoint
     prog.step()
     assert not any(t.requires_grad for t in prog.params("inner").values())
     assert not any(t.requires_grad for s in prog._state.values() for t in tree_leaves(s))
+
+
+def test_a_schedule_of_a_float64_level_is_computed_in_float64():
+    """lr = 0.1 · 0.99^step on a float64 parameter equals the updates written by hand in float64
+    (the integer update count made the schedule a float32 tensor: off by ~1e-9 relative)."""
+    opt = ml.optim.sgd(lr=lambda step: 0.1 * 0.99 ** step)
+    g = torch.tensor([1.0, -3.0], dtype=DT)
+    params, state = {"p": torch.ones(2, dtype=DT)}, opt.init({"p": torch.ones(2, dtype=DT)})
+    want = torch.ones(2, dtype=DT)
+    for step in range(1, 4):
+        params, state = opt.update(params, {"p": g}, state)
+        want = want - (0.1 * 0.99 ** step) * g
+    assert params["p"].dtype == DT
+    torch.testing.assert_close(params["p"], want, rtol=1e-15, atol=0)

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from .. import autodiff
+from ..optim import schedule_step
 from ..tree import tree_vdot
 from .base import Method, Trajectory
 from .products import upper_gradient
@@ -70,10 +71,7 @@ def penalty_at(penalty, traj: Trajectory):
         raise ValueError(f"level '{traj.level}': F2SA(penalty=<schedule>) reads the step from the lower "
                          f"optimizer's state['count'], which this optimizer does not keep; give a number "
                          f"as penalty=, or keep a 'count' in the optimizer's state")
-    # the count is an integer tensor: a schedule computed from it would be float32 (torch's default
-    # dtype), which would round λ, and so the estimate, in a float64 program
-    dtype = next(iter(traj.own(traj.final).values())).dtype
-    return penalty(opt["count"].to(dtype))
+    return penalty(schedule_step(traj.own(traj.final), opt["count"]))  # float64 in a float64 program
 
 
 @dataclass(frozen=True, repr=False)
