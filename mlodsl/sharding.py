@@ -31,11 +31,11 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import weakref
 
 import torch
 import torch.distributed as dist
 from torch import fx
+from torch.multiprocessing.reductions import StorageWeakRef
 
 try:
     from torch.distributed.device_mesh import init_device_mesh
@@ -93,7 +93,7 @@ class Sharding:
         self.mesh = init_device_mesh(device.type, (self.world,))
         self.shapes = {n: {k: v.shape for k, v in state[n]["params"].items()} for n in self.levels}
         self.error = error  # DistributedError
-        self._gathered: dict = {}  # storage address -> (weak reference to a gathered tensor, its slice)
+        self._gathered: dict = {}  # storage address -> (weak reference to a gathered storage, its slice)
 
     # -- slicing ----------------------------------------------------------------------------------
     def slice(self, full: torch.Tensor):
@@ -172,7 +172,15 @@ class Sharding:
 
     def _remember(self, full, x):
         """Note that ``full`` (while it lives) is slice ``x`` gathered: autograd will save ``x`` instead."""
-        self._gathered[full.untyped_storage().data_ptr()] = (weakref.ref(full), x)
+        # A weak reference to the storage, not to the tensor: a full tensor that a backward pass
+        # re-gathered lives on in the engine after its Python object is gone, and a graph-building
+        # backward pass saves it (or a view) then: it must still be recognised, or the graph of a
+        # Hessian-vector product keeps one full weight per layer.
+        # Entries of freed tensors go at once: an entry holds its slice, which may be an iterate that
+        # is otherwise dropped (checkpointed Unroll's recomputed ones).
+        self._gathered = {k: e for k, e in self._gathered.items() if not e[0].expired()}
+        storage = full.untyped_storage()
+        self._gathered[storage.data_ptr()] = (StorageWeakRef(storage), x)
         return full
 
     def _pack(self, t):
@@ -180,7 +188,7 @@ class Sharding:
         if not self._gathered or is_sharded(t) or t.layout != torch.strided:
             return t
         entry = self._gathered.get(t.untyped_storage().data_ptr())
-        if entry is None or entry[0]() is None:  # not gathered, or freed (the address may be reused)
+        if entry is None or entry[0].expired():  # not gathered, or freed (the address may be reused)
             return t
         return _Regather(entry[1], t.size(), t.stride(), t.storage_offset())
 
