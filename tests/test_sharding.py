@@ -58,6 +58,7 @@ PROBLEM = textwrap.dedent("""
 WORKER = PROBLEM + textwrap.dedent("""
     import os, sys, weakref
     from torch.distributed.tensor import DTensor
+    from torch.multiprocessing.reductions import StorageWeakRef
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     out = sys.argv[1]
     result = {}
@@ -76,6 +77,25 @@ WORKER = PROBLEM + textwrap.dedent("""
     prog.sharding._full = counting
     prog.step()
     result["peak_full_elements"], result["gathers"] = peak[0], len(alive)
+    # a gradient built with create_graph (what CG's and Neumann's linearization keep): its graph
+    # holds the parameters as slices, every full one gathered for it is freed
+    gathered = []
+    def recording(x, shape):
+        t = full(x, shape)
+        gathered.append(StorageWeakRef(t.untyped_storage()))
+        return t
+    prog.sharding._full = recording
+    x, t = data()[0]
+    state = {n: prog._state[n]["params"] for n in prog.levels}
+    with prog.sharding.running():
+        slices = {k: v.detach().requires_grad_() for k, v in state["inner"].items()}
+        loss, _ = prog._runtime.evaluate("inner", {**state, "inner": slices}, (x[rank::world], t[rank::world]))
+        grads = torch.autograd.grad(loss, list(slices.values()), create_graph=True)
+        del loss
+        result["full_alive_in_graph"] = sum(not r.expired() for r in gathered)
+        hvp = torch.autograd.grad(grads, list(slices.values()), [torch.ones_like(g) for g in grads])
+    result["graph_gathers"], result["hvp"] = len(gathered), [prog.sharding.full("inner", h) for h in hvp]
+    result["hvp_at"], result["hvp_outer"] = prog.params("inner"), prog.params("outer")
     prog.sharding._full = full
     state = prog._state["inner"]  # what this rank stores of the sharded level
     result["stored"] = {k: (type(v).__name__, tuple(v.to_local().shape)) for k, v in state["params"].items()}
@@ -170,6 +190,26 @@ def test_a_sharded_step_holds_one_layers_full_parameters_at_a_time(two_ranks):
     for rank in ranks:
         assert rank["gathers"] > 4  # forward passes, backward re-gathers: many all-gathers...
         assert rank["peak_full_elements"] == 15 + 3  # ...of which one layer's are alive at a time
+
+
+def test_a_graph_built_through_a_sharded_loss_holds_slices(two_ranks, reference):
+    """The Hessian-vector product of the inner loss (on the union of the ranks' halves) in the full
+    parameters, by hand, against the one taken through the sharded slices and their graph."""
+    _, _, _, ranks, _ = two_ranks
+    _, namespace = reference
+    x, t = namespace["data"]()[0]
+    for rank in ranks:
+        assert rank["graph_gathers"] > 4  # the forward's gathers and the backward's re-gathers...
+        assert rank["full_alive_in_graph"] == 0  # ...none of which the create_graph graph keeps
+        net = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1)).double()
+        params = {k: v.clone().requires_grad_() for k, v in rank["hvp_at"].items()}
+        hyper = rank["hvp_outer"]["log_l2"]  # the upper level's after the step
+        out = torch.func.functional_call(net, params, (x,)).squeeze(-1)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(out, t) + (hyper.exp() * params["0.weight"] ** 2).sum()
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+        hvp = torch.autograd.grad(grads, list(params.values()), [torch.ones_like(g) for g in grads])
+        for (k, v), h in zip(params.items(), hvp):
+            torch.testing.assert_close(rank["hvp"][list(params).index(k)].reshape(v.shape), h, rtol=1e-6, atol=1e-9)
 
 
 def test_gather_at_use_gathers_each_parameter_just_before_its_op():
