@@ -31,6 +31,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import operator
 
 import torch
 import torch.distributed as dist
@@ -272,8 +273,30 @@ def gather_at_use(graph: fx.Graph, shapes: dict, all_gather) -> fx.Graph:
                     live[ph] = graph.call_function(all_gather, (ph, shapes[ph.target]))
         for ph in used:
             node.replace_input_with(ph, live[ph])
+        _square_as_product(node, set(live.values()))
     graph.lint()
     return graph
+
+
+_POW = {operator.pow, torch.pow}
+
+
+def _square_as_product(node: fx.Node, gathered: set):
+    """``p ** 2`` of a gathered parameter ``p`` (an L2 penalty) as ``p * p``: the same numbers
+    (torch computes a square as that product), but a graph-building backward pass of ``p ** 2``
+    saves ``2 * p`` (a new full tensor, which no hook can turn back into a slice), while that of
+    ``p * p`` saves ``p`` itself, kept as its slice."""
+    is_pow = ((node.op == "call_function" and (node.target in _POW or node.target is _ATEN_POW))
+              or (node.op == "call_method" and node.target == "pow"))
+    if not is_pow or len(node.args) != 2 or node.kwargs or node.args[0] not in gathered:
+        return
+    exponent = node.args[1]
+    if type(exponent) not in (int, float) or exponent != 2:
+        return
+    node.op, node.target, node.args = "call_function", operator.mul, (node.args[0], node.args[0])
+
+
+_ATEN_POW = torch.ops.aten.pow.Tensor_Scalar  # a make_fx graph's square
 
 
 def local_bytes(state: dict) -> int:

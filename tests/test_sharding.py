@@ -2,6 +2,7 @@
 level's parameters and optimizer state give the parameters one unsharded process gives on the
 whole batches; a gathered checkpoint resumes bit-exactly in a sharded program and loads into an
 unsharded one; a dead rank makes the other fail inside the sharded collectives, not hang."""
+import operator
 import textwrap
 import time
 import weakref
@@ -205,7 +206,8 @@ def test_a_graph_built_through_a_sharded_loss_holds_slices(two_ranks, reference)
         params = {k: v.clone().requires_grad_() for k, v in rank["hvp_at"].items()}
         hyper = rank["hvp_outer"]["log_l2"]  # the upper level's after the step
         out = torch.func.functional_call(net, params, (x,)).squeeze(-1)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(out, t) + (hyper.exp() * params["0.weight"] ** 2).sum()
+        penalty = (hyper.exp() * params["0.weight"] ** 2).sum()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(out, t) + penalty
         grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
         hvp = torch.autograd.grad(grads, list(params.values()), [torch.ones_like(g) for g in grads])
         for (k, v), h in zip(params.items(), hvp):
@@ -230,6 +232,11 @@ def test_gather_at_use_gathers_each_parameter_just_before_its_op():
         return full
 
     gm = fx.GraphModule(torch.nn.Module(), gather_at_use(fx.symbolic_trace(loss).graph, shapes, all_gather))
+    # the square of a gathered weight is a product, whose graph-building backward saves the weight
+    # (a slice, in a step) rather than a new 2 * w
+    squares = [n for n in gm.graph.nodes if n.target in (operator.pow, operator.mul)]
+    assert len(squares) == 1 and squares[0].target is operator.mul
+    assert squares[0].args[0] is squares[0].args[1] and squares[0].args[0].target is all_gather
     g = torch.Generator().manual_seed(0)
     x, w1, b1, w2 = (torch.randn(s, generator=g, dtype=torch.float64) for s in ((5, 3), (3, 4), (4,), (4, 2)))
     flat = [t.reshape(-1).requires_grad_() for t in (w1, b1, w2)]
