@@ -73,9 +73,11 @@ class _Regather:
         self.piece, self.size, self.stride, self.offset = piece, size, stride, offset
 
     def make(self, sharding) -> torch.Tensor:
-        # differentiable when the backward pass builds a graph (create_graph): a double backward
-        # reaches the slice through this gather as it would through the forward's
-        full = sharding._full(self.piece, (-1,)).as_strided(self.size, self.stride, self.offset)
+        # Without a graph of its own: autograd gives an unpacked tensor the saved one's place in the
+        # graph, so a double backward reaches the slice through the forward's gather. (Its gradient
+        # is summed there until the end of that backward pass, as the forward's nodes run last.)
+        with torch.no_grad():
+            full = sharding._full(self.piece, (-1,)).as_strided(self.size, self.stride, self.offset)
         return sharding._remember(full, self.piece)  # what a graph-building backward saves of it: the slice
 
 
