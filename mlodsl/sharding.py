@@ -280,7 +280,7 @@ def gather_at_use(graph: fx.Graph, shapes: dict, all_gather) -> fx.Graph:
     return graph
 
 
-_POW = {operator.pow, torch.pow}
+_POW = {operator.pow, torch.pow, torch.ops.aten.pow.Tensor_Scalar}  # the last: a make_fx graph's square
 
 
 def _square_as_product(node: fx.Node, gathered: set):
@@ -288,17 +288,16 @@ def _square_as_product(node: fx.Node, gathered: set):
     (torch computes a square as that product), but a graph-building backward pass of ``p ** 2``
     saves ``2 * p`` (a new full tensor, which no hook can turn back into a slice), while that of
     ``p * p`` saves ``p`` itself, kept as its slice."""
-    is_pow = ((node.op == "call_function" and (node.target in _POW or node.target is _ATEN_POW))
+    is_pow = ((node.op == "call_function" and node.target in _POW)
               or (node.op == "call_method" and node.target == "pow"))
-    if not is_pow or len(node.args) != 2 or node.kwargs or node.args[0] not in gathered:
+    if not is_pow or len(node.args) != 2 or node.kwargs or not isinstance(node.args[0], fx.Node):
+        return
+    if node.args[0] not in gathered:
         return
     exponent = node.args[1]
     if type(exponent) not in (int, float) or exponent != 2:
         return
     node.op, node.target, node.args = "call_function", operator.mul, (node.args[0], node.args[0])
-
-
-_ATEN_POW = torch.ops.aten.pow.Tensor_Scalar  # a make_fx graph's square
 
 
 def local_bytes(state: dict) -> int:
