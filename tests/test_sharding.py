@@ -254,6 +254,33 @@ def test_gather_at_use_gathers_each_parameter_just_before_its_op():
         torch.testing.assert_close(gr, r.reshape(-1))
 
 
+def test_gather_at_use_on_an_aten_graph():
+    """A level captured by make_fx (aten ops): the same placement, and its square a product."""
+    from torch import fx
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from mlodsl.sharding import gather_at_use
+
+    def loss(x, w1, w2):
+        return (torch.tanh(x @ w1) @ w2).sum() + (w1 ** 2).sum()
+
+    g = torch.Generator().manual_seed(1)
+    x, w1, w2 = (torch.randn(s, generator=g, dtype=torch.float64) for s in ((5, 3), (3, 4), (4, 2)))
+    captured = make_fx(loss)(x, w1, w2)
+    assert any(n.target is torch.ops.aten.pow.Tensor_Scalar for n in captured.graph.nodes)
+    names = [n.target for n in captured.graph.nodes if n.op == "placeholder"]
+    shapes = {names[1]: (3, 4), names[2]: (4, 2)}
+    order = []
+
+    def all_gather(flat, shape):
+        order.append(shape)
+        return flat.reshape(shape)
+
+    gm = fx.GraphModule(captured, gather_at_use(captured.graph, shapes, all_gather))
+    assert not any(n.target is torch.ops.aten.pow.Tensor_Scalar for n in gm.graph.nodes)
+    torch.testing.assert_close(gm(x, w1.reshape(-1), w2.reshape(-1)), loss(x, w1, w2), rtol=0, atol=0)
+    assert order == [(3, 4), (4, 2), (3, 4)]
+
+
 def test_a_gathered_checkpoint_resumes_bit_exactly_and_loads_unsharded(two_ranks, reference):
     tmp, _, _, ranks, _ = two_ranks
     for rank in ranks:
