@@ -106,14 +106,14 @@ class Program:
         dp = self.distributed
         step = build.make_step(
             f"Program({', '.join(t.name for t in tops)})", self.plan, levels, methods,
-            {n: pl.traced for n, pl in self.levels.items()},
+            self._traced_for_step(),
             ({n: lvl.optimizer for n, lvl in levels.items()}, methods, starts,
              {n: dict(s["params"]) for n, s in self._state.items()},
              {n: lvl.project for n, lvl in levels.items() if lvl.project is not None}),
             dict(autocast={n: Autocast(p, devices[n]) for n, p in self.precision.items() if p != "fp32"},
                  loss_scales=self.scalers,
                  reduce=dp and dp.reduce, replicate=dp and dp.replicate,
-                 weigh=dp and dp.weigh, gather=self.sharding and self.sharding.gather,
+                 weigh=dp and dp.weigh,
                  clip={n: lvl.clip_grad_norm for n, lvl in levels.items() if lvl.clip_grad_norm},
                  compiler=Compiler(compile_options, build.eager_levels(self.levels, compile_options, max_ops,
                                                                        dp is not None, set(self.scalers))),
@@ -149,6 +149,12 @@ class Program:
             traced.buffer_state = self._buffers
             traced_levels[name] = build.ProgramLevel(lvl, traced)
         return traced_levels
+
+    def _traced_for_step(self) -> dict:
+        """The levels' traced losses as the step runs them: a sharded program's gather each sharded
+        parameter where it is used (``Sharding.gathering``)."""
+        traced = {n: pl.traced for n, pl in self.levels.items()}
+        return traced if self.sharding is None else self.sharding.gathering(traced)
 
     def _one_task_params(self) -> dict:
         """Every level's parameters, the first task's for a level batched over tasks."""

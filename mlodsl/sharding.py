@@ -5,9 +5,10 @@ each of its parameters (flattened) and of its optimizer state, as ``torch.distri
 ``DTensor``s placed ``Shard(0)`` on a one-dimensional device mesh. The step passes these slices
 around functionally; the two seams are:
 
-* ``Runtime.evaluate``: just before the level's loss runs, ``gather`` all-gathers every parameter
-  (``full_tensor``) into its full shape. The full tensors are intermediates of that evaluation only:
-  they are freed when the evaluation (and its backward, which may keep them) is done.
+* the traced losses (``gathering``): every loss that reads a sharded level's parameters takes their
+  slices, and its graph all-gathers each parameter (``full_tensor``) just before the op that uses
+  it and drops it after its last use in that stretch, as FSDP gathers per unit: a forward pass
+  holds the full parameters of one op at a time (one layer's weight and bias), not the level's.
 * the gather's backward is a reduce-scatter of the ranks' mean (``grad_placements=Partial("avg")``):
   the gradient in a slice is already the mean over ranks of the gradient in the full parameter,
   so ``reduce`` leaves sharded tensors alone and an optimizer update touches one slice. The
@@ -27,11 +28,15 @@ and ``compile=True``.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import functools
-import weakref
+import operator
 
 import torch
 import torch.distributed as dist
+from torch import fx
+from torch.multiprocessing.reductions import StorageWeakRef
 
 try:
     from torch.distributed.device_mesh import init_device_mesh
@@ -68,9 +73,11 @@ class _Regather:
         self.piece, self.size, self.stride, self.offset = piece, size, stride, offset
 
     def make(self, sharding) -> torch.Tensor:
-        # differentiable when the backward pass builds a graph (create_graph): a double backward
-        # reaches the slice through this gather as it would through the forward's
-        full = sharding._full(self.piece, (-1,)).as_strided(self.size, self.stride, self.offset)
+        # Without a graph of its own: autograd gives an unpacked tensor the saved one's place in the
+        # graph, so a double backward reaches the slice through the forward's gather. (Its gradient
+        # is summed there until the end of that backward pass, as the forward's nodes run last.)
+        with torch.no_grad():
+            full = sharding._full(self.piece, (-1,)).as_strided(self.size, self.stride, self.offset)
         return sharding._remember(full, self.piece)  # what a graph-building backward saves of it: the slice
 
 
@@ -89,7 +96,7 @@ class Sharding:
         self.mesh = init_device_mesh(device.type, (self.world,))
         self.shapes = {n: {k: v.shape for k, v in state[n]["params"].items()} for n in self.levels}
         self.error = error  # DistributedError
-        self._gathered: dict = {}  # storage address -> (weak reference to a gathered tensor, its slice)
+        self._gathered: dict = {}  # storage address -> (weak reference to a gathered storage, its slice)
 
     # -- slicing ----------------------------------------------------------------------------------
     def slice(self, full: torch.Tensor):
@@ -115,20 +122,45 @@ class Sharding:
     # -- gathering --------------------------------------------------------------------------------
     def gather(self, params: dict) -> dict:
         """``{level: {name: tensor}}`` with every sharded level's slices all-gathered into full
-        parameters, differentiably: backward, the full gradient is reduce-scattered to the ranks'
-        mean in each slice (and that, differentiated again, all-gathers).
-
-        While a step runs (``running``), autograd does not keep these full tensors for a backward
-        pass: it keeps their slices and all-gathers them again when the backward pass needs them,
-        one at a time (``saved_tensors_hooks``); so too for the full tensors a backward pass that
-        builds a graph (a Hessian-vector product) gathers. An unrolled update's graph, and the
-        linearization CG reuses, hold slices, not full parameters."""
+        parameters at once, differentiably (as ``gathering``'s graphs gather each one)."""
         out = dict(params)
         for name in self.levels:
             if name in params:
                 shapes = self.shapes[name]
                 out[name] = {k: self._full(v, shapes[k]) for k, v in params[name].items()}
         return out
+
+    def gathering(self, traced: dict) -> dict:
+        """``{level: TracedLevel}`` where every loss that reads a sharded level's parameters takes
+        their slices and gathers each where it is used (``gather_at_use``).
+
+        Each gather is differentiable: backward, the full gradient is reduce-scattered to the ranks'
+        mean in each slice (and that, differentiated again, all-gathers). A gather made just before
+        its op is also late on the autograd tape, so its reduce-scatter runs as soon as that op's
+        backward is done: a backward pass holds few full gradients at once, not all of them.
+
+        While a step runs (``running``), autograd does not keep these full tensors for a backward
+        pass: it keeps their slices and all-gathers them again when the backward pass needs them,
+        one at a time (``saved_tensors_hooks``); so too for the full tensors a backward pass that
+        builds a graph (a Hessian-vector product) gathers. An unrolled update's graph, and the
+        linearization CG reuses, hold slices, not full parameters."""
+        return {n: self._gathering(t) for n, t in traced.items()}
+
+    def _gathering(self, traced):
+        shapes = {ph: tuple(self.shapes[lvl][k]) for ph, (lvl, k) in traced.inputs.items() if lvl in self.levels}
+        if not shapes or traced.graph is None:
+            return traced
+        gm = fx.GraphModule(traced.graph, gather_at_use(copy.deepcopy(traced.graph.graph), shapes, self.all_gather),
+                           class_name=type(traced.graph).__name__)
+        direct = traced.direct
+        if direct is not None:  # the user's function, re-run on the same inputs to show an error: full ones
+            def direct(params, batch, _direct=direct):
+                return _direct(self.gather(params), batch)
+        return dataclasses.replace(traced, graph=gm, direct=direct)
+
+    def all_gather(self, x, shape):
+        """Slice ``x`` gathered into a full tensor of ``shape`` (what a ``gathering`` graph calls)."""
+        return self._full(x, shape)
 
     def _full(self, x, shape):
         if not is_sharded(x):
@@ -143,7 +175,15 @@ class Sharding:
 
     def _remember(self, full, x):
         """Note that ``full`` (while it lives) is slice ``x`` gathered: autograd will save ``x`` instead."""
-        self._gathered[full.untyped_storage().data_ptr()] = (weakref.ref(full), x)
+        # A weak reference to the storage, not to the tensor: a full tensor that a backward pass
+        # re-gathered lives on in the engine after its Python object is gone, and a graph-building
+        # backward pass saves it (or a view) then: it must still be recognised, or the graph of a
+        # Hessian-vector product keeps one full weight per layer.
+        # Entries of freed tensors go at once: an entry holds its slice, which may be an iterate that
+        # is otherwise dropped (checkpointed Unroll's recomputed ones).
+        self._gathered = {k: e for k, e in self._gathered.items() if not e[0].expired()}
+        storage = full.untyped_storage()
+        self._gathered[storage.data_ptr()] = (StorageWeakRef(storage), x)
         return full
 
     def _pack(self, t):
@@ -151,7 +191,7 @@ class Sharding:
         if not self._gathered or is_sharded(t) or t.layout != torch.strided:
             return t
         entry = self._gathered.get(t.untyped_storage().data_ptr())
-        if entry is None or entry[0]() is None:  # not gathered, or freed (the address may be reused)
+        if entry is None or entry[0].expired():  # not gathered, or freed (the address may be reused)
             return t
         return _Regather(entry[1], t.size(), t.stride(), t.storage_offset())
 
@@ -211,6 +251,53 @@ class Sharding:
                 return fn(*args, **kwargs)
 
         return run
+
+
+def gather_at_use(graph: fx.Graph, shapes: dict, all_gather) -> fx.Graph:
+    """``graph`` (in place) with every placeholder named in ``shapes`` (a slice) all-gathered by
+    ``all_gather(slice, shape)`` just before the first node that uses it, and gathered again before
+    a later use when other parameters were gathered in between: a full parameter lives from its
+    gather to its last use before the next node that needs a gather (fx's code drops a value after
+    its last use), so at most one node's full parameters (a linear layer's weight and bias) are
+    alive at once. A parameter read again much later (a weight decay term at the end of the
+    loss) costs one more all-gather, not a full copy held across the whole forward pass."""
+    sliced = {n for n in graph.nodes if n.op == "placeholder" and n.target in shapes}
+    live: dict = {}  # placeholder -> the gather its uses read now
+    for node in list(graph.nodes):
+        used = [a for a in node.all_input_nodes if a in sliced]
+        if not used:
+            continue
+        missing = [ph for ph in used if ph not in live]
+        if missing:  # a new gather: the others' full tensors are let go (gathered again if read again)
+            live = {ph: g for ph, g in live.items() if ph in used}
+            with graph.inserting_before(node):
+                for ph in missing:
+                    live[ph] = graph.call_function(all_gather, (ph, shapes[ph.target]))
+        for ph in used:
+            node.replace_input_with(ph, live[ph])
+        _square_as_product(node, set(live.values()))
+    graph.lint()
+    return graph
+
+
+_POW = {operator.pow, torch.pow, torch.ops.aten.pow.Tensor_Scalar}  # the last: a make_fx graph's square
+
+
+def _square_as_product(node: fx.Node, gathered: set):
+    """``p ** 2`` of a gathered parameter ``p`` (an L2 penalty) as ``p * p``: the same numbers
+    (torch computes a square as that product), but a graph-building backward pass of ``p ** 2``
+    saves ``2 * p`` (a new full tensor, which no hook can turn back into a slice), while that of
+    ``p * p`` saves ``p`` itself, kept as its slice."""
+    is_pow = ((node.op == "call_function" and node.target in _POW)
+              or (node.op == "call_method" and node.target == "pow"))
+    if not is_pow or len(node.args) != 2 or node.kwargs or not isinstance(node.args[0], fx.Node):
+        return
+    if node.args[0] not in gathered:
+        return
+    exponent = node.args[1]
+    if type(exponent) not in (int, float) or exponent != 2:
+        return
+    node.op, node.target, node.args = "call_function", operator.mul, (node.args[0], node.args[0])
 
 
 def local_bytes(state: dict) -> int:

@@ -2,8 +2,10 @@
 level's parameters and optimizer state give the parameters one unsharded process gives on the
 whole batches; a gathered checkpoint resumes bit-exactly in a sharded program and loads into an
 unsharded one; a dead rank makes the other fail inside the sharded collectives, not hang."""
+import operator
 import textwrap
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -55,8 +57,9 @@ PROBLEM = textwrap.dedent("""
 """)
 
 WORKER = PROBLEM + textwrap.dedent("""
-    import os, sys
+    import os, sys, weakref
     from torch.distributed.tensor import DTensor
+    from torch.multiprocessing.reductions import StorageWeakRef
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     out = sys.argv[1]
     result = {}
@@ -64,6 +67,37 @@ WORKER = PROBLEM + textwrap.dedent("""
         prog = build(method, rank, world, shard=True)
         prog.fit(3, progress=False)
         result[name] = {n: prog.params(n) for n in prog.levels}  # gathered: every rank calls it
+    # one CG step, counting the elements of the gathered (full) parameters alive at each all-gather
+    prog = build(METHODS["cg"], rank, world, shard=True)
+    full, alive, peak = prog.sharding._full, [], [0]
+    def counting(x, shape):
+        t = full(x, shape)
+        alive.append(weakref.ref(t))
+        peak[0] = max(peak[0], sum(r().numel() for r in alive if r() is not None))
+        return t
+    prog.sharding._full = counting
+    prog.step()
+    result["peak_full_elements"], result["gathers"] = peak[0], len(alive)
+    # a gradient built with create_graph (what CG's and Neumann's linearization keep): its graph
+    # holds the parameters as slices, every full one gathered for it is freed
+    gathered = []
+    def recording(x, shape):
+        t = full(x, shape)
+        gathered.append(StorageWeakRef(t.untyped_storage()))
+        return t
+    prog.sharding._full = recording
+    x, t = data()[0]
+    state = {n: prog._state[n]["params"] for n in prog.levels}
+    with prog.sharding.running():
+        slices = {k: v.detach().requires_grad_() for k, v in state["inner"].items()}
+        loss, _ = prog._runtime.evaluate("inner", {**state, "inner": slices}, (x[rank::world], t[rank::world]))
+        grads = torch.autograd.grad(loss, list(slices.values()), create_graph=True)
+        del loss
+        result["full_alive_in_graph"] = sum(not r.expired() for r in gathered)
+        hvp = torch.autograd.grad(grads, list(slices.values()), [torch.ones_like(g) for g in grads])
+    result["graph_gathers"], result["hvp"] = len(gathered), [prog.sharding.full("inner", h) for h in hvp]
+    result["hvp_at"], result["hvp_outer"] = prog.params("inner"), prog.params("outer")
+    prog.sharding._full = full
     state = prog._state["inner"]  # what this rank stores of the sharded level
     result["stored"] = {k: (type(v).__name__, tuple(v.to_local().shape)) for k, v in state["params"].items()}
     result["stored_opt"] = {s: {k: (type(v).__name__, tuple(v.to_local().shape)) for k, v in state["opt"][s].items()}
@@ -82,14 +116,14 @@ WORKER = PROBLEM + textwrap.dedent("""
     result["resumed_opt"] = resumed.state_dict()["levels"]["inner"]["opt"]
     torch.save(result, out + f".rank{rank}")
     # then rank 1 dies in the middle of a step, at an all-gather of the sharded level
-    gather = prog._runtime.gather
+    gather = prog.sharding._full
     calls = [0]
-    def dying(params):
+    def dying(x, shape):
         calls[0] += 1
         if rank == 1 and calls[0] == 5:
             os._exit(3)  # a crashed rank: no clean shutdown of the process group
-        return gather(params)
-    prog._runtime.gather = dying
+        return gather(x, shape)
+    prog.sharding._full = dying
     try:
         for _ in range(100):
             prog.step()
@@ -148,6 +182,103 @@ def test_each_rank_stores_half_of_the_sharded_level(two_ranks):
             assert rank["stored"][k] == ("DTensor", (half,))
             assert rank["stored_opt"]["m"][k] == rank["stored_opt"]["v"][k] == ("DTensor", (half,))
             assert rank["module"][k] == 0  # the module's full tensors were released
+
+
+@pytest.mark.filterwarnings("ignore::mlodsl.hypergrad.base.DivergenceWarning")
+def test_a_sharded_step_holds_one_layers_full_parameters_at_a_time(two_ranks):
+    """Layer 0 (15 + 3 elements) is the largest; all four parameters would be 22."""
+    _, _, _, ranks, _ = two_ranks
+    for rank in ranks:
+        assert rank["gathers"] > 4  # forward passes, backward re-gathers: many all-gathers...
+        assert rank["peak_full_elements"] == 15 + 3  # ...of which one layer's are alive at a time
+
+
+def test_a_graph_built_through_a_sharded_loss_holds_slices(two_ranks, reference):
+    """The Hessian-vector product of the inner loss (on the union of the ranks' halves) in the full
+    parameters, by hand, against the one taken through the sharded slices and their graph."""
+    _, _, _, ranks, _ = two_ranks
+    _, namespace = reference
+    x, t = namespace["data"]()[0]
+    for rank in ranks:
+        assert rank["graph_gathers"] > 4  # the forward's gathers and the backward's re-gathers...
+        assert rank["full_alive_in_graph"] == 0  # ...none of which the create_graph graph keeps
+        net = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1)).double()
+        params = {k: v.clone().requires_grad_() for k, v in rank["hvp_at"].items()}
+        hyper = rank["hvp_outer"]["log_l2"]  # the upper level's after the step
+        out = torch.func.functional_call(net, params, (x,)).squeeze(-1)
+        penalty = (hyper.exp() * params["0.weight"] ** 2).sum()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(out, t) + penalty
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+        hvp = torch.autograd.grad(grads, list(params.values()), [torch.ones_like(g) for g in grads])
+        for (k, v), h in zip(params.items(), hvp):
+            torch.testing.assert_close(rank["hvp"][list(params).index(k)].reshape(v.shape), h, rtol=1e-6, atol=1e-9)
+
+
+def test_gather_at_use_gathers_each_parameter_just_before_its_op():
+    """A loss whose weight is read again at its end: re-gathered there, not held across the layers."""
+    from torch import fx
+    from mlodsl.sharding import gather_at_use
+
+    def loss(x, w1, b1, w2):
+        return (torch.tanh(x @ w1 + b1) @ w2).sum() + (w1 ** 2).sum()
+
+    shapes = {"w1": (3, 4), "b1": (4,), "w2": (4, 2)}
+    alive, events = [], []
+
+    def all_gather(flat, shape):  # stands in for the collective: a reshape of the "slice"
+        full = flat.reshape(shape) * 1.0
+        alive.append(weakref.ref(full))
+        events.append((shape, sum(r().numel() for r in alive if r() is not None)))
+        return full
+
+    gm = fx.GraphModule(torch.nn.Module(), gather_at_use(fx.symbolic_trace(loss).graph, shapes, all_gather))
+    # the square of a gathered weight is a product, whose graph-building backward saves the weight
+    # (a slice, in a step) rather than a new 2 * w
+    squares = [n for n in gm.graph.nodes if n.target in (operator.pow, operator.mul)]
+    assert len(squares) == 1 and squares[0].target is operator.mul
+    assert squares[0].args[0] is squares[0].args[1] and squares[0].args[0].target is all_gather
+    g = torch.Generator().manual_seed(0)
+    x, w1, b1, w2 = (torch.randn(s, generator=g, dtype=torch.float64) for s in ((5, 3), (3, 4), (4,), (4, 2)))
+    flat = [t.reshape(-1).requires_grad_() for t in (w1, b1, w2)]
+    with torch.no_grad():  # a step's autograd would save w2 for the matmul's backward: as a slice
+        gm(x, *flat)  # (Sharding.running's hooks), which this graph alone does not do
+    # the gathers in order (w1 again for the last term), each with what is alive at that moment:
+    # w1 and b1 are used by separate ops here, so w1 is already dropped when b1 is gathered
+    assert events == [((3, 4), 12), ((4,), 4), ((4, 2), 8), ((3, 4), 12)]
+    out = gm(x, *flat)
+    ref = [t.detach().requires_grad_() for t in (w1, b1, w2)]
+    expected = loss(x, *ref)
+    torch.testing.assert_close(out, expected)
+    grads = torch.autograd.grad(out, flat)
+    for gr, r, t in zip(grads, torch.autograd.grad(expected, ref), (w1, b1, w2)):
+        torch.testing.assert_close(gr, r.reshape(-1))
+
+
+def test_gather_at_use_on_an_aten_graph():
+    """A level captured by make_fx (aten ops): the same placement, and its square a product."""
+    from torch import fx
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from mlodsl.sharding import gather_at_use
+
+    def loss(x, w1, w2):
+        return (torch.tanh(x @ w1) @ w2).sum() + (w1 ** 2).sum()
+
+    g = torch.Generator().manual_seed(1)
+    x, w1, w2 = (torch.randn(s, generator=g, dtype=torch.float64) for s in ((5, 3), (3, 4), (4, 2)))
+    captured = make_fx(loss)(x, w1, w2)
+    assert any(n.target is torch.ops.aten.pow.Tensor_Scalar for n in captured.graph.nodes)
+    names = [n.target for n in captured.graph.nodes if n.op == "placeholder"]
+    shapes = {names[1]: (3, 4), names[2]: (4, 2)}
+    order = []
+
+    def all_gather(flat, shape):
+        order.append(shape)
+        return flat.reshape(shape)
+
+    gm = fx.GraphModule(captured, gather_at_use(captured.graph, shapes, all_gather))
+    assert not any(n.target is torch.ops.aten.pow.Tensor_Scalar for n in gm.graph.nodes)
+    torch.testing.assert_close(gm(x, w1.reshape(-1), w2.reshape(-1)), loss(x, w1, w2), rtol=0, atol=0)
+    assert order == [(3, 4), (4, 2), (3, 4)]
 
 
 def test_a_gathered_checkpoint_resumes_bit_exactly_and_loads_unsharded(two_ranks, reference):
