@@ -61,12 +61,6 @@ class TracedLevel:
         # without showing its ops, or an opaque graph
         self.attends = (self.opaque or self.graph is None
                         or any(_may_attend(node) for node in self.graph.graph.nodes))
-        # the (level, parameter) of each placeholder after the batch's, when the graph takes them in
-        # the order of ``inputs`` and nothing else (no buffers): the eager step then passes them by
-        # position, as the call every update makes costs less so
-        phs = [] if self.graph is None else [n.target for n in self.graph.graph.nodes if n.op == "placeholder"]
-        ordered = not self.buffers and phs[len(phs) - len(self.inputs):] == list(self.inputs)
-        self.in_order = tuple(self.inputs.values()) if ordered else None
 
     def batch_args(self, batch) -> tuple:
         if self.batch_kind == "none":
@@ -79,13 +73,10 @@ class TracedLevel:
 
     def __call__(self, params: dict, batch):
         """Evaluate the loss; ``params`` maps level names to dicts of parameter tensors."""
-        if self.in_order is not None:
-            args, kwargs = (*self.batch_args(batch), *[params[lvl][p] for lvl, p in self.in_order]), {}
-        else:
-            kwargs = {ph: params[lvl][p] for ph, (lvl, p) in self.inputs.items()}
-            if self.buffers:
-                kwargs.update(self.buffer_state.inputs(self.buffers))
-            args = self.batch_args(batch)
+        kwargs = {ph: params[lvl][p] for ph, (lvl, p) in self.inputs.items()}
+        if self.buffers:
+            kwargs.update(self.buffer_state.inputs(self.buffers))
+        args = self.batch_args(batch)
         try:
             out = self.graph.forward(*args, **kwargs)  # no nn.Module call machinery: no hooks to run
             if self.buffers:
