@@ -183,6 +183,41 @@ def _tape_grad_with_aux_levels(fn, primals: dict):
     return out_grads, aux
 
 
+def tape_level_grad(fn, params: dict, level: str):
+    """``(∇ loss in params[level], loss, metrics)`` on the tape for ``fn(params) -> (loss, metrics)``,
+    ``params`` mapping levels to their parameters: ``grad_with_aux`` in one level's parameters
+    (partial derivatives, zeros where the loss does not reach, a graph kept where a product around
+    it differentiates it), by a direct path: the eager step takes one at every update. Call it only
+    on the tape (``on_tape()``)."""
+    if torch.is_grad_enabled():
+        return _tape_level_grad(fn, params, level)
+    with torch.enable_grad():
+        return _tape_level_grad(fn, params, level)
+
+
+def _tape_level_grad(fn, params: dict, level: str):
+    nested = _DIFFERENTIATING.get() > 0
+    own = {}
+    for k, x in params[level].items():
+        if x.requires_grad:  # it carries a graph: alias it (a partial derivative), keep the graph
+            nested = True
+            own[k] = x.view_as(x)
+        else:
+            own[k] = x.detach().requires_grad_()
+    token = _DIFFERENTIATING.set(_DIFFERENTIATING.get() + 1)
+    try:
+        loss, metrics = fn({**params, level: own})
+    finally:
+        _DIFFERENTIATING.reset(token)
+    grads = torch.autograd.grad((loss,), list(own.values()), create_graph=nested, allow_unused=True)
+    grad = {k: torch.zeros_like(x) if g is None else g for (k, x), g in zip(own.items(), grads)}
+    if not nested:
+        loss = loss.detach()
+        if metrics:
+            metrics = detached(metrics)
+    return grad, loss, metrics
+
+
 def _func_grad_with_aux(fn, primals):
     """``torch.func.grad(fn, has_aux=True)``, for an ``aux`` that may hold non-tensors (a metric
     that is a Python number): torch.func carries the tensors, the rest is put back after."""

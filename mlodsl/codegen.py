@@ -50,7 +50,7 @@ _FIXED_NAMES = ("make_step", "make_hypergradient", "rt", "method", "vmap", "step
                 "norm", "record", "start", "path", "tape", "batches", "looped", "shared", "leaves", "task_loss",
                 "one_task", "sub_task", "B_task", "task_log", "outcomes", "params", "batch", "name", "upper",
                 "ct", "print", "range", "KeyError", "final", "v", "info", "solution", "hessian_vp", "cross_vjp",
-                "joint_vp", "x", "scale", "g_plus", "g_minus", "products", "linear", "finite_diff")
+                "joint_vp", "x", "scale", "g_plus", "g_minus", "products", "linear", "finite_diff", "losses")
 # The modules a method's own source may use (``Method.source``), imported when the step uses them.
 _METHOD_MODULES = ("finite_diff", "linear", "products")
 
@@ -149,10 +149,8 @@ class _Writer:
         f, lp = self.ids[name], self.lp[name]
         lines = [f"    def {f.update}(sub, up, batch, log):",
                  f'        """One update of {name!r} from its batch: (new state, loss, metrics, gradient norm)."""',
-                 f"        loss, metrics, g = rt.partials({name!r}, {{**up, **rt.params_of(sub)}}, batch, "
-                 f"({name!r},), log)",
-                 f"        return rt.apply_update({name!r}, sub, up, g[{name!r}], batch), loss, metrics, "
-                 f"rt.grad_norm(g[{name!r}])"]
+                 f"        loss, metrics, g = rt.gradient({name!r}, {{**up, **rt.params_of(sub)}}, batch, log)",
+                 f"        return rt.apply_update({name!r}, sub, up, g, batch), loss, metrics, rt.grad_norm(g)"]
         defines = [f.update]
         if lp.compiled:
             if lp.keep:
@@ -225,13 +223,15 @@ class _Writer:
         if lp.tape:
             lines.append(f"{head}with rt.recording(tape):")
             head, body = body, body + "    "
-        lines.append(f"{head}for k in range({steps}):")
         index = self.update_index(name)
-        if leaf and not record:  # nothing replays the updates: the update itself, in the loop
-            lines += [f"{body}s, loss, metrics, norm = {f.update}(s, {f.up}, {self.batch(name)}, log)",
+        if lp.checked_at_end:  # the update written out, its gradient checked with the block's end
+            lines += self.checked_loop(name, head, body)
+        elif leaf and not record:  # nothing replays the updates: the update itself, in the loop
+            lines += [f"{head}for k in range({steps}):",
+                      f"{body}s, loss, metrics, norm = {f.update}(s, {f.up}, {self.batch(name)}, log)",
                       f"{body}rt.record(log, {name!r}, loss, metrics, norm)"]
         else:
-            lines.append(f"{body}s = {f.advance}(s, {f.up}, {index}, log, B{arg})")
+            lines += [f"{head}for k in range({steps}):", f"{body}s = {f.advance}(s, {f.up}, {index}, log, B{arg})"]
         if keep:
             when = "" if lp.keep == 1 else f"(k + 1) % {lp.keep} == 0 or k == {steps - 1}"
             cond = " and ".join(c for c in ("path is not None" if tape else "", when) if c)
@@ -262,6 +262,19 @@ class _Writer:
                   f"                          {self.batch(name, str(steps - 1))}, {', '.join(extras)})",
                   f"        return {'rt.untaped(s, tape)' if lp.tape else 's'}, record"]
         self.add([f.block], lines)
+
+    def checked_loop(self, name, head, body) -> list:
+        """The updates of a block whose gradients its end checks (``LevelPlan.checked_at_end``): each
+        update's gradient and optimizer step, its loss kept; then one record of the block."""
+        up = self.ids[name].up
+        return [f"{head}losses = []",
+                f"{head}for k in range({self.lp[name].steps}):",
+                f"{body}batch = {self.batch(name)}",
+                f"{body}loss, metrics, g = rt.gradient({name!r}, {{**{up}, **rt.params_of(s)}}, batch, log)",
+                f"{body}s = rt.apply_update({name!r}, s, {up}, g, batch)",
+                f"{body}losses.append(loss)",
+                f"{head}rt.record_block(log, {name!r}, losses, metrics, g, s)"
+                "  # a non-finite gradient would leave non-finite parameters: checked once, at the end"]
 
     def products(self, name) -> bool:
         """Whether the lower level's VJP is its method's own source on the block's end (the block

@@ -87,6 +87,10 @@ class Optimizer(NamedTuple):
     # True for ml.optim.solver: update() returns the level's solution, takes batch=, and is
     # differentiated only implicitly (from the optimality condition at what it returns)
     solves: bool = False
+    # True: a non-finite gradient makes the parameters it updates non-finite (θ − η·(an expression of
+    # g) propagates NaN and Inf), so a run of updates ends at finite parameters only if every gradient
+    # in it was finite; the step then checks a block's end instead of each update's gradient
+    carries_nonfinite: bool = False
 
     def __repr__(self) -> str:
         return f"{self.name}({_show_hyperparams(self.hyperparams)})"
@@ -116,11 +120,11 @@ class _Wrapped(Optimizer):
 
 def as_optimizer(optimizer) -> Optimizer:
     """``optimizer`` as an ``Optimizer``: itself when it is one, else its ``init`` and ``update``
-    with the attributes it has among ``reads``, ``in_place``, ``absent_grads``, ``maximize`` and ``solves`` (the
-    declared defaults for the others)."""
+    with the attributes it has among ``reads``, ``in_place``, ``absent_grads``, ``maximize``, ``solves`` and
+    ``carries_nonfinite`` (the declared defaults for the others)."""
     if isinstance(optimizer, Optimizer):
         return optimizer
-    flags = ("reads", "in_place", "absent_grads", "maximize", "solves")
+    flags = ("reads", "in_place", "absent_grads", "maximize", "solves", "carries_nonfinite")
     declared = {f: getattr(optimizer, f) for f in flags if hasattr(optimizer, f)}
     return _Wrapped(repr(optimizer), optimizer.init, optimizer.update, {},
                     **{**declared, "reads": tuple(declared.get("reads", ()))})
@@ -218,7 +222,8 @@ def _make(name, init, update, hyperparams, groups: dict, maximize: bool):
         shown["groups"] = groups
     if maximize:
         shown["maximize"] = True
-    return Optimizer(name, init, update, shown, level_reads(shown), absent_grads=True, maximize=maximize)
+    return Optimizer(name, init, update, shown, level_reads(shown), absent_grads=True, maximize=maximize,
+                     carries_nonfinite=True)
 
 
 def _grouped_init(groups: ParamGroups, init):
@@ -254,6 +259,14 @@ def sgd(lr, momentum=0.0, weight_decay=0.0, nesterov=False, dampening=0.0, *, ma
             state["momentum"] = {k: torch.zeros_like(p) for k, p in params.items()}
         return state
 
+    # plain SGD (constant lr, nothing else): θ ← θ - η g, with none of the per-parameter lookups
+    # of the general update below, which computes the same (the eager step pays them every update)
+    plain = not groups and not use_momentum and not callable(lr) and _is_zero(weight_decay) and not maximize
+
+    def plain_update(params, grads, state, reads=None):
+        return ({k: p if grads[k] is None else p - lr * grads[k] for k, p in params.items()},
+                {"count": _count(state)})
+
     def update(params, grads, state, reads=None):
         count = _count(state)
         values = values_of(params, count, reads)
@@ -285,7 +298,7 @@ def sgd(lr, momentum=0.0, weight_decay=0.0, nesterov=False, dampening=0.0, *, ma
             new_params[k] = p - eta * g
         return new_params, new_state
 
-    return _make("sgd", _grouped_init(plan, init), update, hp, groups, maximize)
+    return _make("sgd", _grouped_init(plan, init), plain_update if plain else update, hp, groups, maximize)
 
 
 def _adam(name, lr, betas, eps, weight_decay, decoupled, eps_root, maximize, groups):

@@ -116,7 +116,12 @@ class LevelPlan:
       kernel, which has a double backward (``mlodsl.kernels``);
     * ``no_gradient``: its parameters that no loss it is differentiated through reaches: their
       gradient is absent (an optimizer that says it takes None leaves them as they are);
-    * ``start``: None (warm start), ``"init"`` or the upper level it starts from (MAML).
+    * ``start``: None (warm start), ``"init"`` or the upper level it starts from (MAML);
+    * ``checked_at_end``: the finiteness of its block's gradients is checked once, on the parameters
+      the block ends at, instead of by a gradient norm per update: its optimizer carries a non-finite
+      gradient into the parameters (``Optimizer.carries_nonfinite``) and nothing between its updates
+      could replace them (a projection, clipping) or hide them (an fp16 loss scale, another rank's
+      average, a transform it runs in); every update's loss is still checked.
     """
 
     name: str
@@ -139,9 +144,10 @@ class LevelPlan:
     precision: str
     sharded: bool
     data_parallel: bool
+    checked_at_end: bool = False
 
     HEADER = ("level: method | iterates kept | tape | compiled | vjp source | random | differentiated | "
-              "attention | start | tasks | precision | sharded | no gradient")
+              "attention | start | tasks | precision | sharded | no gradient | gradients checked")
 
     def __str__(self) -> str:
         keep = {0: "none", 1: "every"}.get(self.keep, f"every {self.keep}")
@@ -153,7 +159,8 @@ class LevelPlan:
         return (f"{self.name}: {method} | {keep} | {tape} | {compiled} | {source} | "
                 f"{random} | {'twice' if self.twice else 'once'} | {'math' if self.math_attention else 'any'} | "
                 f"{self.start or 'warm'} | {'yes' if self.tasks else 'no'} | {self.precision} | "
-                f"{'yes' if self.sharded else 'no'} | {', '.join(self.no_gradient) or '-'}"
+                f"{'yes' if self.sharded else 'no'} | {', '.join(self.no_gradient) or '-'} | "
+                f"{'at the end' if self.checked_at_end else 'each update'}"
                 + (" | data parallel" if self.data_parallel else ""))
 
 
@@ -203,13 +210,19 @@ def decide(plan: Plan, levels: dict, methods: dict, *, taken: dict, compiled: se
         inline = (method is not None and bool(method.products_only) and method.source("method") is not None
                   and name not in sharded) or (tape and not nested and type(method).vjp is Unroll.vjp)
         start = levels[name].start_from
+        # the block loops over the updates themselves (nothing replays them) and runs eagerly, in
+        # fp32, on one process, outside every transform: its end can stand for every gradient
+        plain_loop = (leaf and (inline or not toward) and not is_compiled and not nested and not levels[name].tasks
+                      and name not in sharded and not data_parallel and precision.get(name, "fp32") == "fp32")
+        at_end = (plain_loop and method is not None and levels[name].optimizer.carries_nonfinite
+                  and levels[name].project is None and not levels[name].clip_grad_norm)
         out[name] = LevelPlan(
             name, steps, method, wrt, toward, stride, tape, nested, is_compiled,
             is_compiled and leaf and stride in (0, 1) and loops_allowed.get(name, True), inline,
             random.get(name, False), name in twice, name in math_attention,
             tuple(sorted(no_gradient.get(name, ()))),
             start if start is None or isinstance(start, str) else start.name,
-            bool(levels[name].tasks), precision.get(name, "fp32"), name in sharded, data_parallel)
+            bool(levels[name].tasks), precision.get(name, "fp32"), name in sharded, data_parallel, at_end)
     return replace(plan, levels=out)
 
 

@@ -45,6 +45,13 @@ def split_output(name: str, out):
     return out, metrics
 
 
+def _loss_and_metrics(name: str, out) -> tuple:
+    """``split_output``, with its common case (a plain scalar loss) first."""
+    if type(out) is torch.Tensor and out.dim() == 0:
+        return out, {}
+    return split_output(name, out)
+
+
 def _mean_outputs(outs: list):
     """The mean of ``(loss, metrics)`` pairs (metrics that are not tensors: the last one's)."""
     n = len(outs)
@@ -99,6 +106,13 @@ class Runtime:
         self.second_order = second_order or set()  # levels whose loss is differentiated twice (mlodsl.kernels)
         # of those, the levels whose loss may call attention: evaluated under the math kernel
         self.math_attention = {n for n in self.second_order if may_run_attention(traced[n])}
+        # levels whose loss is their traced graph alone, taking their own parameters: no running
+        # statistics, precision, fp16 loss scale, gathered shards, data-parallel weight or attention
+        # kernel around it (``gradient`` differentiates them by a direct path)
+        self.direct = {n for n, t in traced.items()
+                       if not getattr(t, "buffers", None) and n not in self.loss_scales and n not in self.autocast
+                       and n not in self.math_attention and gather is None and weigh is None
+                       and n in _levels_taken(t)}
         self._products: dict = {}             # (lower, upper) -> compiled region of a products_only vjp
         self.health = steplog.StepHealth(methods, self.loss_scales)  # the checks of a step's log
         # level -> parameters no loss it is differentiated through reaches: their gradient is absent
@@ -116,7 +130,7 @@ class Runtime:
     new_log, task_log, task_outcome = map(staticmethod, (steplog.new_log, steplog.task_log, steplog.task_outcome))
     merge_task_outcomes, report, report_info = map(staticmethod, (steplog.merge_task_outcomes, steplog.report,
                                                                   steplog.report_info))
-    record, grad_norm = map(staticmethod, (steplog.record, steplog.grad_norm))
+    record, record_block, grad_norm = map(staticmethod, (steplog.record, steplog.record_block, steplog.grad_norm))
     tape_gradient, tape_vjp = map(staticmethod, (records.tape_gradient, records.tape_vjp))
     recording, untaped = map(staticmethod, (records.recording, records.untaped))
 
@@ -193,10 +207,7 @@ class Runtime:
         else:
             with ctx():
                 out = self.traced[name](params, batch)
-        if type(out) is torch.Tensor and out.dim() == 0:  # a plain loss (split_output's common case)
-            loss, metrics = out, {}
-        else:
-            loss, metrics = split_output(name, out)
+        loss, metrics = _loss_and_metrics(name, out)
         if ctx is not None and loss.dtype in (torch.float16, torch.bfloat16):
             loss = loss.float()
         if self.weigh is not None:  # unequal shards: the ranks' mean is then the union's mean loss
@@ -244,6 +255,21 @@ class Runtime:
                     grads[w] = {k: torch.zeros_like(v) for k, v in params[w].items()}
         return loss, metrics, grads
 
+    def gradient(self, name: str, params: dict, batch, log=None) -> tuple:
+        """``(loss, metrics, gradient)``: level ``name``'s loss on ``batch`` and its gradient in the
+        level's own parameters, as ``partials(name, params, batch, (name,), log)`` gives them. The
+        update of every level takes one; for a level whose loss is its traced graph alone
+        (``direct``), on a plain batch and on the tape, it is taken by a direct path
+        (``autodiff.tape_level_grad``)."""
+        kind = type(batch)
+        if name in self.direct and kind is not SeededBatch and kind is not MicroBatches and autodiff.on_tape():
+            traced = self.traced[name]
+            grad, loss, metrics = autodiff.tape_level_grad(
+                lambda p: _loss_and_metrics(name, traced(p, batch)), params, name)
+            return loss, metrics, grad
+        loss, metrics, grads = self.partials(name, params, batch, (name,), log)
+        return loss, metrics, grads[name]
+
     def apply_update(self, name: str, sub: dict, up: dict, grad: dict, batch=None) -> dict:
         """One optimizer update of level ``name`` inside a block state (``batch``: the update's,
         handed to a solver, ``ml.optim.solver``)."""
@@ -252,18 +278,23 @@ class Runtime:
         if name in self.clip:
             grad = clip_norm(grad, self.clip[name])
         reads = {**up, **params_of(sub)}
-        optimizer = self.optimizers[name]
-        extra = {"batch": batch.batch if isinstance(batch, SeededBatch) else batch} if optimizer.solves else {}
-        try:
-            p, o = optimizer.update(sub[name]["params"], self.mark_absent(name, grad), sub[name]["opt"], reads,
-                                    **extra)
-        except (TypeError, FloatingPointError) as error:
-            if not optimizer.solves:
-                raise
-            raise type(error)(f"level '{name}': {error}") from error  # the solver's message, with its level
+        optimizer, own = self.optimizers[name], sub[name]
+        if optimizer.solves:
+            p, o = self._solve(name, own, grad, reads, batch)
+        else:
+            p, o = optimizer.update(own["params"], self.mark_absent(name, grad), own["opt"], reads)
         if name in self.projections:
             p = self.projections[name](p)
         return {**sub, name: {"params": p, "opt": o}}
+
+    def _solve(self, name: str, own: dict, grad: dict, reads: dict, batch) -> tuple:
+        """The update of a level solved by ``ml.optim.solver``: its solver's solution on ``batch``."""
+        batch = batch.batch if isinstance(batch, SeededBatch) else batch
+        try:
+            return self.optimizers[name].update(own["params"], self.mark_absent(name, grad), own["opt"], reads,
+                                                batch=batch)
+        except (TypeError, FloatingPointError) as error:
+            raise type(error)(f"level '{name}': {error}") from error  # the solver's message, with its level
 
     def mark_absent(self, name: str, grad: dict) -> dict:
         """``grad`` with None for the parameters of ``name`` that no loss reaches (``absent``), for
@@ -427,7 +458,7 @@ class Runtime:
         final, path, losses, norms, metrics = out
         if log is not None:
             self.record(log, loop.name, losses[-1], metrics, norms[-1])
-            log["_finite"][loop.name][-1] = losses + norms  # every update's health, not the last's alone
+            log["_finite"][loop.name][-2:] = losses, norms  # every update's health, not the last's alone
         return final, path
 
 

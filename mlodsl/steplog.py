@@ -78,12 +78,44 @@ def record(log, name, loss, metrics, norm):
     """Write a level's loss, metrics and gradient norm to the log (outside of transforms only)."""
     if log is None:
         return
-    # Checked once at the end of the step (``finite``): one reduction per level, not per update.
-    log["_finite"].setdefault(name, []).append(loss.detach() + norm)
-    log[name] = loss.detach()
+    loss = loss.detach()
+    # Checked once at the end of the step (``StepHealth.finite``): one reduction, not one per update.
+    log["_finite"].setdefault(name, []).extend((loss, norm))
+    _show(log, name, loss, metrics, norm)
+
+
+def _show(log, name, loss, metrics, norm):
+    """The level's entries in the step's row: its last update's loss, gradient norm and metrics."""
+    log[name] = loss
     log[f"{name}/grad_norm"] = norm
     for k, v in metrics.items():
         log[f"{name}/{k}"] = v.detach() if isinstance(v, torch.Tensor) else v
+
+
+def record_block(log, name, losses: list, metrics, grad: dict, state: dict):
+    """Write a block of level ``name`` whose gradients its end checks (``LevelPlan.checked_at_end``):
+    every update's loss, the last update's metrics and gradient norm, and the smallest and largest
+    of the parameters it ended at, for ``StepHealth.finite``. Its optimizer carries a non-finite
+    gradient into the parameters, and a NaN or Inf there stays in every later update: the block's
+    gradients were all finite if its end is."""
+    if log is None:
+        return
+    with torch.no_grad():  # values for the log, off any tape the block recorded
+        ends = [x for p in state[name]["params"].values() if p.numel() for x in torch.aminmax(p)]
+        losses = torch.stack(losses)
+    norm = grad_norm(grad)
+    log["_finite"].setdefault(name, []).extend([losses, norm, *ends])  # aminmax is NaN where a NaN is
+    _show(log, name, losses[-1], metrics, norm)
+
+
+def _all_finite(values: list) -> torch.Tensor:
+    """Whether every element of ``values`` (a level's logged losses and gradient norms: scalars,
+    or vectors from a compiled loop or the tasks' vmap) is finite, as a 0-d bool tensor."""
+    if all(x.dim() == 0 for x in values):
+        flat = torch.stack(values)
+    else:
+        flat = torch.cat([x.reshape(-1) for x in values])
+    return torch.isfinite(flat).all()
 
 
 class StepHealth:
@@ -99,8 +131,11 @@ class StepHealth:
         """``{level: True when every loss and gradient it logged in the step was finite}``; pops them.
         First raises ``DivergenceError`` when a hypergradient solve in the step diverged (not in an
         fp16 step that overflowed: the Program skips that one and backs its loss scale off)."""
-        finite = {n: bool(torch.isfinite(torch.cat([x.reshape(-1) for x in v])).all())
-                  for n, v in log.pop("_finite").items()}
+        flags = {n: _all_finite(v) for n, v in log.pop("_finite").items()}
+        if len({f.device for f in flags.values()}) == 1 and bool(torch.stack(list(flags.values())).all()):
+            finite = dict.fromkeys(flags, True)  # the usual answer, read with one synchronization
+        else:
+            finite = {n: bool(f) for n, f in flags.items()}
         reports = log.pop("_reports", {})
         if all(finite.values()) or not self.loss_scales:
             self.check_divergence(reports)

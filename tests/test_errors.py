@@ -130,6 +130,39 @@ def test_non_finite_step_raises_naming_level_and_step_and_changes_nothing(compil
         assert loops and all(r.compiled_calls == 3 and r.reason is None for r in loops)
 
 
+@pytest.mark.parametrize("method", [ml.hypergrad.Unroll(), ml.hypergrad.CG(iters=2)], ids=repr)
+def test_an_infinite_gradient_under_finite_losses_is_caught_at_the_blocks_end(method):
+    """In the 3rd step, the inner block's first update has a finite loss (√0 = 0) and an infinite
+    gradient (d√x/dx at 0); its second update sees w = -∞ through a clamp, with a finite loss and a
+    zero gradient. No loss and not the last gradient is non-finite: the block checks its gradients
+    on the parameters it ends at (``checked_at_end``), where SGD carried the infinity, and the step
+    is refused with nothing changed, as when every gradient's norm was checked."""
+    calls = {"n": 0}
+
+    def batch():
+        calls["n"] += 1
+        return torch.tensor(1.0 if calls["n"] == 5 else 0.0, dtype=DT)  # the 3rd step's 1st inner update
+
+    @ml.level(hyper(1.0), optimizer=ml.optim.sgd(lr=0.1), data=batch, steps=2, hypergrad=method)
+    def inner(m, batch, outer):
+        w = m.w.clamp(-10.0, 10.0)
+        kink = torch.sqrt(w - w.detach() + (1.0 - batch))  # √0 where batch = 1: value 0, slope ∞
+        return ((w - outer.w) ** 2).sum() + kink.sum()
+
+    @ml.level(hyper(0.5), optimizer=ml.optim.adam(lr=0.1), data=(torch.ones(3, dtype=DT),), depends_on=[inner])
+    def outer(m, batch, inner):
+        return ((inner.w - 2.0) ** 2).sum()
+
+    prog = ml.Program(outer)
+    assert prog.plan.levels["inner"].checked_at_end
+    prog.step()
+    prog.step()
+    before = _snapshot(prog)
+    with pytest.raises(ml.NonFiniteError, match="level 'inner' in step 3"):
+        prog.step()
+    assert all(torch.equal(before[k], v) for k, v in _snapshot(prog).items()) and prog.step_count == 2
+
+
 def test_non_finite_step_can_be_skipped_and_counted():
     prog = _nan_program("skip")
     prog.step()
