@@ -20,8 +20,9 @@ ones that differ):
 * ``second_order`` (True) -- the method differentiates the lower level's gradient (its updates,
   Hessian or Jacobian products): the lower loss is then differentiated twice and evaluated under
   attention kernels that have a double backward (``mlodsl.kernels``);
-* ``consumes_cotangent`` (False) -- the method's own ``source`` reads v once and may reuse its
-  buffers: the generated step hands v over (``handover.take``) and reads it no more;
+* ``consumes_cotangent`` (False) -- the method reads v once (its ``source``, or its ``vjp`` where it
+  has none): the generated step hands v over (``handover.take``) and reads it no more, so that
+  the method may drop it or build its own vectors in its buffers (``handover.claim``);
 * ``on_divergence`` (``"raise"``) -- what a step whose solve ``diverged`` does: raise
   ``DivergenceError`` before anything is committed, or ``"warn"`` and go on;
 * ``diverged(diagnostics) -> str | None`` (None) -- given the worst value in the step of each
