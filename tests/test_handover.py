@@ -176,3 +176,44 @@ def test_cg_in_the_step_consumes_the_cotangent_and_matches_the_closed_form_both_
         before = prog.params("outer")["log_l2"]
         prog.step()  # the step hands the cotangent over too, and commits its SGD update
         torch.testing.assert_close(prog.params("outer")["log_l2"], before - 0.1 * expected, rtol=1e-8, atol=1e-10)
+
+
+def test_unroll_drops_the_handed_cotangent_once_lambda_moves_on():
+    """With checkpoints, v = λ_K is freed after the last update's VJP, not kept through the others."""
+    import weakref
+
+    from mlodsl.hypergrad import unroll
+    train, val = ridge_data(0)
+    net = nn.Linear(RIDGE_D, 1, bias=False).to(DT)
+    hyper = ml.Hyper(log_l2=torch.zeros(RIDGE_D, dtype=DT))
+
+    @ml.level(net, optimizer=ml.optim.sgd(lr=0.1), data=train, steps=4, hypergrad=ml.hypergrad.Unroll(checkpoint=2))
+    def inner(net, batch, outer):
+        x, y = batch
+        return 0.5 * ((net(x).squeeze(-1) - y) ** 2).mean() + 0.5 * (outer.log_l2.exp() * net.weight[0] ** 2).sum()
+
+    @ml.level(hyper, optimizer=ml.optim.sgd(lr=0.1), data=val, depends_on=[inner])
+    def outer(hyper, batch, inner):
+        x, y = batch
+        return ((inner(x).squeeze(-1) - y) ** 2).mean()
+
+    prog = ml.Program(outer)
+    handed, alive = [], []
+    claim, add = unroll.claim, unroll.tree_add
+
+    def spy_claim(tree):
+        tensors, writable = claim(tree)
+        handed.extend(weakref.ref(t) for t in tensors.values())
+        return tensors, writable
+
+    def spy_add(a, b):  # called once after each update's VJP
+        alive.append(any(r() is not None for r in handed))
+        return add(a, b)
+
+    unroll.claim, unroll.tree_add = spy_claim, spy_add
+    try:
+        got = prog.hypergradient("outer")["log_l2"]
+    finally:
+        unroll.claim, unroll.tree_add = claim, add
+    assert len(handed) == 1 and alive == [False] * 4
+    assert torch.isfinite(got).all() and got.abs().sum() > 0
