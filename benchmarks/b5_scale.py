@@ -33,10 +33,13 @@ import time
 # cg (which does not check) does.
 # unroll16_ckpt8: segments of 8, each reversed by bisection (3 recomputed iterates alive, 1 kept
 # inside the block) against √16 = 4 (2 recomputed, 3 kept): less memory for more recomputation.
+# cg3_lowmem: CG's products afresh by reverse over forward (no linearization held through the solve).
 METHODS = {"finitediff": "FiniteDiff()", "cg3": "CG(iters=3, on_divergence='warn')",
+           "cg3_lowmem": "CG(iters=3, on_divergence='warn', low_memory=True)",
            "unroll16_ckpt": "Unroll(checkpoint='sqrt')", "unroll16_ckpt8": "Unroll(checkpoint=8)"}
-PRODUCTS = {"finitediff": dict(grads=4, hvps=0), "cg3": dict(grads=2, hvps=4),
+PRODUCTS = {"finitediff": dict(grads=4, hvps=0), "cg3": dict(grads=2, hvps=4), "cg3_lowmem": dict(grads=2, hvps=4),
             "unroll16_ckpt": dict(grads=17, hvps=16), "unroll16_ckpt8": dict(grads=17, hvps=16)}
+BETTY = {"finitediff": "darts", "cg3": "cg", "cg3_lowmem": "cg"}  # Betty's method for the same row
 # (inner steps + upper + the method's products)
 
 
@@ -150,7 +153,7 @@ def run_betty(args) -> dict:
             x, y = batch
             return torch.nn.functional.mse_loss(self.module(x), y) + weight_decay(self.module, self.outer.module.log_wd)
 
-    kind = {"finitediff": "darts", "cg3": "cg"}[args.method]
+    kind = BETTY[args.method]
     extra = dict(cg_iterations=3) if kind == "cg" else {}
     outer = Outer(name="outer", module=Hyper(), optimizer=None, train_data_loader=[val],
                   config=Config(log_step=-1, first_order=True, retain_graph=True))
@@ -207,7 +210,7 @@ def main(argv=None):
     print(header)
     for method in [args.method] if args.method else METHODS:
         betty = None
-        if not args.no_betty and method in ("finitediff", "cg3"):
+        if not args.no_betty and method in BETTY:
             betty = spawn(args, method, "fp32", betty=True)
         for precision in [args.precision] if args.precision else ("fp32", "bf16"):
             r = spawn(args, method, precision)

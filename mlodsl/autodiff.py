@@ -346,3 +346,40 @@ def forward_over_reverse(fn, primals: tuple, tangents: tuple) -> tuple:
         found = [None if g is None else forward_ad.unpack_dual(g).tangent for g in grads]
     products = [torch.zeros_like(x) if t is None else (t if nested else t.detach()) for t, x in zip(found, flat)]
     return tuple(unflatten(products))
+
+
+def reverse_over_forward(fn, primals: tuple, tangents: tuple) -> tuple:
+    """The gradient, in every primal (a tuple of pytrees), of the derivative of a scalar ``fn`` along
+    ``tangents`` (shaped like ``primals``; ``None`` for a primal whose tangent is zero): H t, for H
+    the Hessian of ``fn`` in all its primals jointly, as ``forward_over_reverse`` gives it.
+
+    On the tape it is one forward pass over dual tensors (``torch.autograd.forward_ad``), whose
+    tangent is the scalar ∇fn·t, and one backward pass of that scalar: what it records is the
+    forward pass's (activation-sized, and the inputs and tangents themselves), not a gradient's
+    graph, and nothing stays after it returns. Built with ``create_graph`` only when a product
+    around it differentiates it; under a ``torch.func`` transform it is ``torch.func.grad`` of
+    ``torch.func.jvp``."""
+    if not _tape():
+        zeros = tuple(pytree.tree_map(torch.zeros_like, p) if t is None else t for p, t in zip(primals, tangents))
+
+        def directional(*args):
+            return torch.func.jvp(fn, args, zeros)[1]
+
+        return torch.func.grad(directional, argnums=tuple(range(len(primals))))(*primals)
+    from torch.autograd import forward_ad
+    flat, unflatten = flatten(list(primals))
+    flat_tangents = [t for p, tan in zip(primals, tangents)
+                     for t in (flatten(tan)[0] if tan is not None else [None] * len(flatten(p)[0]))]
+    with torch.enable_grad():
+        inputs, nested = _inputs(flat)
+        with forward_ad.dual_level():
+            duals = [x if t is None else forward_ad.make_dual(x, t) for x, t in zip(inputs, flat_tangents)]
+            with evaluating():
+                out = fn(*unflatten(duals))
+            slope = forward_ad.unpack_dual(out).tangent
+            del duals, out
+        if slope is None or not slope.requires_grad:  # fn is linear along t: no second derivative
+            products = [torch.zeros_like(x) for x in flat]
+        else:
+            products = tape_grads([slope], inputs, None, nested)
+    return tuple(unflatten(products))

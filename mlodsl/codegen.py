@@ -52,7 +52,7 @@ _FIXED_NAMES = ("make_step", "make_hypergradient", "rt", "method", "vmap", "step
                 "ct", "print", "range", "KeyError", "final", "v", "info", "solution", "hessian_vp", "cross_vjp",
                 "joint_vp", "x", "scale", "g_plus", "g_minus", "products", "linear", "finite_diff", "losses")
 # The modules a method's own source may use (``Method.source``), imported when the step uses them.
-_METHOD_MODULES = ("finite_diff", "linear", "products")
+_METHOD_MODULES = ("finite_diff", "handover", "linear", "products")
 
 
 def level_identifiers(names) -> dict:
@@ -304,13 +304,18 @@ class _Writer:
                 lines.append(f"    {fn} = rt.products_region({name!r}, {upper!r}, {fn})")
             self.add([fn], lines)
 
-    def hypergradient_terms(self, name, blocks, shared=False) -> list:
-        """The lines adding X's hypergradient through each block in ``blocks`` to its gradient."""
+    def hypergradient_terms(self, name, blocks, shared=False, read=()) -> list:
+        """The lines adding X's hypergradient through each block in ``blocks`` to its gradient.
+        A method that ``consumes_cotangent`` is handed its level's cotangent (``handover.take``: it
+        may drop it or reuse its buffers) unless ``read`` (the levels whose cotangents another term
+        reads too) names it, or its products run as a compiled region."""
         f, plan, wrt = self.ids[name], self.plan, self.lp[name].wrt
         out = []
         for c in blocks:
             lc = self.lp[c]
-            cot = "{" + ", ".join(f"{n!r}: g[{n!r}]" for n in plan.subtree[c] if n in wrt[1:]) + "}"
+            handed = lc.method.consumes_cotangent and c not in read and not lc.compiled
+            cot = "{" + ", ".join(f"{n!r}: handover.take(g, {n!r})" if handed and n == c else f"{n!r}: g[{n!r}]"
+                                  for n in plan.subtree[c] if n in wrt[1:]) + "}"
             record = f"shared[{c!r}]" if shared else self.ids[c].record
             if lc.inline and lc.tape:
                 out.append(f"        {f.g} = rt.add({f.g}, rt.tape_vjp({record}, {name!r}, {cot}))"
@@ -318,7 +323,8 @@ class _Writer:
             elif lc.inline:
                 fn = self.ids.vjp(c, name, len(lc.toward) == 1)
                 final, up = (f"{record}[0]", f"{record}[1]") if shared else (self.ids[c].sub, self.ids[c].up)
-                out += [f"        ct, info = {fn}({final}, {up}, {self.batch(c, k=str(lc.steps - 1))}, g[{c!r}])",
+                v = f"handover.take(g, {c!r})" if handed else f"g[{c!r}]"
+                out += [f"        ct, info = {fn}({final}, {up}, {self.batch(c, k=str(lc.steps - 1))}, {v})",
                         f"        rt.report_info(log, {c!r}, info)",
                         f"        {f.g} = rt.add({f.g}, ct)"]
             else:
@@ -343,8 +349,13 @@ class _Writer:
         partials = self.partials(name, "{**up, **rt.params_of(sub)}", f"B[{name!r}][i]", "log")
         lines += [f"        loss, metrics, g = {partials}",
                   f"        {f.g} = g[{name!r}]"]
-        lines += self.hypergradient_terms(name, kids)
-        lines += self.hypergradient_terms(name, outside, shared=True)
+        # a cotangent is handed over only to the one term that reads it: the levels read by two terms
+        # (a level below two blocks) or by a group's VJP stay in g
+        terms = [[b] if self.products(b) else list(plan.subtree[b]) for b in [*kids, *outside]]
+        read = {n for b in group for n in plan.subtree[b]}
+        read |= {n for t in terms for n in t if sum(n in u for u in terms) > 1}
+        lines += self.hypergradient_terms(name, kids, read=read)
+        lines += self.hypergradient_terms(name, outside, shared=True, read=read)
         if group:
             cot = "{" + ", ".join(f"{n!r}: g[{n!r}]" for b in group for n in plan.subtree[b]
                                   if n in self.lp[name].wrt[1:]) + "}"

@@ -20,6 +20,9 @@ ones that differ):
 * ``second_order`` (True) -- the method differentiates the lower level's gradient (its updates,
   Hessian or Jacobian products): the lower loss is then differentiated twice and evaluated under
   attention kernels that have a double backward (``mlodsl.kernels``);
+* ``consumes_cotangent`` (False) -- the method reads v once (its ``source``, or its ``vjp`` where it
+  has none): the generated step hands v over (``handover.take``) and reads it no more, so that
+  the method may drop it or build its own vectors in its buffers (``handover.claim``);
 * ``on_divergence`` (``"raise"``) -- what a step whose solve ``diverged`` does: raise
   ``DivergenceError`` before anything is committed, or ``"warn"`` and go on;
 * ``diverged(diagnostics) -> str | None`` (None) -- given the worst value in the step of each
@@ -145,6 +148,7 @@ class Method(abc.ABC):
     second_order: bool = True  # a method that does not say is assumed to differentiate twice (the safe side)
     leaf_only: bool = False
     forward_over_reverse: bool = False
+    consumes_cotangent: bool = False
     on_divergence: str = "raise"
 
     @abc.abstractmethod
@@ -183,7 +187,7 @@ class Method(abc.ABC):
 
 # The members a method may override: the flags, then the hooks (read by ``as_method`` alone).
 FLAGS = ("keeps_path", "records_tape", "products_only", "replays_updates", "second_order", "leaf_only",
-         "forward_over_reverse", "on_divergence")
+         "forward_over_reverse", "consumes_cotangent", "on_divergence")
 HOOKS = ("diverged", "unconverged", "path_stride", "workspace", "source")
 SECOND_ORDER_DEFAULT = Method.second_order
 

@@ -27,14 +27,22 @@ class CG(LinearSystemMethod):
     positive curvature CG's error in the H-norm falls at every iteration while its residual need not.
     Cost: ``iters`` products of one linearization, each giving a Hessian-vector product and the
     mixed product of the same direction; memory O(d): r, p and A p (x is not formed: the mixed
-    products are summed as CG goes, ``conjugate_gradient(readout=...)``).
+    products are summed as CG goes, ``conjugate_gradient(readout=...)``; in the step, r and p
+    reuse the cotangent's buffers). ``low_memory=True`` takes each product afresh by reverse over
+    forward (``products.joint_products(fresh=True)``): the same numbers, without holding the
+    linearized gradient's graph through the solve (about one parameter size for a loss with weight
+    decay) and with smaller transients, for one more forward pass per iteration; every op of the
+    loss needs a forward-mode derivative (torch raises naming the one that has none).
     """
+
+    consumes_cotangent = True  # its source reads v once: conjugate_gradient builds r and p in v's buffers
 
     iters: int
     tol: float | None = None
     damping: float = 0.0
     on_divergence: str = "raise"
     warn_residual: float | None = WARN_RESIDUAL
+    low_memory: bool = False
 
     def unconverged(self, diagnostics: dict) -> str | None:
         """What to warn about when the step's worst residual ‖r‖/‖v‖ is above ``warn_residual``, or None."""
@@ -58,8 +66,9 @@ class CG(LinearSystemMethod):
         """-(∂²L/∂θ_U∂θ_L) x = -Σₖ αₖ (∂²L/∂θ_U∂θ_L) pₖ over CG's directions pₖ (``implicit_vjp`` with
         ``solver()``, to rounding, without the vector x)."""
         info: dict = {}
-        bx = conjugate_gradient(joint_products(solution, self.damping), v, iters=self.iters, tol=self.tol,
-                                info=info, readout=upper_zeros(solution))
+        products = joint_products(solution, self.damping, self.low_memory)
+        bx = conjugate_gradient(products, v, iters=self.iters, tol=self.tol, info=info,
+                                readout=upper_zeros(solution))
         for key, value in info.items():
             solution.report(key, value)
         return negate(bx)
@@ -68,8 +77,10 @@ class CG(LinearSystemMethod):
         """``solution_vjp`` as the lines of the generated step (``Method.source``)."""
         damping = f", damping={self.damping!r}" if self.damping else ""
         tol = f", tol={self.tol!r}" if self.tol is not None else ""
+        fresh = ", fresh=True" if self.low_memory else ""
+        how = "by reverse over forward, afresh" if self.low_memory else "one backward pass"
         return ["# -(∂²L/∂θ_U∂θ) x, (∂²L/∂θ² + λI) x = v by CG, as Σ_k α_k (∂²L/∂θ_U∂θ) p_k: x is never formed",
-                f"joint_vp = products.joint_products(solution{damping})  # w ↦ ((∂²L/∂θ² + λI) w, "
-                f"(∂²L/∂θ_U∂θ) w): one backward pass",
+                f"joint_vp = products.joint_products(solution{damping}{fresh})  # w ↦ ((∂²L/∂θ² + λI) w, "
+                f"(∂²L/∂θ_U∂θ) w): {how}",
                 f"return products.negate(linear.conjugate_gradient(joint_vp, v, iters={self.iters}{tol}, info=info, "
                 f"readout=products.upper_zeros(solution)))"]

@@ -13,6 +13,7 @@ from functools import partial
 import torch
 
 from ..tree import tree_add, tree_map, tree_vdot
+from .handover import claim
 
 
 def tree_scale(a, x):
@@ -60,8 +61,13 @@ def conjugate_gradient(matvec, b, *, iters: int, tol: float | None = None, info:
     accumulated as CG goes: x itself is never formed (one vector of b's size fewer) and M is not
     applied again at the end. The last iteration updates neither p nor, when nothing reads the
     residual (no ``info``, no ``tol``), r.
+
+    A b handed over by the generated step (``handover.Handed``) whose buffers nothing else sees is
+    consumed: r and p are updated in place, p in b's buffers (CG then holds r, p and A p: b is
+    not kept beside them). Otherwise nothing is written and every iterate is a new tensor.
     """
     x = tree_map(torch.zeros_like, b) if readout is None else readout
+    b, owned = claim(b)
     r, p = b, b
     rr = tree_vdot(r, r)
     bb = rr
@@ -80,11 +86,22 @@ def conjugate_gradient(matvec, b, *, iters: int, tol: float | None = None, info:
         last = i == iters - 1
         if last and readout is not None and info is None and tol is None:
             break
-        r = tree_axpy(-alpha, Ap, r)
+        if not owned:
+            r = tree_axpy(-alpha, Ap, r)
+        elif r is p:  # the first step: r leaves b's buffers, which p keeps
+            r = {k: torch.addcmul(t, a, alpha, value=-1) for (k, t), a in zip(r.items(), map(Ap.__getitem__, r))}
+        else:
+            for k, t in r.items():
+                t.addcmul_(Ap[k], alpha, value=-1)
         del Ap
         rr_new = tree_vdot(r, r)
         if not last:
-            p = tree_axpy(_ratio(rr_new, rr), p, r)
+            beta = _ratio(rr_new, rr)
+            if not owned:
+                p = tree_axpy(beta, p, r)
+            else:
+                for k, t in p.items():
+                    t.mul_(beta).add_(r[k])
         rr = rr_new
     if info is not None:  # free: CG tracks its residual anyway
         info["cg_residual"] = torch.sqrt(_ratio(rr, bb))

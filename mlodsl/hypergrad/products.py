@@ -37,14 +37,26 @@ def linearize(point: Solution | Trajectory, damping: float = 0.0) -> tuple:
     return hessian_matvec, cross_vjp
 
 
-def joint_products(point: Solution | Trajectory, damping: float = 0.0):
+def joint_products(point: Solution | Trajectory, damping: float = 0.0, fresh: bool = False):
     """``w ↦ ((H + damping·I) w, (∂²L/∂θ_U∂θ_L) w)``: ``linearize``'s two products of one vector
     from one backward pass (the pullback in θ_L and θ_U at once), for a solver that applies the
-    mixed product to every direction it takes (``conjugate_gradient(readout=...)``)."""
-    pullback = _linearized(as_solution(point))
+    mixed product to every direction it takes (``conjugate_gradient(readout=...)``).
+
+    ``fresh``: each product is taken afresh by reverse over forward (``autodiff.reverse_over_forward``:
+    a forward pass with tangent (w, 0) and the backward pass of the directional derivative ∇L·w,
+    whose gradient in (θ_L, θ_U) is the joint Hessian's product (H w, B w)) instead of by one
+    linearization kept for every product: nothing is held between products (the linearization
+    holds its gradient graph, about one parameter size for a weight-decayed loss), for one forward
+    pass more per product."""
+    sol = as_solution(point)
+    if fresh:
+        def product(w):
+            return autodiff.reverse_over_forward(sol.loss, (sol.params, sol.upper), (w, None))
+    else:
+        product = _linearized(sol)
 
     def both(w):
-        hw, bw = pullback(w)
+        hw, bw = product(w)
         return (hw if damping == 0.0 else {k: v + damping * w[k] for k, v in hw.items()}), bw
 
     return both

@@ -9,6 +9,7 @@ from torch.utils import _pytree as pytree
 
 from ..tree import split_differentiable, tree_add, tree_vdot, tree_zeros_like
 from .base import Method, Trajectory
+from .handover import claim
 
 
 @dataclass(frozen=True, repr=False)
@@ -37,6 +38,7 @@ class Unroll(Method):
     checkpoint: int | str | None = None
 
     keeps_path = True
+    consumes_cotangent = True  # v only starts λ: handed over, it is dropped once λ moves on
     replays_updates = True  # differentiates the optimizer updates
     second_order = True  # the updates contain the lower gradient
 
@@ -65,49 +67,58 @@ class Unroll(Method):
         return 3 * state_bytes
 
     def vjp(self, traj: Trajectory, cotangent: dict) -> dict:
+        # v handed over by the step (``handover``): taken out of its dict, so that λ_K is its only holder
+        cotangent = {name: claim(ct)[0] for name, ct in cotangent.items()}
         if traj.taped_vjp is not None:  # the start's dependence on θ_U (MAML) is on the tape too
             return traj.taped_vjp(cotangent)
         first = 0 if self.last is None else max(traj.steps - self.last, 0)
         stride = self.path_stride(traj.steps)
         lam = tree_zeros_like(traj.final)
-        for name, ct in cotangent.items():
-            lam[name] = {**lam[name], "params": ct}
+        for name in cotangent:
+            lam[name] = {**lam[name], "params": cotangent[name]}
+        del cotangent
         lam_floats, _ = split_differentiable(lam)
+        del lam
         total = tree_zeros_like(traj.upper)
         end = traj.steps
         if stride == 1 and traj.reverse_vjp is not None:  # the whole reverse pass as one compiled loop
             looped = traj.reverse_vjp(first, lam_floats, total)
             if looped is not None:
                 (lam_floats, total), end = looped, first
+        carry = [lam_floats, total]  # λ and the total live here alone: no frame keeps a spent λ
+        del lam_floats, total
         while end > first:
             seg = ((end - 1) // stride) * stride       # the kept iterate this segment starts from
-            lam_floats, total = reverse_segment(traj, traj.path[seg], seg, end, first, lam_floats, total)
+            reverse_segment(traj, traj.path[seg], seg, end, first, carry)
             end = seg
+        lam_floats, total = carry
         if first == 0 and traj.starts_from_upper:  # MAML: the start itself is θ_U's
             lam_start = split_differentiable(traj.path[0])[1](lam_floats)
             total = tree_add(total, traj.start_vjp(lam_start[traj.level]["params"]))
         return total
 
 
-def reverse_segment(traj: Trajectory, state: dict, a: int, b: int, first: int, lam: list, total: dict) -> tuple:
+def reverse_segment(traj: Trajectory, state: dict, a: int, b: int, first: int, carry: list) -> None:
     """Reverse updates b-1 down to max(a, first) from the iterate ``state`` = S_a, by bisection:
     S_m (m halfway) is recomputed, [m, b) reversed from it, S_m dropped, then [a, m) reversed from
     S_a. At most ⌈log₂(b - a)⌉ recomputed iterates are alive at once (a plain recompute of the
-    segment keeps b - a - 1); each update's VJP sees the same iterate. Returns (λ_a, total)."""
+    segment keeps b - a - 1); each update's VJP sees the same iterate. ``carry`` = [λ_b, total]
+    becomes [λ_a, total + the updates' upper cotangents], in place: the recursion's frames hold
+    the list, not a λ that later updates have replaced."""
     if b - a == 1:
         if a >= first:
-            lam, upper_ct = traj.update_vjp(state, a, lam)
-            total = tree_add(total, upper_ct)
-        return lam, total
+            lam, upper_ct = traj.update_vjp(state, a, carry.pop(0))
+            carry.insert(0, lam)
+            carry[1] = tree_add(carry[1], upper_ct)
+        return
     m = (a + b) // 2
     mid = state
     for j in range(a, m):
         mid = traj.advance(mid, traj.upper, j)
-    lam, total = reverse_segment(traj, mid, m, b, first, lam, total)
+    reverse_segment(traj, mid, m, b, first, carry)
     del mid
     if m > first:
-        lam, total = reverse_segment(traj, state, a, m, first, lam, total)
-    return lam, total
+        reverse_segment(traj, state, a, m, first, carry)
 
 
 @dataclass(frozen=True, repr=False)
