@@ -89,8 +89,7 @@ class Runtime:
                  init_params: dict | None = None, projections: dict | None = None, *,
                  autocast: dict | None = None, loss_scales: dict | None = None, reduce: Callable | None = None,
                  replicate: Callable | None = None, clip: dict | None = None, compiler: Compiler | None = None,
-                 weigh: Callable | None = None, lowers: dict | None = None, second_order: set | None = None,
-                 gather: Callable | None = None):
+                 weigh: Callable | None = None, lowers: dict | None = None, second_order: set | None = None):
         self.traced, self.optimizers, self.methods = traced, optimizers, methods
         self.starts = starts or {}            # level -> None | "init" | upper level name
         self.init_params = init_params or {}  # level -> its initial parameters
@@ -99,7 +98,6 @@ class Runtime:
         self.loss_scales = loss_scales or {}  # level -> LossScaler (fp16)
         self.reduce, self.replicate = reduce, replicate  # data parallel (None: one process)
         self.weigh = weigh                    # data parallel: (level, loss, batch) -> this rank's share of the mean
-        self.gather = gather                  # sharded levels: params -> full params, just before a loss runs
         self.clip = clip or {}                # level -> max norm of its total gradient
         self.buffer_state = None              # trace.BufferState: staged running statistics
         self.compiler = compiler or Compiler(None)  # compile=True: the step's compiled regions
@@ -107,11 +105,12 @@ class Runtime:
         # of those, the levels whose loss may call attention: evaluated under the math kernel
         self.math_attention = {n for n in self.second_order if may_run_attention(traced[n])}
         # levels whose loss is their traced graph alone, taking their own parameters: no running
-        # statistics, precision, fp16 loss scale, gathered shards, data-parallel weight or attention
-        # kernel around it (``gradient`` differentiates them by a direct path)
+        # statistics, precision, fp16 loss scale, data-parallel weight (every distributed program, a
+        # sharded one too: its traced graphs gather their slices themselves) or attention kernel
+        # around it (``gradient`` differentiates them by a direct path)
         self.direct = {n for n, t in traced.items()
                        if not getattr(t, "buffers", None) and n not in self.loss_scales and n not in self.autocast
-                       and n not in self.math_attention and gather is None and weigh is None
+                       and n not in self.math_attention and weigh is None
                        and n in _levels_taken(t)}
         self._products: dict = {}             # (lower, upper) -> compiled region of a products_only vjp
         self.health = steplog.StepHealth(methods, self.loss_scales)  # the checks of a step's log
@@ -199,8 +198,6 @@ class Runtime:
         return self._evaluate(name, params, batch)
 
     def _evaluate(self, name: str, params: dict, batch):
-        if self.gather is not None:  # sharded levels: all-gathered here, freed with this evaluation
-            params = self.gather(params)
         ctx = self.autocast.get(name) if self.autocast else None
         if ctx is None:
             out = self.traced[name](params, batch)
