@@ -45,18 +45,27 @@ def claim(tree) -> tuple:
     tree.clear()
     if not autodiff.on_tape() or torch.compiler.is_compiling():
         return owned, False
-    return owned, all(writable(t, held=2) for t in owned.values())  # held by ``owned`` and the loop's name
+    # Python references to each tensor, counted as they are for a probe that only a dict holds: the
+    # interpreter may add references of its own per call (one more once torch.compile has run in
+    # the process), which the same count of the probe includes
+    alone = _references({"probe": torch.empty(0)})[0]
+    return owned, all(writable(t) and refs <= alone for t, refs in zip(owned.values(), _references(owned)))
 
 
-def writable(t, held: int) -> bool:
-    """Whether overwriting ``t`` in place is invisible to everyone else: a plain tensor outside any
-    graph, contiguous, held by no saved graph and by no Python reference but the ``held`` ones its
-    caller knows of, alone on its storage or a view of a base of its size that nothing else holds
-    (autograd returns some gradients so: the transpose of a product)."""
+def _references(tensors: dict) -> list:
+    """``sys.getrefcount`` of each tensor of ``tensors``, all counted in the same frames."""
+    return [sys.getrefcount(t) for t in tensors.values()]
+
+
+def writable(t) -> bool:
+    """Whether overwriting ``t`` in place is invisible to everyone else, Python references aside
+    (``claim`` counts those): a plain tensor outside any graph, contiguous, held by no saved graph,
+    alone on its storage or a view of a base of its size that nothing else holds (autograd returns
+    some gradients so: the transpose of a product)."""
     if type(t) is not torch.Tensor or t.requires_grad or not t.is_contiguous():
         return False
     try:
-        if t._use_count() != 1 or sys.getrefcount(t) > held + 2:  # + this parameter, getrefcount's argument
+        if t._use_count() != 1:
             return False
         sharing = torch._C._storage_Use_Count(t.untyped_storage()._cdata) - 1  # less the temporary's
         if t._base is None:
