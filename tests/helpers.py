@@ -118,6 +118,24 @@ def ridge_solution(X, y, lam):
     return torch.linalg.solve(X.T @ X / n + torch.diag(lam), X.T @ y / n)
 
 
+def ridge_levels(net, hyper, train, val, *, optimizer, method=None, steps=1, compile=False):
+    """The ridge bilevel Program: ``net`` (a bias-free linear layer) fits ``train`` with the per-feature
+    L2 penalty exp(``hyper.log_l2``); the upper level is its validation MSE (SGD, lr 0.1)."""
+
+    @ml.level(net, optimizer=optimizer, data=train, steps=steps, hypergrad=method)
+    def inner(net, batch, outer):
+        x, y = batch
+        fit = 0.5 * ((net(x).squeeze(-1) - y) ** 2).mean()
+        return fit + 0.5 * (outer.log_l2.exp() * net.weight.squeeze(0) ** 2).sum()
+
+    @ml.level(hyper, optimizer=ml.optim.sgd(lr=0.1), data=val, depends_on=[inner])
+    def outer(hyper, batch, inner):
+        x, y = batch
+        return ((inner(x).squeeze(-1) - y) ** 2).mean()
+
+    return ml.Program(outer, compile=compile)
+
+
 def ridge_closed_form(train, val, log_l2):
     """d/d log_l2 of the validation MSE at w*(λ), λ = exp(log_l2), by the closed form
 

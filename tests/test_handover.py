@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import mlodsl as ml
-from helpers import DT, RIDGE_D, ridge_closed_form, ridge_data, ridge_solution
+from helpers import DT, RIDGE_D, ridge_closed_form, ridge_data, ridge_levels, ridge_solution
 from mlodsl import autodiff
 from mlodsl.hypergrad import finite_diff, handover, linear
 from mlodsl.hypergrad.base import Solution
@@ -141,18 +141,8 @@ def _ridge_program(method):
         net.weight.copy_(ridge_solution(*train, log_l2.exp()).unsqueeze(0))
     hyper = ml.Hyper(log_l2=log_l2.clone())
 
-    @ml.level(net, optimizer=ml.optim.sgd(lr=1e-3), data=train, hypergrad=method)
-    def inner(net, batch, outer):
-        x, y = batch
-        fit = 0.5 * ((net(x).squeeze(-1) - y) ** 2).mean()
-        return fit + 0.5 * (outer.log_l2.exp() * net.weight.squeeze(0) ** 2).sum()
-
-    @ml.level(hyper, optimizer=ml.optim.sgd(lr=0.1), data=val, depends_on=[inner])
-    def outer(hyper, batch, inner):
-        x, y = batch
-        return ((inner(x).squeeze(-1) - y) ** 2).mean()
-
-    return ml.Program(outer), ridge_closed_form(train, val, log_l2)[0]
+    prog = ridge_levels(net, hyper, train, val, optimizer=ml.optim.sgd(lr=1e-3), method=method)
+    return prog, ridge_closed_form(train, val, log_l2)[0]
 
 
 def test_cg_in_the_step_consumes_the_cotangent_and_matches_the_closed_form_both_ways():

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import mlodsl as ml
-from helpers import DT, RIDGE_D, RIDGE_N, ridge_closed_form, ridge_data, ridge_solution
+from helpers import DT, RIDGE_D, RIDGE_N, ridge_closed_form, ridge_data, ridge_levels, ridge_solution
 
 N, D = RIDGE_N, RIDGE_D
 LR = 1e-3  # one SGD step at the closed-form optimum leaves it there (its gradient is ~1e-16)
@@ -20,18 +20,8 @@ def ridge(method, log_l2=None, opt=None, steps=1, seed=0, offset=0.0):
         net.weight.copy_(ridge_solution(*train, log_l2.exp()).unsqueeze(0) + offset)
     hyper = ml.Hyper(log_l2=log_l2.clone())
 
-    @ml.level(net, optimizer=opt or ml.optim.sgd(lr=LR), data=train, steps=steps, hypergrad=method)
-    def inner(net, batch, outer):
-        x, y = batch
-        fit = 0.5 * ((net(x).squeeze(-1) - y) ** 2).mean()
-        return fit + 0.5 * (outer.log_l2.exp() * net.weight.squeeze(0) ** 2).sum()
-
-    @ml.level(hyper, optimizer=ml.optim.sgd(lr=0.1), data=val, depends_on=[inner])
-    def outer(hyper, batch, inner):
-        x, y = batch
-        return ((inner(x).squeeze(-1) - y) ** 2).mean()
-
-    return ml.Program(outer), train, val, log_l2
+    prog = ridge_levels(net, hyper, train, val, optimizer=opt or ml.optim.sgd(lr=LR), method=method, steps=steps)
+    return prog, train, val, log_l2
 
 
 def hypergradient(method, **kw):

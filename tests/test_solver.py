@@ -7,7 +7,7 @@ from torch import nn
 
 import mlodsl as ml
 from helpers import (DT, RIDGE_D, inner_loss_fn, logreg_data, outer_loss_fn, ridge_closed_form, ridge_data,
-                     ridge_solution)
+                     ridge_levels, ridge_solution)
 
 D = RIDGE_D
 
@@ -25,18 +25,8 @@ def ridge_program(hypergrad=None, solve=closed_form_ridge, compile=False):
     nn.init.zeros_(net.weight)  # far from the solution: only the solver puts it there
     hyper = ml.Hyper(log_l2=log_l2.clone())
 
-    @ml.level(net, optimizer=ml.optim.solver(solve), data=train, hypergrad=hypergrad)
-    def inner(net, batch, outer):
-        x, y = batch
-        fit = 0.5 * ((net(x).squeeze(-1) - y) ** 2).mean()
-        return fit + 0.5 * (outer.log_l2.exp() * net.weight.squeeze(0) ** 2).sum()
-
-    @ml.level(hyper, optimizer=ml.optim.sgd(lr=0.1), data=val, depends_on=[inner])
-    def outer(hyper, batch, inner):
-        x, y = batch
-        return ((inner(x).squeeze(-1) - y) ** 2).mean()
-
-    return ml.Program(outer, compile=compile), train, val, log_l2
+    prog = ridge_levels(net, hyper, train, val, optimizer=ml.optim.solver(solve), method=hypergrad, compile=compile)
+    return prog, train, val, log_l2
 
 
 @pytest.mark.parametrize("hypergrad", [None, ml.hypergrad.Implicit(
