@@ -139,7 +139,8 @@ def _level_params(primals) -> bool:
 
 def _tape_grad_with_aux(fn, primals):
     if _level_params(primals):  # the update's own case, without the generic flattening
-        return _tape_grad_with_aux_levels(fn, primals)
+        grads, _, aux, nested = _tape_partials(fn, primals, primals)
+        return grads, (aux if nested else detached(aux))
     leaves, unflatten = flatten(primals)
     inputs, nested = _inputs(leaves)  # with grad on: the alias of an input must carry its graph
     token = _DIFFERENTIATING.set(_DIFFERENTIATING.get() + 1)
@@ -154,35 +155,6 @@ def _tape_grad_with_aux(fn, primals):
     return unflatten(grads), aux
 
 
-def _tape_grad_with_aux_levels(fn, primals: dict):
-    nested = _DIFFERENTIATING.get() > 0
-    inputs, flat = {}, []
-    for level, params in primals.items():
-        mine = inputs[level] = {}
-        for k, x in params.items():
-            if x.requires_grad:  # it carries a graph: alias it (a partial derivative), keep the graph
-                nested = True
-                mine[k] = x = x.view_as(x)
-            else:
-                mine[k] = x = x.detach().requires_grad_()
-            flat.append(x)
-    token = _DIFFERENTIATING.set(_DIFFERENTIATING.get() + 1)
-    try:
-        out, aux = fn(inputs)
-    finally:
-        _DIFFERENTIATING.reset(token)
-    grads = iter(torch.autograd.grad((out,), flat, create_graph=nested, allow_unused=True))
-    out_grads = {}
-    for level, params in inputs.items():
-        mine = out_grads[level] = {}
-        for k, x in params.items():
-            g = next(grads)
-            mine[k] = torch.zeros_like(x) if g is None else g
-    if not nested:
-        aux = detached(aux)
-    return out_grads, aux
-
-
 def tape_level_grad(fn, params: dict, level: str):
     """``(∇ loss in params[level], loss, metrics)`` on the tape for ``fn(params) -> (loss, metrics)``,
     ``params`` mapping levels to their parameters: ``grad_with_aux`` in one level's parameters
@@ -190,32 +162,47 @@ def tape_level_grad(fn, params: dict, level: str):
     it differentiates it), by a direct path: the eager step takes one at every update. Call it only
     on the tape (``on_tape()``)."""
     if torch.is_grad_enabled():
-        return _tape_level_grad(fn, params, level)
-    with torch.enable_grad():
-        return _tape_level_grad(fn, params, level)
-
-
-def _tape_level_grad(fn, params: dict, level: str):
-    nested = _DIFFERENTIATING.get() > 0
-    own = {}
-    for k, x in params[level].items():
-        if x.requires_grad:  # it carries a graph: alias it (a partial derivative), keep the graph
-            nested = True
-            own[k] = x.view_as(x)
-        else:
-            own[k] = x.detach().requires_grad_()
-    token = _DIFFERENTIATING.set(_DIFFERENTIATING.get() + 1)
-    try:
-        loss, metrics = fn({**params, level: own})
-    finally:
-        _DIFFERENTIATING.reset(token)
-    grads = torch.autograd.grad((loss,), list(own.values()), create_graph=nested, allow_unused=True)
-    grad = {k: torch.zeros_like(x) if g is None else g for (k, x), g in zip(own.items(), grads)}
+        grads, loss, metrics, nested = _tape_partials(fn, params, (level,))
+    else:
+        with torch.enable_grad():
+            grads, loss, metrics, nested = _tape_partials(fn, params, (level,))
     if not nested:
         loss = loss.detach()
         if metrics:
             metrics = detached(metrics)
-    return grad, loss, metrics
+    return grads[level], loss, metrics
+
+
+def _tape_partials(fn, params: dict, wrt) -> tuple:
+    """``(grads, out, aux, nested)`` for ``fn(params) -> (scalar out, aux)`` with ``params`` mapping
+    levels to their parameters: the gradient of ``out`` in the parameters of the levels ``wrt``
+    (``{level: {name: gradient}}``, zeros where it does not reach; the other levels' parameters are
+    passed as they are), and whether it was built with a graph (an input carries one, or a product
+    around it differentiates it). Grad mode must be on."""
+    nested = _DIFFERENTIATING.get() > 0
+    inputs, flat = dict(params), []
+    for level in wrt:
+        own = inputs[level] = {}
+        for k, x in params[level].items():
+            if x.requires_grad:  # it carries a graph: alias it (a partial derivative), keep the graph
+                nested = True
+                own[k] = x = x.view_as(x)
+            else:
+                own[k] = x = x.detach().requires_grad_()
+            flat.append(x)
+    token = _DIFFERENTIATING.set(_DIFFERENTIATING.get() + 1)  # by hand: ``evaluating``'s cost, per update
+    try:
+        out, aux = fn(inputs)
+    finally:
+        _DIFFERENTIATING.reset(token)
+    grads = iter(torch.autograd.grad((out,), flat, create_graph=nested, allow_unused=True))
+    out_grads = {}
+    for level in wrt:
+        mine = out_grads[level] = {}
+        for k, x in inputs[level].items():
+            g = next(grads)
+            mine[k] = torch.zeros_like(x) if g is None else g
+    return out_grads, out, aux, nested
 
 
 def _func_grad_with_aux(fn, primals):

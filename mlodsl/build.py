@@ -310,7 +310,7 @@ def make_step(title: str, plan: Plan, levels: dict, methods: dict, traced: dict,
     plan = decide(plan, levels, methods, taken=levels_taken(traced),
                   compiled={n for n in levels if runtime.compiler.compiles(n)},
                   loops_allowed={n: not lvl.optimizer.solves for n, lvl in levels.items()},
-                  sharded=set(sharded), random=dict(runtime.stochastic), twice=runtime.second_order,
+                  sharded=set(sharded), random=runtime.stochastic, twice=runtime.second_order,
                   math_attention=runtime.math_attention, no_gradient=runtime.absent,
                   precision=precision, data_parallel=data_parallel)
     code = codegen.generate(plan, title)

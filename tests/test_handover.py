@@ -86,12 +86,17 @@ def _flat_loss(sol):
     return f, z, sol.upper["lw"]
 
 
+def _direction(sol, seed):
+    """A random direction shaped like the lower level's parameters, and the same flattened."""
+    g = torch.Generator().manual_seed(seed)
+    d = {k: torch.randn(v.shape, generator=g, dtype=DT) for k, v in sol.params.items()}
+    return d, torch.cat([v.reshape(-1) for v in d.values()])
+
+
 def test_reverse_over_forward_is_the_joint_hessian_product():
     sol = _mlp_solution()
     f, z, lw = _flat_loss(sol)
-    g = torch.Generator().manual_seed(4)
-    t = {k: torch.randn(v.shape, generator=g, dtype=DT) for k, v in sol.params.items()}
-    tz = torch.cat([v.reshape(-1) for v in t.values()])
+    t, tz = _direction(sol, seed=4)
     H = torch.autograd.functional.hessian(f, (z, lw))  # hand-written: the full joint Hessian
     hz, hu = autodiff.reverse_over_forward(sol.loss, (sol.params, sol.upper), (t, None))
     torch.testing.assert_close(torch.cat([hz[k].reshape(-1) for k in sol.params]), H[0][0] @ tz,
@@ -106,9 +111,7 @@ def test_reverse_over_forward_is_the_joint_hessian_product():
 def test_finite_difference_on_a_handed_cotangent_is_the_central_difference():
     sol = _mlp_solution()
     f, z, lw = _flat_loss(sol)
-    g = torch.Generator().manual_seed(5)
-    d = {k: torch.randn(v.shape, generator=g, dtype=DT) for k, v in sol.params.items()}
-    dz = torch.cat([v.reshape(-1) for v in d.values()])
+    d, dz = _direction(sol, seed=5)
     eps = 1e-3
     scale = eps / dz.norm()
 
