@@ -89,7 +89,9 @@ def conjugate_gradient(matvec, b, *, iters: int, tol: float | None = None, info:
         if not owned:
             r = tree_axpy(-alpha, Ap, r)
         elif r is p:  # the first step: r leaves b's buffers, which p keeps
-            r = {k: torch.addcmul(t, Ap[k], alpha, value=-1) for k, t in r.items()}
+            # Ap is not named inside the comprehension: that would make it a closure cell, whose
+            # `del Ap` below torch.compile cannot trace (DELETE_DEREF)
+            r = {k: torch.addcmul(t, a, alpha, value=-1) for (k, t), a in zip(r.items(), map(Ap.__getitem__, r))}
         else:
             for k, t in r.items():
                 t.addcmul_(Ap[k], alpha, value=-1)
