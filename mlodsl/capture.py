@@ -33,7 +33,10 @@ import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils import _pytree as pytree
 
+from .decompose import decompose_mse_loss
 from .kernels import custom_functions
+from .nograd import constants_where_grad_was_disabled
+from .writes import refuse_writes_to_inputs
 
 MAX_SHAPES = 8  # captured graphs kept per level; beyond that, new shapes call the function directly
 
@@ -61,6 +64,7 @@ def capture_level(name: str, call_with, inputs: dict, named: tuple, batch_names:
         gm = _capture(name, direct, batch_names, list(inputs), leaves, [values[ph] for ph in inputs])
     except Exception as err:  # noqa: BLE001 - value-dependent control flow and the like: the opaque call
         return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    refuse_writes_to_inputs(name, gm.graph, inputs, batch_names)
     kept = _prune_inputs(gm, inputs, named)
     direct = call_with(kept)  # a level left out is not bound: the graph does not read it
     guarded = _ShapeGuard(name, gm, direct, batch_names, list(kept), leaves, [values[ph] for ph in kept], modes)
@@ -104,7 +108,10 @@ def _capture(name, direct, batch_names, param_names, leaves, params) -> fx.Graph
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the model's own warnings were already shown by the symbolic try
         raw = make_fx(loss_of, tracing_mode="fake", pre_dispatch=True, _allow_non_fake_inputs=True)(*leaves, *params)
-    return _renamed(raw, batch_names + param_names, name)
+    gm = _renamed(raw, batch_names + param_names, name)
+    if decompose_mse_loss(gm.graph) | constants_where_grad_was_disabled(gm.graph):
+        gm.recompile()
+    return gm
 
 
 def _renamed(raw: fx.GraphModule, names: list, level_name: str) -> fx.GraphModule:

@@ -49,8 +49,9 @@ def check_losses(levels: dict, params: dict, batches: dict):
         loss, leaves = _loss(pl, params, batches[name], set(params))
         if not loss.requires_grad:
             raise ProgramError(f"level '{name}': its loss does not require grad, so no gradient reaches its "
-                               f"parameters: it was detached (.detach(), .item(), torch.no_grad(), a new tensor "
-                               f"made from its value); return the loss as computed from the level's modules")
+                               f"parameters: it was detached (.detach(), .data, .item(), torch.no_grad(), "
+                               f"state_dict(), a new tensor made from its value); return the loss as computed "
+                               f"from the level's modules")
         flat = [(n, x) for n, p in leaves.items() for x in p.values()]
         grads = torch.autograd.grad(loss, [x for _, x in flat], allow_unused=True)
         read = sorted({n for (n, _), g in zip(flat, grads) if g is not None})

@@ -27,7 +27,10 @@ from torch import nn
 
 from .binding import ProgramModules, storage_of, storages
 from .graph import ProgramError
+from .decompose import decompose_mse_loss
 from .names import Namespace
+from .nograd import constants_where_grad_was_disabled, mark_if_grad_disabled
+from .writes import refuse_writes_to_inputs
 from .capture import capture_level
 
 
@@ -225,7 +228,7 @@ class _IntoModulesTracer(fx.Tracer):
         # get_attr nodes become placeholders later; keep their names free for those placeholders.
         if kind == "get_attr":
             name = "_attr_" + _identifier(str(target))
-        return super().create_node(kind, target, args, kwargs, name, type_expr)
+        return mark_if_grad_disabled(super().create_node(kind, target, args, kwargs, name, type_expr))
 
 
 def _custom_function_call(cls):
@@ -516,13 +519,16 @@ def _trace(level, program: ProgramModules, example_batch, modes: dict) -> Traced
         root.add_module(attrs[lvl], module)
 
     try:
-        graph = _IntoModulesTracer().trace(root)
+        with torch.enable_grad():  # the function's own torch.no_grad() regions are the ones marked
+            graph = _IntoModulesTracer().trace(root)
+        decompose_mse_loss(graph)
+        constants_where_grad_was_disabled(graph)
         names = Namespace(n.target for n in graph.nodes if n.op == "placeholder")  # the batch's
         inputs = _parameters_to_placeholders(graph, owner_of_param, (level.name, *level.level_args), names)
         buffers = _buffers_to_placeholders(graph, owner_of_buffer, names)
         gm = fx.GraphModule(root, graph, class_name=f"level_{_identifier(level.name)}")
         direct = _direct_call(level, program, modes)
-        return TracedLevel(level.name, gm, kind, keys, inputs, direct=direct, buffers=buffers)
+        traced = TracedLevel(level.name, gm, kind, keys, inputs, direct=direct, buffers=buffers)
     except Exception as err:  # noqa: BLE001 - every tracing failure falls back the same way
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         # Real models (Hugging Face, attention with shape checks): a graph of aten ops by make_fx.
@@ -537,6 +543,8 @@ def _trace(level, program: ProgramModules, example_batch, modes: dict) -> Traced
             f"control flow that depends on tensor values (use torch.where) and modules that do not trace.",
             TraceWarning, stacklevel=4)
         return _opaque_level(level, program, kind, keys, batch_names, modes, reason)
+    refuse_writes_to_inputs(level.name, traced.graph.graph, traced.inputs, batch_names)
+    return traced
 
 
 def _buffers_to_placeholders(graph: fx.Graph, owner_of_buffer: dict, names: Namespace) -> dict:

@@ -132,6 +132,7 @@ class Forward(Method):
     chunk: int = 32  # directions pushed through the block at once (vmapped)
 
     second_order = True  # jvp through the updates, which contain the lower gradient
+    forward_over_reverse = True  # so its products are jvp-of-grad (mlodsl.kernels checks one at build)
 
     def __post_init__(self):
         if not isinstance(self.chunk, int) or self.chunk < 1:

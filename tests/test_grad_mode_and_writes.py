@@ -1,0 +1,172 @@
+"""Two PyTorch habits inside a level function: a value computed under ``torch.no_grad()`` (a
+constant of the gradient, as in PyTorch), and an in-place write to a parameter or to the batch
+(refused at build: it would move values outside autograd and the hypergradient)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mlodsl as ml
+
+DT = torch.float64
+K, LR = 3, 0.2
+
+
+def _data(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return ((torch.randn(12, 3, generator=g, dtype=DT), torch.randn(12, generator=g, dtype=DT)),
+            (torch.randn(8, 3, generator=g, dtype=DT), torch.randn(8, generator=g, dtype=DT)))
+
+
+def _inner_loss(w, b, l2, batch, no_grad_scale):
+    """The lower loss, written by hand; with ``no_grad_scale`` its fit is divided by a constant
+    computed from the upper's parameter (what the level computes under torch.no_grad())."""
+    x, y = batch
+    fit = F.mse_loss(x @ w + b, y)
+    if no_grad_scale:
+        fit = fit / (1.0 + l2.detach() ** 2)
+    return fit + l2 * (w * w).sum()
+
+
+def _outer_loss(w, b, batch, normalize):
+    x, y = batch
+    pred = x @ w + b
+    if normalize:
+        pred = pred / pred.detach().std()
+    return F.mse_loss(pred, y)
+
+
+def _hand_hypergradient(w0, b0, l2_value, train, val, *, no_grad_scale, normalize):
+    """K SGD steps on the lower loss by hand, then the upper loss's gradient with respect to l2."""
+    l2 = torch.tensor(l2_value, dtype=DT, requires_grad=True)
+    w, b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
+    for _ in range(K):
+        gw, gb = torch.autograd.grad(_inner_loss(w, b, l2, train, no_grad_scale), (w, b), create_graph=True)
+        w, b = w - LR * gw, b - LR * gb
+    return torch.autograd.grad(_outer_loss(w, b, val, normalize), l2)[0]
+
+
+def _program(method, *, no_grad_scale=False, normalize=False, shape_branch=False):
+    """The bilevel ridge program whose levels compute part of their losses under torch.no_grad().
+    ``shape_branch``: both levels branch on a shape in Python, which symbolic tracing cannot follow,
+    so their graphs are captured by make_fx instead."""
+    train, val = _data()
+    torch.manual_seed(0)
+    net = nn.Linear(3, 1).to(DT)
+    hyper = ml.Hyper(l2=torch.tensor(0.3, dtype=DT))
+
+    @ml.level(net, optimizer=ml.optim.sgd(lr=LR), data=train, steps=K, hypergrad=method)
+    def inner(net, batch, outer):
+        x, y = batch
+        if shape_branch and x.shape[0] < 2:
+            raise ValueError("a batch of one")
+        fit = F.mse_loss(net(x).squeeze(-1), y)
+        if no_grad_scale:
+            with torch.no_grad():
+                scale = 1.0 + outer.l2 ** 2
+            fit = fit / scale
+        return fit + outer.l2 * (net.weight * net.weight).sum()
+
+    @ml.level(hyper, optimizer=ml.optim.sgd(lr=0.0), data=val, depends_on=[inner])
+    def outer(hyper, batch, inner):
+        x, y = batch
+        if shape_branch and x.shape[0] < 2:
+            raise ValueError("a batch of one")
+        pred = inner(x).squeeze(-1)
+        if normalize:
+            with torch.no_grad():
+                s = inner(x).std()
+            pred = pred / s
+        return F.mse_loss(pred, y)
+
+    w0, b0 = net.weight.detach().clone().squeeze(0), net.bias.detach().clone().squeeze(0)
+    return ml.Program(outer), (w0, b0, train, val)
+
+
+@pytest.mark.parametrize("method", [ml.hypergrad.Unroll(), ml.hypergrad.Forward()], ids=["unroll", "forward"])
+@pytest.mark.parametrize("shape_branch", [False, True], ids=["symbolic", "make_fx"])
+@pytest.mark.parametrize("no_grad_scale,normalize", [(True, False), (False, True)], ids=["in-lower", "in-upper"])
+def test_a_value_computed_under_no_grad_is_a_constant_of_the_hypergradient(method, shape_branch, no_grad_scale,
+                                                                            normalize):
+    prog, (w0, b0, train, val) = _program(method, no_grad_scale=no_grad_scale, normalize=normalize,
+                                          shape_branch=shape_branch)
+    if shape_branch:
+        assert all(prog.levels[n].traced.reason.startswith("captured by make_fx") for n in ("inner", "outer"))
+    got = prog.hypergradient("outer")["l2"]
+    want = _hand_hypergradient(w0, b0, 0.3, train, val, no_grad_scale=no_grad_scale, normalize=normalize)
+    through = _hand_hypergradient(w0, b0, 0.3, train, val, no_grad_scale=False, normalize=False)
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-12), (got, want)
+    assert not torch.allclose(want, through, rtol=1e-3)  # the constant matters: differentiating through differs
+
+
+def test_a_program_built_under_no_grad_traces_its_losses_with_gradients():
+    with torch.no_grad():
+        prog, (w0, b0, train, val) = _program(ml.hypergrad.Unroll())
+    got = prog.hypergradient("outer")["l2"]
+    want = _hand_hypergradient(w0, b0, 0.3, train, val, no_grad_scale=False, normalize=False)
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def _writing_program(write):
+    train, val = _data()
+    net = nn.Linear(3, 1).to(DT)
+    hyper = ml.Hyper(l2=torch.tensor(0.3, dtype=DT))
+
+    @ml.level(net, optimizer=ml.optim.sgd(lr=LR), data=train, steps=K)
+    def inner(net, batch, outer):
+        x, y = batch
+        if write == "param.data.clamp_":
+            net.weight.data.clamp_(-0.1, 0.1)
+        elif write == "param view mul_":
+            net.weight.data.view(-1).mul_(0.5)
+        elif write == "batch.sub_":
+            x.sub_(x.mean(0))
+        elif write == "batch setitem":
+            x[0] = 0.0                      # symbolic tracing cannot follow it: captured by make_fx
+        h = net(x).squeeze(-1)
+        if write == "own values":
+            h += 1.0
+            h.clamp_(-5.0, 5.0)
+        return F.mse_loss(h, y) + outer.l2 * (net.weight * net.weight).sum()
+
+    @ml.level(hyper, optimizer=ml.optim.sgd(lr=0.0), data=val, depends_on=[inner])
+    def outer(hyper, batch, inner):
+        x, y = batch
+        return F.mse_loss(inner(x).squeeze(-1), y)
+
+    return outer, net, train
+
+
+@pytest.mark.parametrize("write,what,op", [
+    ("param.data.clamp_", "its parameter 'weight'", "clamp_"),
+    ("param view mul_", "its parameter 'weight'", "mul_"),
+    ("batch.sub_", "its batch (batch_0)", "sub_"),
+    ("batch setitem", "its batch (batch_0)", "fill_"),
+])
+def test_a_write_to_a_parameter_or_the_batch_is_refused_at_build_naming_the_op_and_the_fix(write, what, op):
+    outer, net, train = _writing_program(write)
+    w_before, x_before = net.weight.detach().clone(), train[0].clone()
+    with pytest.raises(ml.ProgramError) as err:
+        ml.Program(outer)
+    message = str(err.value)
+    assert "level 'inner'" in message and what in message and op in message
+    assert ("project=ml.constraints.clamp" in message) == ("parameter" in what)
+    assert torch.equal(net.weight, w_before)  # the build's own evaluations never ran a write...
+    if write != "batch setitem":                # (make_fx runs the function on fake tensors only)
+        assert torch.equal(train[0], x_before)  # ...except the tracer's symbolic one, which writes nothing
+
+
+def test_in_place_ops_on_values_the_function_computed_are_ordinary_autograd():
+    outer, net, train = _writing_program("own values")
+    w0, b0 = net.weight.detach().clone().squeeze(0), net.bias.detach().clone().squeeze(0)
+    prog = ml.Program(outer)
+    val = _data()[1]
+    l2 = torch.tensor(0.3, dtype=DT, requires_grad=True)
+    w, b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
+    for _ in range(K):
+        x, y = train
+        loss = F.mse_loss((x @ w + b + 1.0).clamp(-5.0, 5.0), y) + l2 * (w * w).sum()
+        gw, gb = torch.autograd.grad(loss, (w, b), create_graph=True)
+        w, b = w - LR * gw, b - LR * gb
+    want = torch.autograd.grad(F.mse_loss(val[0] @ w + b, val[1]), l2)[0]
+    assert torch.allclose(prog.hypergradient("outer")["l2"], want, rtol=1e-10, atol=1e-12)
