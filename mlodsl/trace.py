@@ -424,7 +424,7 @@ def _probe_reads(level, traced: TracedLevel, program: ProgramModules, example_ba
     leaves = {lvl: {k: p.detach().clone().requires_grad_() for k, p in ps.items()}
               for lvl, ps in program.parameters().items()}
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), _Created() as created:
             loss = _tensors(_evaluate(traced, program, leaves, example_batch, through_graph=True))[0]
     except Exception:  # noqa: BLE001 - the build-time check evaluates the loss again and reports it
         return ()
@@ -433,10 +433,28 @@ def _probe_reads(level, traced: TracedLevel, program: ProgramModules, example_ba
     level_of = {id(t): lvl for lvl, ps in leaves.items() for t in ps.values()}
     reads = set()
     for leaf in _autograd_leaves(loss):
+        if id(leaf) in created.tensors:  # made by the function itself: an input-gradient penalty's input
+            continue
         if id(leaf) not in level_of:
             raise _stray_tensor(level, leaf, program)
         reads.add(level_of[id(leaf)])
     return tuple(lvl for lvl in program.modules if lvl in reads)
+
+
+class _Created(torch.overrides.TorchFunctionMode):
+    """Records every tensor an op returns while it is active: the tensors a function makes itself
+    (kept alive here, so their ids stay theirs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tensors: dict = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for x in torch.utils._pytree.tree_leaves(out):
+            if isinstance(x, torch.Tensor):
+                self.tensors[id(x)] = x
+        return out
 
 
 def _stray_tensor(level, tensor, program: ProgramModules) -> ProgramError:

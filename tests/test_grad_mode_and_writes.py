@@ -170,3 +170,43 @@ def test_in_place_ops_on_values_the_function_computed_are_ordinary_autograd():
         w, b = w - LR * gw, b - LR * gb
     want = torch.autograd.grad(F.mse_loss(val[0] @ w + b, val[1]), l2)[0]
     assert torch.allclose(prog.hypergradient("outer")["l2"], want, rtol=1e-10, atol=1e-12)
+
+
+def _input_gradient_penalty(f, x):
+    """‖∂(Σ f(x))/∂x‖²: the penalty of double backpropagation (and of WGAN-GP's critic)."""
+    x = x.clone().requires_grad_(True)
+    gx, = torch.autograd.grad(f(x).sum(), x, create_graph=True)
+    return (gx ** 2).sum()
+
+
+def test_an_input_gradient_penalty_makes_its_own_leaf_and_unrolls_exactly():
+    """The function makes a leaf that requires grad (a copy of its batch) to take a gradient in its
+    input: a tensor of its own, not a stray one the program would have to learn."""
+    train, val = _data()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(DT)
+    hyper = ml.Hyper(lam=torch.tensor(0.3, dtype=DT))
+
+    @ml.level(net, optimizer=ml.optim.sgd(lr=LR), data=train, steps=K)
+    def inner(net, batch, outer):
+        x, y = batch
+        return F.mse_loss(net(x).squeeze(-1), y) + outer.lam * _input_gradient_penalty(net, x)
+
+    @ml.level(hyper, optimizer=ml.optim.sgd(lr=0.0), data=val, depends_on=[inner])
+    def outer(hyper, batch, inner):
+        x, y = batch
+        return F.mse_loss(inner(x).squeeze(-1), y)
+
+    p = {k: v.detach().clone().requires_grad_() for k, v in net.named_parameters()}
+    prog = ml.Program(outer)
+    lam = torch.tensor(0.3, dtype=DT, requires_grad=True)
+
+    def f(p, x):
+        return torch.func.functional_call(net, p, (x,))
+    for _ in range(K):
+        loss = F.mse_loss(f(p, train[0]).squeeze(-1), train[1]) + lam * _input_gradient_penalty(
+            lambda x: f(p, x), train[0])
+        grads = torch.autograd.grad(loss, list(p.values()), create_graph=True)
+        p = {k: v - LR * g for (k, v), g in zip(p.items(), grads)}
+    want, = torch.autograd.grad(F.mse_loss(f(p, val[0]).squeeze(-1), val[1]), lam)
+    assert torch.allclose(prog.hypergradient("outer")["lam"], want, rtol=1e-10, atol=1e-12)
