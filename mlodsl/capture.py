@@ -36,7 +36,8 @@ from torch.utils import _pytree as pytree
 from .decompose import decompose_mse_loss
 from .kernels import custom_functions
 from .nograd import constants_where_grad_was_disabled
-from .writes import refuse_writes_to_inputs
+from .graph import ProgramError
+from .writes import no_writes, refuse_writes_to_inputs
 
 MAX_SHAPES = 8  # captured graphs kept per level; beyond that, new shapes call the function directly
 
@@ -58,10 +59,17 @@ def capture_level(name: str, call_with, inputs: dict, named: tuple, batch_names:
     direct = call_with(inputs)
     modes = [(m, m.training) for mod in modules for m in mod.modules()]
     try:
-        if _custom_functions(direct, leaves, values):
+        by_level = {}
+        for ph, (lvl, k) in inputs.items():
+            by_level.setdefault(lvl, {})[k] = values[ph]
+        with no_writes(name, by_level, leaves):  # this probe runs the function on the real tensors
+            found = _custom_functions(direct, leaves, values)
+        if found:
             # make_fx would record the Function's forward and differentiate that, not its backward
             return "the loss calls a custom autograd.Function"
         gm = _capture(name, direct, batch_names, list(inputs), leaves, [values[ph] for ph in inputs])
+    except ProgramError:
+        raise
     except Exception as err:  # noqa: BLE001 - value-dependent control flow and the like: the opaque call
         return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     refuse_writes_to_inputs(name, gm.graph, inputs, batch_names)

@@ -30,7 +30,7 @@ from .graph import ProgramError
 from .decompose import decompose_mse_loss
 from .names import Namespace
 from .nograd import constants_where_grad_was_disabled, mark_if_grad_disabled
-from .writes import refuse_writes_to_inputs
+from .writes import no_writes, refuse_writes_to_inputs
 from .capture import capture_level
 
 
@@ -311,6 +311,13 @@ def trace_level(level, program: ProgramModules, example_batch, training: dict | 
                 f"not through .parameters() or variables holding them.", TraceWarning, stacklevel=3)
             kind, keys, batch_names = _batch_structure(example_batch, level.takes_batch)
             traced = _opaque_level(level, program, kind, keys, batch_names, modes, "graph not faithful")
+        if traced.opaque:  # no graph to read its writes from: watch one run (_evaluate does)
+            try:
+                _evaluate(traced, program, program.parameters(), example_batch, through_graph=False)
+            except ProgramError:
+                raise
+            except Exception:  # noqa: BLE001, S110 - a failure here is for the build-time check to report
+                pass
     traced.reads = _probe_reads(level, traced, program, example_batch)
     return traced
 
@@ -332,7 +339,8 @@ def _evaluate(traced: TracedLevel, program: ProgramModules, params: dict, batch,
         torch.manual_seed(0)
         try:
             if not through_graph:
-                return traced.direct(params, batch)
+                with no_writes(traced.name, params, batch):
+                    return traced.direct(params, batch)
             kwargs = {ph: params[lvl][p] for ph, (lvl, p) in traced.inputs.items()}
             kwargs.update({ph: module.get_buffer(name).detach().clone()
                            for ph, (_, module, name) in traced.buffers.items()})
@@ -364,6 +372,8 @@ def _follows_the_function(traced: TracedLevel, program: ProgramModules, example_
         with torch.no_grad():
             a, b = (_tensors(_evaluate(traced, program, perturbed, example_batch, through_graph))
                     for through_graph in (True, False))
+    except ProgramError:  # the function wrote its parameters or its batch (mlodsl.writes)
+        raise
     except Exception:  # noqa: BLE001 - a failure here is for the build-time check to report
         return True
     return len(a) == len(b) and all(
