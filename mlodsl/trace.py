@@ -29,7 +29,7 @@ from .binding import ProgramModules, storage_of, storages
 from .graph import ProgramError
 from .decompose import decompose_mse_loss
 from .names import Namespace
-from .nograd import constants_where_grad_was_disabled, mark_if_grad_disabled
+from .nograd import constants_where_grad_was_disabled, mark_if_grad_disabled, stop_gradient
 from .writes import no_writes, refuse_writes_to_inputs
 from .capture import capture_level
 
@@ -165,6 +165,8 @@ def _may_attend(node: fx.Node) -> bool:
     name = f"{getattr(target, '__module__', '')}.{getattr(target, '__name__', '')} {target}".lower()
     if "attention" in name or "transformer" in name:
         return True
+    if target is stop_gradient:  # mlodsl's own detach (mlodsl.nograd)
+        return False
     return not (getattr(target, "__module__", None) or "").startswith(_TORCH_MODULES)
 
 

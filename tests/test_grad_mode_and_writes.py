@@ -94,6 +94,8 @@ def test_a_value_computed_under_no_grad_is_a_constant_of_the_hypergradient(metho
                                           shape_branch=shape_branch)
     if shape_branch:
         assert all(prog.levels[n].traced.reason.startswith("captured by make_fx") for n in ("inner", "outer"))
+    else:  # a detach shows no attention: the loss keeps the fast attention kernel
+        assert not any(prog.levels[n].traced.attends for n in ("inner", "outer"))
     got = prog.hypergradient("outer")["l2"]
     want = _hand_hypergradient(w0, b0, 0.3, train, val, no_grad_scale=no_grad_scale, normalize=normalize)
     through = _hand_hypergradient(w0, b0, 0.3, train, val, no_grad_scale=False, normalize=False)
