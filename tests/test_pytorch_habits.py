@@ -1,6 +1,7 @@
-"""Two PyTorch habits inside a level function: a value computed under ``torch.no_grad()`` (a
-constant of the gradient, as in PyTorch), and an in-place write to a parameter or to the batch
-(refused at build: it would move values outside autograd and the hypergradient)."""
+"""PyTorch habits inside a level function, each against hand-written autograd in float64: a value
+computed under ``torch.no_grad()`` (a constant of the gradient, as in PyTorch); an in-place write to
+a parameter or to the batch (refused at build: it would move values outside autograd and the
+hypergradient); an input-gradient penalty; parametrized weights and forward hooks."""
 import warnings
 
 import pytest
@@ -221,3 +222,58 @@ def test_an_input_gradient_penalty_makes_its_own_leaf_and_unrolls_exactly():
         p = {k: v - LR * g for (k, v), g in zip(p.items(), grads)}
     want, = torch.autograd.grad(F.mse_loss(f(p, val[0]).squeeze(-1), val[1]), lam)
     assert torch.allclose(prog.hypergradient("outer")["lam"], want, rtol=1e-10, atol=1e-12)
+
+
+def _features_hook(store):
+    def hook(module, inputs, output):
+        store["hidden"] = output
+    return hook
+
+
+@pytest.mark.parametrize("habit", ["weight_norm", "forward_hook"])
+def test_parametrized_weights_and_forward_hooks_unroll_exactly(habit):
+    """torch.nn.utils.parametrizations (the level learns ``original0/1``, the weight is computed
+    from them at every call) and a forward hook whose stored activation the loss penalizes."""
+    train, val = _data()
+    store = {}
+
+    def make_net():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(DT)
+        if habit == "forward_hook":
+            net[1].register_forward_hook(_features_hook(store))
+        else:
+            getattr(torch.nn.utils.parametrizations, habit)(net[0])
+        return net
+
+    def penalty(params):
+        return (store["hidden"] ** 2).mean() if habit == "forward_hook" else sum((p * p).sum() for p in params)
+
+    net = make_net()
+    hyper = ml.Hyper(l2=torch.tensor(0.3, dtype=DT))
+
+    @ml.level(net, optimizer=ml.optim.sgd(lr=LR), data=train, steps=K)
+    def inner(net, batch, outer):
+        x, y = batch
+        return F.mse_loss(net(x).squeeze(-1), y) + outer.l2 * penalty(p for _, p in net.named_parameters())
+
+    @ml.level(hyper, optimizer=ml.optim.sgd(lr=0.0), data=val, depends_on=[inner])
+    def outer(hyper, batch, inner):
+        x, y = batch
+        return F.mse_loss(inner(x).squeeze(-1), y)
+
+    p = {k: v.detach().clone().requires_grad_() for k, v in net.named_parameters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ml.TraceWarning)  # parametrized weights run as an opaque call
+        prog = ml.Program(outer)
+    got = prog.hypergradient("outer")["l2"]
+
+    reference = make_net()
+    l2 = torch.tensor(0.3, dtype=DT, requires_grad=True)
+    for _ in range(K):
+        fit = F.mse_loss(torch.func.functional_call(reference, p, (train[0],)).squeeze(-1), train[1])
+        grads = torch.autograd.grad(fit + l2 * penalty(p.values()), list(p.values()), create_graph=True)
+        p = {k: v - LR * g for (k, v), g in zip(p.items(), grads)}
+    want, = torch.autograd.grad(F.mse_loss(torch.func.functional_call(reference, p, (val[0],)).squeeze(-1),
+                                           val[1]), l2)
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-12), (got, want)
