@@ -49,7 +49,7 @@ def _hand_hypergradient(w0, b0, l2_value, train, val, *, no_grad_scale, normaliz
     return torch.autograd.grad(_outer_loss(w, b, val, normalize), l2)[0]
 
 
-def _program(method, *, no_grad_scale=False, normalize=False, shape_branch=False):
+def _program(method, *, no_grad_scale=False, normalize=False, shape_branch=False, compile=False):
     """The bilevel ridge program whose levels compute part of their losses under torch.no_grad().
     ``shape_branch``: both levels branch on a shape in Python, which symbolic tracing cannot follow,
     so their graphs are captured by make_fx instead."""
@@ -83,7 +83,7 @@ def _program(method, *, no_grad_scale=False, normalize=False, shape_branch=False
         return F.mse_loss(pred, y)
 
     w0, b0 = net.weight.detach().clone().squeeze(0), net.bias.detach().clone().squeeze(0)
-    return ml.Program(outer), (w0, b0, train, val)
+    return ml.Program(outer, compile=compile), (w0, b0, train, val)
 
 
 @pytest.mark.parametrize("method", [ml.hypergrad.Unroll(), ml.hypergrad.Forward()], ids=["unroll", "forward"])
@@ -102,6 +102,13 @@ def test_a_value_computed_under_no_grad_is_a_constant_of_the_hypergradient(metho
     through = _hand_hypergradient(w0, b0, 0.3, train, val, no_grad_scale=False, normalize=False)
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-12), (got, want)
     assert not torch.allclose(want, through, rtol=1e-3)  # the constant matters: differentiating through differs
+
+
+def test_no_grad_regions_compile_with_the_same_numbers():
+    prog, (w0, b0, train, val) = _program(ml.hypergrad.Unroll(), no_grad_scale=True, normalize=True, compile=True)
+    want = _hand_hypergradient(w0, b0, 0.3, train, val, no_grad_scale=True, normalize=True)
+    assert torch.allclose(prog.hypergradient("outer")["l2"], want, rtol=1e-10, atol=1e-12)
+    assert sum(r.compiled_calls for r in prog.compiler.regions) > 0  # run compiled, stop_gradient inside
 
 
 def test_a_program_built_under_no_grad_traces_its_losses_with_gradients():
