@@ -218,14 +218,16 @@ class _SquareWithoutJvp(torch.autograd.Function):
     """x ** 2 with a differentiable backward but no forward-mode rule."""
 
     @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x * x
+    def forward(x):
+        return x.square()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, grad):
-        x, = ctx.saved_tensors
-        return 2 * x * grad
+        return 2 * ctx.saved_tensors[0] * grad
 
 
 def test_a_loss_without_forward_over_reverse_derivatives_is_refused_at_build():
