@@ -125,7 +125,9 @@ def _jvp_of_grad_or_raise(runtime, name, params, batch):
     except RuntimeError as err:
         first = str(err).splitlines()[0]
         hint = (" (F.mse_loss with reduction='mean' is one, as of torch 2.13, in a level that runs as an opaque "
-                "call: write ((pred - target) ** 2).mean())" if "ZeroTensors are immutable" in first else "")
+                "call: write ((pred - target) ** 2).mean())" if "ZeroTensors are immutable" in first
+                else " (requires_grad_() on a tensor of the loss, as an input-gradient penalty does, cannot run "
+                     "under torch.func transforms)" if "requires_grad_()" in first else "")
         raise ProgramError(
             f"level '{name}': its method {runtime.methods.get(name)!r} takes forward-mode derivatives of its "
             f"loss's gradient, but an op of its loss has no forward-mode derivative of its backward{hint} "

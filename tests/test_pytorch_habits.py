@@ -198,15 +198,13 @@ def _input_gradient_penalty(f, x):
     return (gx ** 2).sum()
 
 
-def test_an_input_gradient_penalty_makes_its_own_leaf_and_unrolls_exactly():
-    """The function makes a leaf that requires grad (a copy of its batch) to take a gradient in its
-    input: a tensor of its own, not a stray one the program would have to learn."""
+def _penalized_program(method=None):
     train, val = _data()
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(DT)
     hyper = ml.Hyper(lam=torch.tensor(0.3, dtype=DT))
 
-    @ml.level(net, optimizer=ml.optim.sgd(lr=LR), data=train, steps=K)
+    @ml.level(net, optimizer=ml.optim.sgd(lr=LR), data=train, steps=K, hypergrad=method)
     def inner(net, batch, outer):
         x, y = batch
         return F.mse_loss(net(x).squeeze(-1), y) + outer.lam * _input_gradient_penalty(net, x)
@@ -216,6 +214,13 @@ def test_an_input_gradient_penalty_makes_its_own_leaf_and_unrolls_exactly():
         x, y = batch
         return F.mse_loss(inner(x).squeeze(-1), y)
 
+    return outer, net, train, val
+
+
+def test_an_input_gradient_penalty_makes_its_own_leaf_and_unrolls_exactly():
+    """The function makes a leaf that requires grad (a copy of its batch) to take a gradient in its
+    input: a tensor of its own, not a stray one the program would have to learn."""
+    outer, net, train, val = _penalized_program()
     p = {k: v.detach().clone().requires_grad_() for k, v in net.named_parameters()}
     prog = ml.Program(outer)
     lam = torch.tensor(0.3, dtype=DT, requires_grad=True)
@@ -229,6 +234,14 @@ def test_an_input_gradient_penalty_makes_its_own_leaf_and_unrolls_exactly():
         p = {k: v - LR * g for (k, v), g in zip(p.items(), grads)}
     want, = torch.autograd.grad(F.mse_loss(f(p, val[0]).squeeze(-1), val[1]), lam)
     assert torch.allclose(prog.hypergradient("outer")["lam"], want, rtol=1e-10, atol=1e-12)
+
+
+def test_an_input_gradient_penalty_under_forward_mode_is_refused_naming_the_cause():
+    """torch.func transforms cannot run requires_grad_() inside the loss: Forward's products would
+    fail in the first step; the build says why and what to use."""
+    outer, _, _, _ = _penalized_program(ml.hypergrad.Forward())
+    with pytest.raises(ml.ProgramError, match=r"level 'inner'.*input-gradient penalty.*Unroll\(\)"):
+        ml.Program(outer)
 
 
 def _features_hook(store):
