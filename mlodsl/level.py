@@ -10,6 +10,7 @@ Binding rules of a level function ``fn(own, batch, other, ...)``:
 from __future__ import annotations
 
 import inspect
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -123,6 +124,7 @@ def level(module, *, optimizer, data=None, depends_on=(), steps=1, hypergrad=Non
 
     def decorate(fn: Callable) -> Level:
         level_name = name or fn.__name__
+        learned = _uncompiled(level_name, module)
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"level '{level_name}': steps must be a positive int, got {steps!r}")
         _check_optimizer(level_name, optimizer)
@@ -163,10 +165,23 @@ def level(module, *, optimizer, data=None, depends_on=(), steps=1, hypergrad=Non
             raise TypeError(f"level '{level_name}': project must be a function params -> params")
         if not isinstance(shard, bool):
             raise TypeError(f"level '{level_name}': shard must be True or False, got {shard!r}")
-        return Level(fn=fn, module=module, optimizer=as_optimizer(optimizer), data=data, depends_on=tuple(depends_on),
+        return Level(fn=fn, module=learned, optimizer=as_optimizer(optimizer), data=data, depends_on=tuple(depends_on),
                      steps=steps, hypergrad=hypergrad, start_from=start_from, tasks=tasks,
                      project=project, read_mode=read_mode, precision=precision, clip_grad_norm=clip_grad_norm,
                      batch_per=batch_per, shard=shard, name=level_name, own_arg=own, level_args=level_args,
                      takes_batch=takes_batch)
 
     return decorate
+
+
+def _uncompiled(level_name: str, module: nn.Module) -> nn.Module:
+    """The module a ``torch.compile``'d module wraps: the level learns and traces that one. fx cannot
+    trace dynamo's wrapper (the level would run as an opaque call, compiled again at every shape);
+    ``Program(compile=True)`` compiles the pieces of the step instead, around the traced graphs."""
+    wrapped = getattr(module, "_orig_mod", None)
+    if not (isinstance(wrapped, nn.Module) and type(module).__name__ == "OptimizedModule"):
+        return module
+    warnings.warn(f"level '{level_name}': its module is torch.compile'd; the level learns and traces the module it "
+                  f"wraps (parameters named without '_orig_mod.'). To compile, build the Program with "
+                  f"compile=True, which compiles the step's pieces around the traced losses.", stacklevel=3)
+    return wrapped

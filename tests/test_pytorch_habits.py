@@ -297,3 +297,28 @@ def test_parametrized_weights_and_forward_hooks_unroll_exactly(habit):
     want, = torch.autograd.grad(F.mse_loss(torch.func.functional_call(reference, p, (val[0],)).squeeze(-1),
                                            val[1]), l2)
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-12), (got, want)
+
+
+def test_a_torch_compiled_module_is_learned_and_traced_as_the_module_it_wraps():
+    """model = torch.compile(model): the level learns the wrapped module (a readable graph, no
+    dynamo run at build or per step) and says so; the numbers are the plain module's."""
+    train, val = _data()
+    torch.manual_seed(0)
+    net = nn.Linear(3, 1).to(DT)
+    w0, b0 = net.weight.detach().clone().squeeze(0), net.bias.detach().clone().squeeze(0)
+    hyper = ml.Hyper(l2=torch.tensor(0.3, dtype=DT))
+    with pytest.warns(UserWarning, match=r"level 'inner': its module is torch.compile'd.*compile=True"):
+        @ml.level(torch.compile(net), optimizer=ml.optim.sgd(lr=LR), data=train, steps=K)
+        def inner(net, batch, outer):
+            x, y = batch
+            return F.mse_loss(net(x).squeeze(-1), y) + outer.l2 * (net.weight * net.weight).sum()
+
+    @ml.level(hyper, optimizer=ml.optim.sgd(lr=0.0), data=val, depends_on=[inner])
+    def outer(hyper, batch, inner):
+        x, y = batch
+        return F.mse_loss(inner(x).squeeze(-1), y)
+
+    prog = ml.Program(outer)
+    assert not prog.levels["inner"].traced.opaque and set(prog.params("inner")) == {"weight", "bias"}
+    want = _hand_hypergradient(w0, b0, 0.3, train, val, no_grad_scale=False, normalize=False)
+    assert torch.allclose(prog.hypergradient("outer")["l2"], want, rtol=1e-10, atol=1e-12)
