@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from . import build, checkpoint, distributed, sharding, trainer
+from . import build, checkpoint, distributed, forward_mode, sharding, trainer
 from .binding import ProgramModules
 from .compiled import Compiler
 from .draw import LevelDiagram
@@ -120,7 +120,11 @@ class Program:
                  lowers=self.plan.lowers,
                  second_order=second_order_levels(self.plan, methods)),
             self._buffers, sharded=sharded, precision=self.precision, data_parallel=dp is not None,
-            wrap=self.sharding and self.sharding.wrap)
+            wrap=self.sharding and self.sharding.wrap,
+            resolve=lambda runtime: forward_mode.settle(
+                runtime, self.plan, levels, methods, params=self._one_task_params(),
+                batches=self._examples(first, methods), modules=modules, sharded=set(sharded),
+                data_parallel=dp is not None, context=self.sharding and self.sharding.running))
         self._step = step
         self.plan = step.plan  # with every level's decisions: what the step was written from
         self._runtime, self.code, self.code_filename = step.runtime, step.code, step.filename

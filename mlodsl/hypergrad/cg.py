@@ -42,7 +42,7 @@ class CG(LinearSystemMethod):
     damping: float = 0.0
     on_divergence: str = "raise"
     warn_residual: float | None = WARN_RESIDUAL
-    low_memory: bool = False
+    low_memory: bool | None = None
 
     def unconverged(self, diagnostics: dict) -> str | None:
         """What to warn about when the step's worst residual ‖r‖/‖v‖ is above ``warn_residual``, or None."""
@@ -66,7 +66,7 @@ class CG(LinearSystemMethod):
         """-(∂²L/∂θ_U∂θ_L) x = -Σₖ αₖ (∂²L/∂θ_U∂θ_L) pₖ over CG's directions pₖ (``implicit_vjp`` with
         ``solver()``, to rounding, without the vector x)."""
         info: dict = {}
-        products = joint_products(solution, self.damping, self.low_memory)
+        products = joint_products(solution, self.damping, bool(self.low_memory))
         bx = conjugate_gradient(products, v, iters=self.iters, tol=self.tol, info=info,
                                 readout=upper_zeros(solution))
         for key, value in info.items():
