@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
 
 from .graph import ProgramError
 
@@ -71,47 +70,37 @@ def eligible(name: str, plan, levels: dict, methods: dict, *, params: dict, comp
 def decisions(methods: dict, choose: dict, failures: dict) -> dict:
     """``{level: whether its method takes its products by reverse over forward}`` for every method
     with a ``low_memory`` setting: the user's ``True`` or ``False``, else ``choose[level]`` (whether
-    the build may) and a probe that worked. ``failures`` maps levels to the error of their probe
-    (None: it worked); a ``True`` whose probe failed is refused."""
+    the build may) and a probe that worked. ``failures`` maps levels to ``(error, culprit)`` of
+    their probe (None: it worked); a ``True`` whose probe failed is refused."""
     out = {}
     for name, method in methods.items():
         if not has_choice(method):
             continue
-        err = failures.get(name)
-        if method.low_memory is True and err is not None:
-            raise refusal(name, method, err)
-        out[name] = method.low_memory if method.low_memory is not None else bool(choose.get(name)) and err is None
+        failed = failures.get(name)
+        if method.low_memory is True and failed is not None:
+            raise refusal(name, method, *failed)
+        out[name] = method.low_memory if method.low_memory is not None else bool(choose.get(name)) and not failed
     return out
 
 
-def refusal(name: str, method, err: Exception) -> ProgramError:
-    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+def refusal(name: str, method, err: Exception, culprit: str) -> ProgramError:
+    """Why ``low_memory=True`` cannot be built for level ``name``, and the fix."""
+    first = (str(err).strip().splitlines() or [""])[0]
     return ProgramError(
         f"level '{name}': {method!r} takes its Hessian products by reverse over forward (low_memory=True), but "
-        f"{culprit(err)} of its loss has no forward-mode derivative ({type(err).__name__}: {first}). Fix: "
+        f"{culprit} of its loss has no forward-mode derivative ({type(err).__name__}: {first}). Fix: "
         f"low_memory=False (the same numbers from one linearization of the gradient, kept through the "
         f"solve: about one parameter size more), or write the loss with ops that have a forward-mode "
         f"derivative (a custom autograd.Function needs a jvp staticmethod).")
 
 
-def culprit(err: Exception) -> str:
-    """The op torch names in ``err``, or what kind of op it was."""
-    text = str(err)
-    found = re.search(r"forward AD with (\S+) that", text) or re.search(r"(aten::\w+)", text)
-    if found:
-        return f"'{found.group(1)}'"
-    if "jvp" in text and "Function" in text:
-        return "a custom autograd.Function without a jvp staticmethod"
-    return "an op"
-
-
 def settle(runtime, plan, levels: dict, methods: dict, *, params: dict, batches: dict, modules: dict,
            sharded: set, data_parallel: bool, context=None) -> dict:
     """``decisions`` for this program's methods, probing the levels that leave ``low_memory`` to
-    the build and are ``eligible``, and those that ask for it
-    (``low_memory=True``: probed under ``torch.func`` too where the level compiles or is batched
-    over tasks). ``params``: every level's parameters; ``batches``: level -> its first batch;
-    ``context``: what a probe runs in (a sharded program's collectives)."""
+    the build and are ``eligible``, and those that ask for it (``low_memory=True``: probed under
+    ``torch.func`` too where the level compiles or is batched over tasks). ``params``: every
+    level's parameters; ``batches``: level -> its first batch; ``context``: what a probe runs in (a
+    sharded program's collectives)."""
     from .kernels import forward_mode_failures
     compiled = {n for n in levels if runtime.compiler.compiles(n)}
     choose, asked = {}, []

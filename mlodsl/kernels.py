@@ -68,7 +68,7 @@ def check_second_order(runtime, names, params: dict, batches: dict, modules: dic
 
 
 def forward_mode_failures(runtime, names, params: dict, batches: dict, modules: dict, transformed=()) -> dict:
-    """``{level: None, or the error}`` of one Hessian product by reverse over forward
+    """``{level: None, or (the error, the op it names)}`` of one Hessian product by reverse over forward
     (``autodiff.reverse_over_forward``: a forward pass over dual tensors, then the gradient of the
     directional derivative) of each level in ``names``, in every level's parameters at ``params`` on
     its batch, as ``CG(low_memory=True)`` takes them; also under ``torch.func`` for the levels in
@@ -91,12 +91,29 @@ def forward_mode_failures(runtime, names, params: dict, batches: dict, modules: 
                                                       ({k: torch.ones_like(v) for k, v in own.items()}, None))
                 out[name] = None
             except Exception as err:  # noqa: BLE001 - whatever fails here, the linearization is chosen or it is refused
-                out[name] = err
+                out[name] = (err, _forward_culprit(err, loss, own, others))
     finally:
         with torch.no_grad():
             for buffer, value in saved:
                 buffer.copy_(value)
     return out
+
+
+def _forward_culprit(err: Exception, loss, own: dict, others: dict) -> str:
+    """The op without a forward-mode derivative that ``err`` names, else the custom
+    autograd.Functions of the loss without a ``jvp``."""
+    found = re.search(r"forward AD with (\S+) that", str(err)) or re.search(r"(aten::\w+)", str(err))
+    if found:
+        return f"'{found.group(1)}'"
+    try:
+        with torch.enable_grad():
+            out = loss({k: v.detach().requires_grad_() for k, v in own.items()}, others)
+        lacking = [c for c in custom_functions([out]) if c.jvp is torch.autograd.Function.jvp]
+    except Exception:  # noqa: BLE001 - only a better name is lost
+        lacking = []
+    if lacking:
+        return "the autograd.Function " + " / ".join(f"'{c.__name__}'" for c in lacking) + " (it has no jvp)"
+    return "an op"
 
 
 def _hvp_or_raise(runtime, name, params, batch):
