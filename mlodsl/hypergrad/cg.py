@@ -30,9 +30,14 @@ class CG(LinearSystemMethod):
     products are summed as CG goes, ``conjugate_gradient(readout=...)``; in the step, r and p
     reuse the cotangent's buffers). ``low_memory=True`` takes each product afresh by reverse over
     forward (``products.joint_products(fresh=True)``): the same numbers, without holding the
-    linearized gradient's graph through the solve (about one parameter size for a loss with weight
-    decay) and with smaller transients, for one more forward pass per iteration; every op of the
-    loss needs a forward-mode derivative (torch raises naming the one that has none).
+    linearized gradient's graph through the solve and with smaller transients, for one more forward
+    pass per iteration; every op of the loss needs a forward-mode derivative (a Program refuses it at
+    build, naming the op, where one has none). ``low_memory=False`` keeps the linearization.
+    ``low_memory=None`` (the default) lets the Program choose at build (``mlodsl.forward_mode``):
+    reverse over forward for a level of at least ``forward_mode.LOW_MEMORY_FROM`` parameters whose
+    products are taken eagerly on one process and whose loss passed a forward-mode probe, the
+    linearization otherwise; ``print(prog.plan)`` shows the choice (its "products" column). Outside
+    a Program (``solution_vjp`` called directly), None is the linearization.
     """
 
     consumes_cotangent = True  # its source reads v once: conjugate_gradient builds r and p in v's buffers
