@@ -156,3 +156,31 @@ def test_an_opaque_level_keeps_the_linearization(monkeypatch):
     got, forward_products = _hypergradient_counting_forward_products(prog, monkeypatch)
     assert forward_products == 0
     torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_the_build_probe_leaves_the_random_stream_as_it_was(monkeypatch):
+    """A lower loss with dropout: the probe's evaluation draws, and gives the draws back."""
+    monkeypatch.setattr(forward_mode, "LOW_MEMORY_FROM", 1)
+    states = {}
+    for low_memory in (False, None):  # not probed, then probed
+        torch.manual_seed(0)
+        train, val = ridge_data(0)
+        net = nn.Linear(RIDGE_D, 1, bias=False).to(DT)
+        hyper = ml.Hyper(log_l2=torch.zeros(RIDGE_D, dtype=DT))
+
+        @ml.level(net, optimizer=ml.optim.sgd(lr=1e-3), data=train,
+                  hypergrad=ml.hypergrad.CG(iters=2, low_memory=low_memory))
+        def inner(net, batch, outer):
+            x, y = batch
+            fit = 0.5 * ((net(F.dropout(x, 0.5)).squeeze(-1) - y) ** 2).mean()
+            return fit + 0.5 * (outer.log_l2.exp() * net.weight[0] ** 2).sum()
+
+        @ml.level(hyper, optimizer=ml.optim.sgd(lr=0.1), data=val, depends_on=[inner])
+        def outer(hyper, batch, inner):
+            x, y = batch
+            return ((inner(x).squeeze(-1) - y) ** 2).mean()
+
+        prog = ml.Program(outer)
+        assert prog.plan.levels["inner"].afresh is (low_memory is None)
+        states[low_memory] = torch.get_rng_state()
+    assert torch.equal(states[False], states[None])
