@@ -165,8 +165,11 @@ class LevelPlan:
                 f"{self.start or 'warm'} | {'yes' if self.tasks else 'no'} | {self.precision} | "
                 f"{'yes' if self.sharded else 'no'} | {', '.join(self.no_gradient) or '-'} | "
                 f"{'at the end' if self.checked_at_end else 'each update'} | "
-                f"{ {None: '-', True: 'reverse over forward', False: 'linearized'}[self.afresh]}"
+                f"{_PRODUCTS[self.afresh]}"
                 + (" | data parallel" if self.data_parallel else ""))
+
+
+_PRODUCTS = {None: "-", True: "reverse over forward", False: "linearized"}  # LevelPlan.afresh, printed
 
 
 def _runs_inside_a_derivative(name, plan: Plan, methods: dict, levels: dict, grouped: set) -> bool:
