@@ -184,3 +184,32 @@ def test_the_build_probe_leaves_the_random_stream_as_it_was(monkeypatch):
         assert prog.plan.levels["inner"].afresh is (low_memory is None)
         states[low_memory] = torch.get_rng_state()
     assert torch.equal(states[False], states[None])
+
+
+def test_products_a_level_above_differentiates_keep_the_linearization(monkeypatch):
+    """The middle level's updates use the bottom's CG hypergradient and the top unrolls them: the
+    bottom's products are differentiated again, which the build leaves to the linearization."""
+    monkeypatch.setattr(forward_mode, "LOW_MEMORY_FROM", 1)
+    train, val = ridge_data(0)
+    net = nn.Linear(RIDGE_D, 1, bias=False).to(DT)
+    middle_params = ml.Hyper(log_l2=torch.zeros(RIDGE_D, dtype=DT))
+    top_params = ml.Hyper(scale=torch.ones((), dtype=DT))
+
+    @ml.level(net, optimizer=ml.optim.sgd(lr=1e-3), data=train, hypergrad=ml.hypergrad.CG(iters=2))
+    def inner(net, batch, middle):
+        x, y = batch
+        return 0.5 * ((net(x).squeeze(-1) - y) ** 2).mean() + 0.5 * (middle.log_l2.exp() * net.weight[0] ** 2).sum()
+
+    @ml.level(middle_params, optimizer=ml.optim.sgd(lr=0.1), data=val, depends_on=[inner])
+    def middle(middle, batch, inner, top):
+        x, y = batch
+        return top.scale * ((inner(x).squeeze(-1) - y) ** 2).mean()
+
+    @ml.level(top_params, optimizer=ml.optim.sgd(lr=0.1), depends_on=[middle])
+    def top(top, middle):
+        return (middle.log_l2 ** 2).sum() + (top.scale - 1) ** 2
+
+    prog = ml.Program(top)
+    assert forward_mode.differentiated_again("inner", prog.plan, {n: pl.level for n, pl in prog.levels.items()},
+                                             prog._runtime.methods)
+    assert prog.plan.levels["inner"].afresh is False
