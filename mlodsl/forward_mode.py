@@ -12,8 +12,10 @@ per-op cost outweighs it: on a 20-parameter logistic regression, CG(3) by revers
 took 5 ms more per step), its products are taken eagerly on the autograd tape and by nothing
 around them, and one product by reverse over forward at the initial parameters, on the first
 batch, succeeded (``kernels.forward_mode_failures``). A level's traced graph runs the same ops at
-every evaluation, so an op without a forward-mode derivative is met there; an opaque level, whose
-function may take other branches later, keeps the linearization. ``low_memory=True`` where that
+every evaluation, so an op without a forward-mode derivative is met there (a later batch of
+another shape could still route a composite op to another kernel: torch then raises naming it, an
+error and never a wrong number); an opaque level, whose function may take other branches later,
+keeps the linearization. ``low_memory=True`` where that
 product fails is refused at build, naming the level, the op and the fix. The decision is recorded
 in the plan (``LevelPlan.afresh``, the "products" column of ``print(prog.plan)``) and the step is
 written from it (``planned``).
