@@ -69,28 +69,31 @@ def eligible(name: str, plan, levels: dict, methods: dict, *, params: dict, comp
             and not levels[name].tasks and not opaque and not differentiated_again(name, plan, levels, methods))
 
 
-def decisions(methods: dict, choose: dict, failures: dict) -> dict:
+def decisions(methods: dict, choose: dict, failures: dict, sharded=()) -> dict:
     """``{level: whether its method takes its products by reverse over forward}`` for every method
     with a ``low_memory`` setting: the user's ``True`` or ``False``, else ``choose[level]`` (whether
     the build may) and a probe that worked. ``failures`` maps levels to ``(error, culprit)`` of
-    their probe (None: it worked); a ``True`` whose probe failed is refused."""
+    their probe (None: it worked); a ``True`` whose probe failed is refused (``sharded``: the
+    levels whose parameters are slices, which the message names as the cause)."""
     out = {}
     for name, method in methods.items():
         if not has_choice(method):
             continue
         failed = failures.get(name)
         if method.low_memory is True and failed is not None:
-            raise refusal(name, method, *failed)
+            raise refusal(name, method, *failed, sharded=name in sharded)
         out[name] = method.low_memory if method.low_memory is not None else bool(choose.get(name)) and not failed
     return out
 
 
-def refusal(name: str, method, err: Exception, culprit: str) -> ProgramError:
+def refusal(name: str, method, err: Exception, culprit: str, sharded: bool = False) -> ProgramError:
     """Why ``low_memory=True`` cannot be built for level ``name``, and the fix."""
     first = (str(err).strip().splitlines() or [""])[0]
+    what = (f"its parameters are sharded (shard=True: DTensor slices, which torch's forward mode does not take; "
+            f"here {culprit} failed)" if sharded else f"{culprit} of its loss has no forward-mode derivative")
     return ProgramError(
         f"level '{name}': {method!r} takes its Hessian products by reverse over forward (low_memory=True), but "
-        f"{culprit} of its loss has no forward-mode derivative ({type(err).__name__}: {first}). Fix: "
+        f"{what} ({type(err).__name__}: {first}). Fix: "
         f"low_memory=False (the same numbers from one linearization of the gradient, kept through the "
         f"solve: about one parameter size more), or write the loss with ops that have a forward-mode "
         f"derivative (a custom autograd.Function needs a jvp staticmethod).")
@@ -122,4 +125,4 @@ def settle(runtime, plan, levels: dict, methods: dict, *, params: dict, batches:
         with context() if context is not None else contextlib.nullcontext():
             failures = forward_mode_failures(runtime, probed, params, {n: batches[n] for n in probed}, modules,
                                              transformed)
-    return decisions(methods, choose, failures)
+    return decisions(methods, choose, failures, sharded)
