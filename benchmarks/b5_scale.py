@@ -33,14 +33,17 @@ import time
 # cg (which does not check) does.
 # unroll16_ckpt8: segments of 8, each reversed by bisection (3 recomputed iterates alive, 1 kept
 # inside the block) against √16 = 4 (2 recomputed, 3 kept): less memory for more recomputation.
-# cg3_lowmem: CG's products afresh by reverse over forward (no linearization held through the solve).
+# cg3: the build chooses how CG takes its products (here, at 100M parameters, reverse over forward);
+# cg3_lowmem asks for reverse over forward, cg3_linearized for the linearization held through the solve.
 METHODS = {"finitediff": "FiniteDiff()", "cg3": "CG(iters=3, on_divergence='warn')",
            "cg3_lowmem": "CG(iters=3, on_divergence='warn', low_memory=True)",
+           "cg3_linearized": "CG(iters=3, on_divergence='warn', low_memory=False)",
            "unroll16_ckpt": "Unroll(checkpoint='sqrt')", "unroll16_ckpt8": "Unroll(checkpoint=8)"}
-PRODUCTS = {"finitediff": dict(grads=4, hvps=0), "cg3": dict(grads=2, hvps=4), "cg3_lowmem": dict(grads=2, hvps=4),
-            "unroll16_ckpt": dict(grads=17, hvps=16), "unroll16_ckpt8": dict(grads=17, hvps=16)}
-BETTY = {"finitediff": "darts", "cg3": "cg", "cg3_lowmem": "cg"}  # Betty's method for the same row
 # (inner steps + upper + the method's products)
+PRODUCTS = {"finitediff": dict(grads=4, hvps=0), "cg3": dict(grads=2, hvps=4), "cg3_lowmem": dict(grads=2, hvps=4),
+            "cg3_linearized": dict(grads=2, hvps=4),
+            "unroll16_ckpt": dict(grads=17, hvps=16), "unroll16_ckpt8": dict(grads=17, hvps=16)}
+BETTY = {"finitediff": "darts", "cg3": "cg", "cg3_lowmem": "cg", "cg3_linearized": "cg"}  # Betty's, for the same row
 
 
 def rss() -> int:

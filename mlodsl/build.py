@@ -301,18 +301,21 @@ class Step:
 
 def make_step(title: str, plan: Plan, levels: dict, methods: dict, traced: dict, runtime_args: tuple,
               runtime_options: dict, buffers, *, sharded: set, precision: dict, data_parallel: bool,
-              wrap: Callable | None = None) -> Step:
+              wrap: Callable | None = None, resolve: Callable | None = None) -> Step:
     """Bind a ``Runtime(traced, *runtime_args, **runtime_options)``, record every level's decisions
     in the plan (``plan.decide``: what compiles, is sharded, draws random numbers...), generate the
     step's source from that plan and build it; ``wrap`` (a sharded program's) wraps the entry
-    points. ``levels``: name -> ``Level``; ``traced``: name -> ``TracedLevel``."""
+    points. ``levels``: name -> ``Level``; ``traced``: name -> ``TracedLevel``. ``resolve(runtime)``
+    decides how the methods with a ``low_memory`` setting take their products
+    (``forward_mode.settle``: ``{level: afresh}``)."""
     runtime = Runtime(traced, *runtime_args, **runtime_options)
+    afresh = resolve(runtime) if resolve is not None else {}
     plan = decide(plan, levels, methods, taken=levels_taken(traced),
                   compiled={n for n in levels if runtime.compiler.compiles(n)},
                   loops_allowed={n: not lvl.optimizer.solves for n, lvl in levels.items()},
                   sharded=set(sharded), random=runtime.stochastic, twice=runtime.second_order,
                   math_attention=runtime.math_attention, no_gradient=runtime.absent,
-                  precision=precision, data_parallel=data_parallel)
+                  precision=precision, data_parallel=data_parallel, afresh=afresh)
     code = codegen.generate(plan, title)
     step, filename = codegen.build(code, runtime)
     runtime.buffer_state = buffers

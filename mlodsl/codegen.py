@@ -35,6 +35,7 @@ import tokenize
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+from . import forward_mode
 from .names import Namespace
 from .plan import Plan
 
@@ -287,7 +288,7 @@ class _Writer:
         if not self.products(name):
             return
         me = f"method[{name!r}]"
-        body = lp.method.source(me)
+        body = forward_mode.planned(lp.method, lp.afresh).source(me)  # with the build's low_memory
         for upper in lp.toward:
             fn = self.ids.vjp(name, upper, len(lp.toward) == 1)
             lines = [f"    def {fn}(final, up, batch, v):",

@@ -67,6 +67,61 @@ def check_second_order(runtime, names, params: dict, batches: dict, modules: dic
                 buffer.copy_(value)
 
 
+def forward_mode_failures(runtime, names, params: dict, batches: dict, modules: dict, transformed=()) -> dict:
+    """``{level: None, or (the error, the op it names)}`` of one Hessian product by reverse over
+    forward (``autodiff.reverse_over_forward``: a forward pass over dual tensors, then the gradient
+    of the directional derivative) of each level in ``names``, in every level's parameters at
+    ``params`` on its batch, as ``CG(low_memory=True)`` takes them; also under ``torch.func`` for the
+    levels in ``transformed`` (compiled, or batched over tasks). Buffers and the random number
+    generators are restored after: a loss that draws (dropout) leaves the program's random stream
+    as it was."""
+    saved = [(b, b.detach().clone()) for m in modules.values() for b in m.buffers()]
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            return {name: _forward_mode_failure(runtime, name, params, batches[name], name in transformed)
+                    for name in names}
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+def _forward_mode_failure(runtime, name, params, batch, transformed: bool):
+    from . import autodiff
+    own = {k: v.detach() for k, v in params[name].items()}
+    others = {n: {k: v.detach() for k, v in p.items()} for n, p in params.items() if n != name}
+
+    def loss(own_, others_):
+        return runtime.evaluate(name, {**others_, name: own_}, batch)[0]
+
+    try:
+        for under_func in (False, True) if transformed else (False,):
+            with autodiff.torch_func_products() if under_func else contextlib.nullcontext():
+                autodiff.reverse_over_forward(loss, (own, others), ({k: torch.ones_like(v) for k, v in own.items()},
+                                                                    None))
+    except Exception as err:  # noqa: BLE001 - whatever fails here, the linearization is chosen or it is refused
+        return err, _forward_culprit(err, loss, own, others)
+    return None
+
+
+def _forward_culprit(err: Exception, loss, own: dict, others: dict) -> str:
+    """The op without a forward-mode derivative that ``err`` names, else the custom
+    autograd.Functions of the loss without a ``jvp``."""
+    found = re.search(r"forward AD with (\S+) that", str(err)) or re.search(r"(aten::\w+)", str(err))
+    if found:
+        return f"'{found.group(1)}'"
+    try:
+        with torch.enable_grad():
+            out = loss({k: v.detach().requires_grad_() for k, v in own.items()}, others)
+        lacking = [c for c in custom_functions([out]) if c.jvp is torch.autograd.Function.jvp]
+    except Exception:  # noqa: BLE001 - only a better name is lost
+        lacking = []
+    if lacking:
+        return "the autograd.Function " + " / ".join(f"'{c.__name__}'" for c in lacking) + " (it has no jvp)"
+    return "an op"
+
+
 def _hvp_or_raise(runtime, name, params, batch):
     own = {k: v.detach().requires_grad_() for k, v in params[name].items()}
     loss = runtime.evaluate(name, {**params, name: own}, batch)[0]

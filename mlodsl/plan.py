@@ -121,7 +121,10 @@ class LevelPlan:
       the block ends at, instead of by a gradient norm per update: its optimizer carries a non-finite
       gradient into the parameters (``Optimizer.carries_nonfinite``) and nothing between its updates
       could replace them (a projection, clipping) or hide them (an fp16 loss scale, another rank's
-      average, a transform it runs in); every update's loss is still checked.
+      average, a transform it runs in); every update's loss is still checked;
+    * ``afresh``: its method takes its Hessian products afresh by reverse over forward (True) or
+      from one linearization (False), as the build decided (``mlodsl.forward_mode``); None: its
+      method has no such choice.
     """
 
     name: str
@@ -145,9 +148,10 @@ class LevelPlan:
     sharded: bool
     data_parallel: bool
     checked_at_end: bool = False
+    afresh: bool | None = None
 
     HEADER = ("level: method | iterates kept | tape | compiled | vjp source | random | differentiated | "
-              "attention | start | tasks | precision | sharded | no gradient | gradients checked")
+              "attention | start | tasks | precision | sharded | no gradient | gradients checked | products")
 
     def __str__(self) -> str:
         keep = {0: "none", 1: "every"}.get(self.keep, f"every {self.keep}")
@@ -160,8 +164,12 @@ class LevelPlan:
                 f"{random} | {'twice' if self.twice else 'once'} | {'math' if self.math_attention else 'any'} | "
                 f"{self.start or 'warm'} | {'yes' if self.tasks else 'no'} | {self.precision} | "
                 f"{'yes' if self.sharded else 'no'} | {', '.join(self.no_gradient) or '-'} | "
-                f"{'at the end' if self.checked_at_end else 'each update'}"
+                f"{'at the end' if self.checked_at_end else 'each update'} | "
+                f"{_PRODUCTS[self.afresh]}"
                 + (" | data parallel" if self.data_parallel else ""))
+
+
+_PRODUCTS = {None: "-", True: "reverse over forward", False: "linearized"}  # LevelPlan.afresh, printed
 
 
 def _runs_inside_a_derivative(name, plan: Plan, methods: dict, levels: dict, grouped: set) -> bool:
@@ -180,14 +188,15 @@ def _runs_inside_a_derivative(name, plan: Plan, methods: dict, levels: dict, gro
 
 def decide(plan: Plan, levels: dict, methods: dict, *, taken: dict, compiled: set, loops_allowed: dict,
            sharded: set, random: dict, twice: set, math_attention: set, no_gradient: dict, precision: dict,
-           data_parallel: bool) -> Plan:
+           data_parallel: bool, afresh: dict | None = None) -> Plan:
     """``plan`` with every level's ``LevelPlan``: the choices the generated step is written from.
 
     ``taken``: level -> the levels whose parameters its loss takes; ``compiled``: the levels whose
     regions compile; ``loops_allowed``: level -> whether its updates may run as one compiled loop
     (not for a level solved by ``ml.optim.solver``); ``random``: level -> whether its loss draws
     random numbers; ``twice``: the levels whose loss is differentiated twice; ``math_attention``: those
-    evaluated under the math attention kernel; ``no_gradient``: level -> its parameters no loss reaches."""
+    evaluated under the math attention kernel; ``no_gradient``: level -> its parameters no loss reaches;
+    ``afresh``: level -> how its method takes its products (``forward_mode.settle``)."""
     out = {}
     grouped = {n for group in plan.groups.values() for m in group for n in plan.subtree[m]}
     for name in plan.subtree:
@@ -222,7 +231,8 @@ def decide(plan: Plan, levels: dict, methods: dict, *, taken: dict, compiled: se
             random.get(name, False), name in twice, name in math_attention,
             tuple(sorted(no_gradient.get(name, ()))),
             start if start is None or isinstance(start, str) else start.name,
-            bool(levels[name].tasks), precision.get(name, "fp32"), name in sharded, data_parallel, at_end)
+            bool(levels[name].tasks), precision.get(name, "fp32"), name in sharded, data_parallel, at_end,
+            (afresh or {}).get(name))
     return replace(plan, levels=out)
 
 

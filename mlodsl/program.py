@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from . import build, checkpoint, distributed, sharding, trainer
+from . import build, checkpoint, distributed, forward_mode, sharding, trainer
 from .binding import ProgramModules
 from .compiled import Compiler
 from .draw import LevelDiagram
@@ -25,6 +25,7 @@ from .kernels import check_second_order, second_order_levels
 from .losscheck import check_losses
 from .plan import make_plan
 from .precision import Autocast, LossScaler, check as check_precision
+from .squares import squares_as_products
 from .trace import BufferState, trace_level
 from .transaction import NonFiniteError, Transaction, write_back  # noqa: F401 - NonFiniteError: ml.NonFiniteError
 from .tree import tree_leaves, tree_map
@@ -104,9 +105,10 @@ class Program:
         self.sharding = sharding.setup({n: levels[n] for n in sharded}, self._state, self.distributed,
                                        distributed.DistributedError)
         dp = self.distributed
+        twice = second_order_levels(self.plan, methods)
         step = build.make_step(
             f"Program({', '.join(t.name for t in tops)})", self.plan, levels, methods,
-            self._traced_for_step(),
+            self._traced_for_step(twice),
             ({n: lvl.optimizer for n, lvl in levels.items()}, methods, starts,
              {n: dict(s["params"]) for n, s in self._state.items()},
              {n: lvl.project for n, lvl in levels.items() if lvl.project is not None}),
@@ -118,9 +120,13 @@ class Program:
                  compiler=Compiler(compile_options, build.eager_levels(self.levels, compile_options, max_ops,
                                                                        dp is not None, set(self.scalers))),
                  lowers=self.plan.lowers,
-                 second_order=second_order_levels(self.plan, methods)),
+                 second_order=twice),
             self._buffers, sharded=sharded, precision=self.precision, data_parallel=dp is not None,
-            wrap=self.sharding and self.sharding.wrap)
+            wrap=self.sharding and self.sharding.wrap,
+            resolve=lambda runtime: forward_mode.settle(
+                runtime, self.plan, levels, methods, params=self._one_task_params(),
+                batches=self._examples(first, methods), modules=modules, sharded=set(sharded),
+                data_parallel=dp is not None, context=self.sharding and self.sharding.running))
         self._step = step
         self.plan = step.plan  # with every level's decisions: what the step was written from
         self._runtime, self.code, self.code_filename = step.runtime, step.code, step.filename
@@ -150,10 +156,13 @@ class Program:
             traced_levels[name] = build.ProgramLevel(lvl, traced)
         return traced_levels
 
-    def _traced_for_step(self) -> dict:
-        """The levels' traced losses as the step runs them: a sharded program's gather each sharded
-        parameter where it is used (``Sharding.gathering``)."""
-        traced = {n: pl.traced for n, pl in self.levels.items()}
+    def _traced_for_step(self, twice: set) -> dict:
+        """The levels' traced losses as the step runs them: those differentiated twice (``twice``)
+        square their parameters as products (``squares.squares_as_products``), and a sharded
+        program's gather each sharded parameter where it is used (``Sharding.gathering``)."""
+        params = {n: s["params"] for n, s in self._state.items()}
+        traced = {n: (squares_as_products(pl.traced, params) if n in twice else pl.traced)
+                  for n, pl in self.levels.items()}
         return traced if self.sharding is None else self.sharding.gathering(traced)
 
     def _one_task_params(self) -> dict:

@@ -31,12 +31,13 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import operator
 
 import torch
 import torch.distributed as dist
 from torch import fx
 from torch.multiprocessing.reductions import StorageWeakRef
+
+from .squares import square_as_product
 
 try:
     from torch.distributed.device_mesh import init_device_mesh
@@ -275,29 +276,9 @@ def gather_at_use(graph: fx.Graph, shapes: dict, all_gather) -> fx.Graph:
                     live[ph] = graph.call_function(all_gather, (ph, shapes[ph.target]))
         for ph in used:
             node.replace_input_with(ph, live[ph])
-        _square_as_product(node, set(live.values()))
+        square_as_product(node, set(live.values()))  # the gathered parameter's square: see mlodsl.squares
     graph.lint()
     return graph
-
-
-_POW = {operator.pow, torch.pow, torch.ops.aten.pow.Tensor_Scalar}  # the last: a make_fx graph's square
-
-
-def _square_as_product(node: fx.Node, gathered: set):
-    """``p ** 2`` of a gathered parameter ``p`` (an L2 penalty) as ``p * p``: the same numbers
-    (torch computes a square as that product), but a graph-building backward pass of ``p ** 2``
-    saves ``2 * p`` (a new full tensor, which no hook can turn back into a slice), while that of
-    ``p * p`` saves ``p`` itself, kept as its slice."""
-    is_pow = ((node.op == "call_function" and node.target in _POW)
-              or (node.op == "call_method" and node.target == "pow"))
-    if not is_pow or len(node.args) != 2 or node.kwargs or not isinstance(node.args[0], fx.Node):
-        return
-    if node.args[0] not in gathered:
-        return
-    exponent = node.args[1]
-    if type(exponent) not in (int, float) or exponent != 2:
-        return
-    node.op, node.target, node.args = "call_function", operator.mul, (node.args[0], node.args[0])
 
 
 def local_bytes(state: dict) -> int:

@@ -332,3 +332,25 @@ def test_sharding_refuses_what_it_is_not_built_for():
         check({"inner": inner}, {}, {"inner": inner.hypergrad}, False)
     with pytest.raises(ProgramError, match="level 'inner' is differentiated by Nystrom.*Fix: CG or Neumann"):
         check({"inner": inner}, {}, {"inner": ml.hypergrad.Nystrom(rank=2)}, False)
+
+
+REFUSED = PROBLEM + textwrap.dedent("""
+    import os
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    try:
+        build(ml.hypergrad.CG(iters=2, low_memory=True), rank, world, shard=True)
+    except ml.ProgramError as err:
+        print("REFUSED:", err, flush=True)
+""")
+
+
+def test_reverse_over_forward_on_a_sharded_level_is_refused_at_build(tmp_path):
+    """A DTensor slice takes no forward-mode tangent: CG(low_memory=True) on a sharded level is
+    refused when the Program is built, on every rank, not in its first step."""
+    script = tmp_path / "refused.py"
+    script.write_text(REFUSED)
+    logs = [p.communicate(timeout=120)[0] for p in _spawn(script, [], timeout_s="30")]
+    for log in logs:
+        refused = [line for line in log.splitlines() if line.startswith("REFUSED:")]
+        assert refused, log
+        assert "level 'inner'" in refused[0] and "shard=True" in refused[0] and "low_memory=False" in refused[0]

@@ -30,9 +30,14 @@ class CG(LinearSystemMethod):
     products are summed as CG goes, ``conjugate_gradient(readout=...)``; in the step, r and p
     reuse the cotangent's buffers). ``low_memory=True`` takes each product afresh by reverse over
     forward (``products.joint_products(fresh=True)``): the same numbers, without holding the
-    linearized gradient's graph through the solve (about one parameter size for a loss with weight
-    decay) and with smaller transients, for one more forward pass per iteration; every op of the
-    loss needs a forward-mode derivative (torch raises naming the one that has none).
+    linearized gradient's graph through the solve and with smaller transients, for one more forward
+    pass per iteration; every op of the loss needs a forward-mode derivative (a Program refuses it at
+    build, naming the op, where one has none). ``low_memory=False`` keeps the linearization.
+    ``low_memory=None`` (the default) lets the Program choose at build (``mlodsl.forward_mode``):
+    reverse over forward for a level of at least ``forward_mode.LOW_MEMORY_FROM`` parameters whose
+    products are taken eagerly on one process and whose loss passed a forward-mode probe, the
+    linearization otherwise; ``print(prog.plan)`` shows the choice (its "products" column). Outside
+    a Program (``solution_vjp`` called directly), None is the linearization.
     """
 
     consumes_cotangent = True  # its source reads v once: conjugate_gradient builds r and p in v's buffers
@@ -42,7 +47,7 @@ class CG(LinearSystemMethod):
     damping: float = 0.0
     on_divergence: str = "raise"
     warn_residual: float | None = WARN_RESIDUAL
-    low_memory: bool = False
+    low_memory: bool | None = None
 
     def unconverged(self, diagnostics: dict) -> str | None:
         """What to warn about when the step's worst residual ‖r‖/‖v‖ is above ``warn_residual``, or None."""
@@ -66,7 +71,7 @@ class CG(LinearSystemMethod):
         """-(∂²L/∂θ_U∂θ_L) x = -Σₖ αₖ (∂²L/∂θ_U∂θ_L) pₖ over CG's directions pₖ (``implicit_vjp`` with
         ``solver()``, to rounding, without the vector x)."""
         info: dict = {}
-        products = joint_products(solution, self.damping, self.low_memory)
+        products = joint_products(solution, self.damping, bool(self.low_memory))
         bx = conjugate_gradient(products, v, iters=self.iters, tol=self.tol, info=info,
                                 readout=upper_zeros(solution))
         for key, value in info.items():
