@@ -101,7 +101,11 @@ class Region:
         if self.reason is not None or not is_plain(core):
             return self.fn(*args)
         try:
-            with autodiff.torch_func_products():  # dynamo traces torch.func transforms, not the autograd tape
+            # Dynamo traces torch.func transforms, not the autograd tape. And it keeps a Python float
+            # (a learning rate) a constant: one it has seen change, in any program of the process
+            # (its automatic-dynamic record is keyed by the source line), it would otherwise pass as
+            # a float32 tensor, and a float64 program's update would be off by 1e-8 relative.
+            with autodiff.torch_func_products(), torch._dynamo.config.patch(specialize_float=True):
                 out = self._compiled(*core)
         except Exception as err:  # noqa: BLE001 - any compiler failure means: run eagerly
             if not _is_compiler_error(err):
