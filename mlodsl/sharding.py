@@ -37,6 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import fx
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 try:
     from torch.distributed.device_mesh import init_device_mesh
@@ -150,8 +152,11 @@ class Sharding:
         shapes = {ph: tuple(self.shapes[lvl][k]) for ph, (lvl, k) in traced.inputs.items() if lvl in self.levels}
         if not shapes or traced.graph is None:
             return traced
-        gm = fx.GraphModule(traced.graph, gather_at_use(copy.deepcopy(traced.graph.graph), shapes, self.all_gather),
-                           class_name=type(traced.graph).__name__)
+        # an opaque level's one node is the user's whole function: it is not recomputed in a backward
+        # pass (Python side effects), nor is an op that reads buffers (running statistics it updates)
+        graph = gather_at_use(copy.deepcopy(traced.graph.graph), shapes, self.all_gather,
+                              None if traced.opaque else self.gathered_op, keep=frozenset(traced.buffers))
+        gm = fx.GraphModule(traced.graph, graph, class_name=type(traced.graph).__name__)
         direct = traced.direct
         if direct is not None:  # the user's function, re-run on the same inputs to show an error: full ones
             def direct(params, batch, _direct=direct):
@@ -161,6 +166,22 @@ class Sharding:
     def all_gather(self, x, shape):
         """Slice ``x`` gathered into a full tensor of ``shape`` (what a ``gathering`` graph calls)."""
         return self._full(x, shape)
+
+    def gathered_op(self, fn, shapes: tuple):
+        """``fn`` (one op of a traced loss) as a function of slices where it took full parameters:
+        their ``shapes`` in the order they appear among its arguments (``GatheredOp``)."""
+        def run(*args, **kwargs):
+            leaves, spec = tree_flatten((args, kwargs))
+            sliced = [i for i, x in enumerate(leaves) if is_sharded(x)]
+            if len(sliced) != len(shapes):
+                raise RuntimeError(f"{fn}: {len(sliced)} sharded arguments, {len(shapes)} expected")
+            if not torch.is_grad_enabled() or not any(isinstance(x, torch.Tensor) and x.requires_grad
+                                                       for x in leaves):
+                return _call(fn, spec, _gathered(self, leaves, dict(zip(sliced, shapes))))
+            return GatheredOp.apply(_Op(self, fn, spec, dict(zip(sliced, shapes))), *leaves)
+
+        run.__name__ = run.__qualname__ = "gathered_" + getattr(fn, "__name__", "op").strip("_")
+        return run
 
     def _full(self, x, shape):
         if not is_sharded(x):
@@ -253,19 +274,152 @@ class Sharding:
         return run
 
 
-def gather_at_use(graph: fx.Graph, shapes: dict, all_gather) -> fx.Graph:
-    """``graph`` (in place) with every placeholder named in ``shapes`` (a slice) all-gathered by
-    ``all_gather(slice, shape)`` just before the first node that uses it, and gathered again before
-    a later use when other parameters were gathered in between: a full parameter lives from its
-    gather to its last use before the next node that needs a gather (fx's code drops a value after
-    its last use), so at most one node's full parameters (a linear layer's weight and bias) are
-    alive at once. A parameter read again much later (a weight decay term at the end of the
-    loss) costs one more all-gather, not a full copy held across the whole forward pass."""
+class _Op:
+    """What ``GatheredOp`` runs: ``fn`` on the leaves of its ``(args, kwargs)`` (``spec``), the
+    leaves at ``shapes``' positions being slices gathered into full tensors of those shapes."""
+
+    __slots__ = ("sharding", "fn", "spec", "shapes")
+
+    def __init__(self, sharding, fn, spec, shapes: dict):
+        self.sharding, self.fn, self.spec, self.shapes = sharding, fn, spec, shapes
+
+
+def _gathered(sharding, leaves: list, shapes: dict) -> list:
+    """``leaves`` with the slices at ``shapes``' positions all-gathered (differentiably where grad
+    mode is on: backward, a reduce-scatter); a slice passed twice (``w * w``) is gathered once."""
+    out, fulls = list(leaves), {}
+    for i in shapes:
+        x = leaves[i]
+        if id(x) not in fulls:
+            fulls[id(x)] = sharding._full(x, shapes[i])
+        out[i] = fulls[id(x)]
+    return out
+
+
+def _call(fn, spec, leaves: list):
+    args, kwargs = tree_unflatten(leaves, spec)
+    return fn(*args, **kwargs)
+
+
+class _Replay:
+    """The context an op ran in that its recomputation in a backward pass must run in again: the
+    random number generators' states (an op that draws, such as dropout of a weight), autocast
+    (mixed precision) and the attention kernels allowed (the math kernel of a twice-differentiated
+    loss, ``mlodsl.kernels``)."""
+
+    def __init__(self, device: torch.device):
+        self.devices = [device] if device.type == "cuda" else []
+        self.cpu_rng = torch.get_rng_state()
+        self.device_rng = [torch.cuda.get_rng_state(d) for d in self.devices]
+        self.autocast = {t: (torch.is_autocast_enabled(t), torch.get_autocast_dtype(t))
+                         for t in {"cpu", device.type}}
+        self.cache = torch.is_autocast_cache_enabled()
+        self.attention = [b for b, on in _ATTENTION.items() if on()]
+
+    @contextlib.contextmanager
+    def __call__(self):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.random.fork_rng(devices=self.devices))
+            torch.set_rng_state(self.cpu_rng)
+            for d, state in zip(self.devices, self.device_rng):
+                torch.cuda.set_rng_state(state, d)
+            for t, (on, dtype) in self.autocast.items():
+                stack.enter_context(torch.autocast(t, dtype=dtype, enabled=on, cache_enabled=self.cache))
+            if len(self.attention) < len(_ATTENTION):
+                stack.enter_context(sdpa_kernel(self.attention))
+            yield
+
+
+class GatheredOp(torch.autograd.Function):
+    """One op of a sharded level's loss that reads full parameters, run on their slices.
+
+    Forward: the slices are all-gathered without a graph, the op runs, and only its inputs are
+    saved (slices, not full parameters). Backward: the slices are gathered again, differentiably,
+    the op is run again in the context it ran in (``_Replay``) and differentiated; the full
+    parameters' gradients are reduce-scattered into the slices by the gathers' backward.
+
+    Why not gather once and let autograd differentiate the op: a backward pass that builds a graph
+    (a Hessian-vector product, an unrolled update's VJP) would then route the second-order
+    contributions to a full parameter back to the forward pass's gather, which runs last in the
+    second differentiation (the forward's nodes are the oldest), so every layer's full-size
+    contribution waits there until the end of that pass: about one to two full copies of the
+    parameters per rank. Here, a graph-building backward pass gathers the parameters afresh (new
+    nodes, inside this op's part of the graph) from aliases of its inputs, and the second
+    differentiation reduce-scatters each layer's contribution as soon as that layer is done.
+    """
+
+    @staticmethod
+    def forward(ctx, op: _Op, *leaves):
+        ctx.op, ctx.n = op, len(leaves)
+        first: dict = {}  # a tensor passed twice (w * w) is saved once: position -> its first position
+        ctx.first = {i: first.setdefault(id(x), i) for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)}
+        ctx.tensors = sorted(set(ctx.first.values()))
+        ctx.others = [None if i in ctx.first else x for i, x in enumerate(leaves)]
+        ctx.replay = _Replay(next(leaves[i] for i in op.shapes).device)
+        out = _call(op.fn, op.spec, _gathered(op.sharding, list(leaves), op.shapes))
+        ctx.save_for_backward(*(leaves[i] for i in ctx.tensors))
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        op, leaves = ctx.op, list(ctx.others)
+        for i, x in zip(ctx.tensors, ctx.saved_tensors):
+            leaves[i] = x
+        create_graph = torch.is_grad_enabled()  # a backward pass that builds a graph of its own
+        wrt = [i for i in ctx.tensors if any(ctx.needs_input_grad[1 + j] for j, f in ctx.first.items() if f == i)]
+        with torch.enable_grad(), ctx.replay():
+            for i in wrt:  # a fresh alias stops the inner grad here (an input may depend on another)
+                leaves[i] = leaves[i].view_as(leaves[i]) if create_graph else leaves[i].detach().requires_grad_()
+            for i, f in ctx.first.items():
+                leaves[i] = leaves[f]
+            out = _call(op.fn, op.spec, _gathered(op.sharding, leaves, op.shapes))
+            pairs = [(o, g) for o, g in zip(out if isinstance(out, (tuple, list)) else (out,), grads)
+                     if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]
+            found = torch.autograd.grad([o for o, _ in pairs], [leaves[i] for i in wrt], [g for _, g in pairs],
+                                        create_graph=create_graph, allow_unused=True) if pairs else [None] * len(wrt)
+        result = [None] * (1 + ctx.n)  # a tensor passed twice: its whole gradient at its first position
+        for i, g in zip(wrt, found):
+            result[1 + i] = g
+        return tuple(result)
+
+
+_ATTENTION = {SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled,
+              SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled,
+              SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled,
+              SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.cudnn_sdp_enabled}
+
+
+def gather_at_use(graph: fx.Graph, shapes: dict, all_gather, gathered_op=None, keep=frozenset()) -> fx.Graph:
+    """``graph`` (in place) with every placeholder named in ``shapes`` (a slice) gathered where it is
+    used.
+
+    With ``gathered_op``, every node that reads slices becomes ``gathered_op(fn, shapes)`` (a
+    ``GatheredOp``: the op gathers its own parameters, forward and backward), unless it reads a
+    placeholder in ``keep`` (buffers, which an op may update in place and a recomputation would
+    update twice), changes an argument in place, or only reads an attribute (``w.shape``). Those,
+    and every node without ``gathered_op``, get ``all_gather(slice, shape)`` inserted just before
+    them, shared with the next nodes until another parameter is gathered: a full parameter lives
+    from its gather to its last use before that (fx's code drops a value after its last use).
+    Either way a forward pass holds one op's full parameters (a linear layer's weight and bias) at
+    a time, and a parameter read again at the end of the loss (a weight decay term) is gathered
+    again, not held across the forward pass."""
     sliced = {n for n in graph.nodes if n.op == "placeholder" and n.target in shapes}
+    kept = {n for n in graph.nodes if n.op == "placeholder" and n.target in keep}
     live: dict = {}  # placeholder -> the gather its uses read now
     for node in list(graph.nodes):
         used = [a for a in node.all_input_nodes if a in sliced]
         if not used:
+            continue
+        _square_as_product(node, set(used))
+        fn = _recomputable(node) if gathered_op is not None and not kept & set(node.all_input_nodes) else None
+        if fn is not None:
+            order = [a for a in tree_flatten((node.args, node.kwargs))[0] if isinstance(a, fx.Node) and a in sliced]
+            with graph.inserting_before(node):
+                new = graph.call_function(gathered_op(fn, tuple(shapes[a.target] for a in order)),
+                                          node.args, node.kwargs)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            live = {}
             continue
         missing = [ph for ph in used if ph not in live]
         if missing:  # a new gather: the others' full tensors are let go (gathered again if read again)
@@ -275,9 +429,44 @@ def gather_at_use(graph: fx.Graph, shapes: dict, all_gather) -> fx.Graph:
                     live[ph] = graph.call_function(all_gather, (ph, shapes[ph.target]))
         for ph in used:
             node.replace_input_with(ph, live[ph])
-        _square_as_product(node, set(live.values()))
     graph.lint()
     return graph
+
+
+# ops that only read a tensor's attributes: no gradient, nothing worth a GatheredOp
+_ATTRIBUTES = {"size", "dim", "numel", "type", "get_device", "is_floating_point", "is_contiguous", "element_size",
+               "stride", "nelement", "ndimension"}
+
+
+def _recomputable(node: fx.Node):
+    """The function a ``GatheredOp`` may run (and run again) for ``node``, or None: a call of a
+    function or a method that changes none of its arguments in place."""
+    if node.op == "call_method":
+        name = node.target
+        if name in _ATTRIBUTES or name.endswith("_") and not name.endswith("__"):
+            return None
+        return _method(name)
+    if node.op != "call_function" or node.target is getattr:
+        return None
+    name = getattr(node.target, "__name__", "")
+    schema = getattr(node.target, "_schema", None)  # an aten op says whether it writes an argument
+    if ((schema is not None and schema.is_mutable) or (name.endswith("_") and not name.endswith("__"))
+            or node.target in _INPLACE_OPERATORS):
+        return None
+    return node.target
+
+
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.imatmul,
+                      operator.ipow}
+
+
+@functools.lru_cache(maxsize=None)
+def _method(name: str):
+    def call(self, *args, **kwargs):
+        return getattr(self, name)(*args, **kwargs)
+
+    call.__name__ = name
+    return call
 
 
 _POW = {operator.pow, torch.pow, torch.ops.aten.pow.Tensor_Scalar}  # the last: a make_fx graph's square
