@@ -154,8 +154,10 @@ class Sharding:
             return traced
         # an opaque level's one node is the user's whole function: it is not recomputed in a backward
         # pass (Python side effects), nor is an op that reads buffers (running statistics it updates)
-        graph = gather_at_use(copy.deepcopy(traced.graph.graph), shapes, self.all_gather,
-                              None if traced.opaque else self.gathered_op, keep=frozenset(traced.buffers))
+        graph = copy.deepcopy(traced.graph.graph)
+        sum_squares_on_slices(graph, set(shapes), self.sum_of_squares)
+        graph = gather_at_use(graph, shapes, self.all_gather, None if traced.opaque else self.gathered_op,
+                              keep=frozenset(traced.buffers), on_slices=(self.sum_of_squares,))
         gm = fx.GraphModule(traced.graph, graph, class_name=type(traced.graph).__name__)
         direct = traced.direct
         if direct is not None:  # the user's function, re-run on the same inputs to show an error: full ones
@@ -166,6 +168,22 @@ class Sharding:
     def all_gather(self, x, shape):
         """Slice ``x`` gathered into a full tensor of ``shape`` (what a ``gathering`` graph calls)."""
         return self._full(x, shape)
+
+    def sum_of_squares(self, x):
+        """``(p ** 2).sum()`` of the full parameter whose slice is ``x``, from the slices: each rank
+        sums the squares of its slice and one all-reduce adds the ranks' sums (a DTensor reduction).
+        Backward, the ranks' cotangents of the sum are averaged (one all-reduce of a scalar, as a
+        gather's backward averages the full gradients), and its gradient, ``2 p``, stays in the
+        slices; both differentiable again. An L2 penalty gathers nothing."""
+        from .distributed import Replicated
+        if not is_sharded(x):
+            return (x * x).sum()
+        try:
+            return Replicated.apply((x * x).sum().full_tensor())[0]
+        except RuntimeError as err:
+            if not lost_peer(err):
+                raise
+            raise self.failed("an all-reduce", err) from err
 
     def gathered_op(self, fn, shapes: tuple):
         """``fn`` (one op of a traced loss) as a function of slices where it took full parameters:
@@ -367,7 +385,11 @@ class GatheredOp(torch.autograd.Function):
             leaves[i] = x
         create_graph = torch.is_grad_enabled()  # a backward pass that builds a graph of its own
         wrt = [i for i in ctx.tensors if any(ctx.needs_input_grad[1 + j] for j, f in ctx.first.items() if f == i)]
-        with torch.enable_grad(), ctx.replay():
+        # The recomputation's graph lives on when this pass builds a graph (its saved full parameters
+        # are kept as slices, as everywhere in a step); otherwise it is gone when this function
+        # returns, and what it saves is kept as it is: no second all-gather of a parameter.
+        kept = contextlib.nullcontext() if create_graph else torch.autograd.graph.saved_tensors_hooks(_same, _same)
+        with torch.enable_grad(), ctx.replay(), kept:
             for i in wrt:  # a fresh alias stops the inner grad here (an input may depend on another)
                 leaves[i] = leaves[i].view_as(leaves[i]) if create_graph else leaves[i].detach().requires_grad_()
             for i, f in ctx.first.items():
@@ -383,13 +405,18 @@ class GatheredOp(torch.autograd.Function):
         return tuple(result)
 
 
+def _same(x):
+    return x
+
+
 _ATTENTION = {SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled,
               SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled,
               SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled,
               SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.cudnn_sdp_enabled}
 
 
-def gather_at_use(graph: fx.Graph, shapes: dict, all_gather, gathered_op=None, keep=frozenset()) -> fx.Graph:
+def gather_at_use(graph: fx.Graph, shapes: dict, all_gather, gathered_op=None, keep=frozenset(),
+                  on_slices=()) -> fx.Graph:
     """``graph`` (in place) with every placeholder named in ``shapes`` (a slice) gathered where it is
     used.
 
@@ -402,13 +429,14 @@ def gather_at_use(graph: fx.Graph, shapes: dict, all_gather, gathered_op=None, k
     from its gather to its last use before that (fx's code drops a value after its last use).
     Either way a forward pass holds one op's full parameters (a linear layer's weight and bias) at
     a time, and a parameter read again at the end of the loss (a weight decay term) is gathered
-    again, not held across the forward pass."""
+    again, not held across the forward pass. Calls of a function in ``on_slices`` take the slices
+    themselves (``sum_squares_on_slices``)."""
     sliced = {n for n in graph.nodes if n.op == "placeholder" and n.target in shapes}
     kept = {n for n in graph.nodes if n.op == "placeholder" and n.target in keep}
     live: dict = {}  # placeholder -> the gather its uses read now
     for node in list(graph.nodes):
         used = [a for a in node.all_input_nodes if a in sliced]
-        if not used:
+        if not used or (node.op == "call_function" and node.target in on_slices):
             continue
         _square_as_product(node, set(used))
         fn = _recomputable(node) if gathered_op is not None and not kept & set(node.all_input_nodes) else None
@@ -431,6 +459,40 @@ def gather_at_use(graph: fx.Graph, shapes: dict, all_gather, gathered_op=None, k
             node.replace_input_with(ph, live[ph])
     graph.lint()
     return graph
+
+
+def sum_squares_on_slices(graph: fx.Graph, sliced: set, sum_of_squares) -> fx.Graph:
+    """``graph`` (in place) with every sum of the squares of a sliced placeholder (named in
+    ``sliced``), ``(p ** 2).sum()``, ``(p * p).sum()``, ``torch.sum(p ** 2)``, replaced by
+    ``sum_of_squares(p)`` (``Sharding.sum_of_squares``), where the square is used by nothing else."""
+    for node in list(graph.nodes):
+        total = (node.op == "call_method" and node.target == "sum") or \
+            (node.op == "call_function" and node.target in (torch.sum, torch.ops.aten.sum.default))
+        if not total or len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+            continue
+        square = node.args[0]
+        p = _squared(square)
+        if p is None or p.op != "placeholder" or p.target not in sliced or len(square.users) != 1:
+            continue
+        with graph.inserting_before(node):
+            new = graph.call_function(sum_of_squares, (p,))
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        graph.erase_node(square)
+    graph.lint()
+    return graph
+
+
+def _squared(node: fx.Node):
+    """The node ``node`` squares (``x ** 2``, ``x.pow(2)``, ``x * x``), or None."""
+    if node.op not in ("call_function", "call_method") or len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = node.args
+    if (node.op == "call_function" and node.target in _POW) or (node.op == "call_method" and node.target == "pow"):
+        return a if isinstance(a, fx.Node) and type(b) in (int, float) and b == 2 else None
+    if node.target in (operator.mul, torch.mul, torch.ops.aten.mul.Tensor, "mul"):
+        return a if isinstance(a, fx.Node) and a is b else None
+    return None
 
 
 # ops that only read a tensor's attributes: no gradient, nothing worth a GatheredOp
