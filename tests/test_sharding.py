@@ -50,18 +50,19 @@ PROBLEM = textwrap.dedent("""
 
         return ml.Program(outer)
 
-    def deep(rank=0, world=1, shard=False, width=4, layers=6):
-        # a deeper lower level: equal layers, an L2 penalty on every weight
+    def deep(rank=0, world=1, shard=False, width=4, layers=6, rows=12):
+        # a deeper lower level: equal layers, an L2 penalty (w ** 2).sum() on every weight
         g = torch.Generator().manual_seed(1)
-        X = torch.randn(12, width, generator=g, dtype=torch.float64)
-        y = torch.randn(12, 1, generator=g, dtype=torch.float64)
+        X = torch.randn(rows, width, generator=g, dtype=torch.float64)
+        y = torch.randn(rows, 1, generator=g, dtype=torch.float64)
         torch.manual_seed(rank)
         net = nn.Sequential(*[m for _ in range(layers) for m in (nn.Linear(width, width), nn.Tanh())],
                             nn.Linear(width, 1)).double()
         hyper = ml.Hyper(log_l2=torch.full((layers,), -2.0, dtype=torch.float64))
         batch = [(X[rank::world], y[rank::world])]
 
-        @ml.level(net, optimizer=ml.optim.sgd(lr=0.1), data=batch, hypergrad=ml.hypergrad.CG(iters=2), shard=shard)
+        @ml.level(net, optimizer=ml.optim.sgd(lr=0.1), data=batch, shard=shard,
+                  hypergrad=ml.hypergrad.CG(iters=2, on_divergence="warn", warn_residual=None))
         def inner(net, batch, outer):
             x, t = batch
             return F.mse_loss(net(x), t) + sum(outer.log_l2[i].exp() * (net[2 * i].weight ** 2).sum()
@@ -153,6 +154,10 @@ WORKER = PROBLEM + textwrap.dedent("""
     result["deep_full_peak"] = counting.peak
     result["deep_hvp"] = [deep_prog.sharding.full("inner", h) for h in hvp]
     result["deep_at"], result["deep_outer"] = deep_prog.params("inner"), deep_prog.params("outer")
+    # unequal shards (7 and 6 examples): each rank's loss, its penalty too, is weighed by its share
+    deep_prog = deep(rank, world, shard=True, rows=13)[0]
+    deep_prog.fit(2, progress=False)
+    result["deep_unequal"] = {n: deep_prog.params(n) for n in deep_prog.levels}
     state = prog._state["inner"]  # what this rank stores of the sharded level
     result["stored"] = {k: (type(v).__name__, tuple(v.to_local().shape)) for k, v in state["params"].items()}
     result["stored_opt"] = {s: {k: (type(v).__name__, tuple(v.to_local().shape)) for k, v in state["opt"][s].items()}
@@ -198,6 +203,9 @@ def reference():
         prog = namespace["build"](method)
         prog.fit(3, progress=False)
         out[name] = {n: prog.params(n) for n in prog.levels}
+    prog = namespace["deep"](rows=13)[0]
+    prog.fit(2, progress=False)
+    out["deep_unequal"] = {n: prog.params(n) for n in prog.levels}
     return out, namespace
 
 
@@ -220,7 +228,7 @@ def two_ranks(tmp_path_factory):
 def test_two_ranks_with_a_sharded_lower_level_equal_one_unsharded_process(two_ranks, reference):
     _, _, _, ranks, _ = two_ranks
     ref, _ = reference
-    for name in ("unroll", "cg", "finite_diff", "neumann", "sama", "unroll_checkpointed", "cg_tol"):
+    for name in ("unroll", "cg", "finite_diff", "neumann", "sama", "unroll_checkpointed", "cg_tol", "deep_unequal"):
         for n, params in ref[name].items():
             for k, v in params.items():
                 for r in ranks:
