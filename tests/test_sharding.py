@@ -154,6 +154,13 @@ WORKER = PROBLEM + textwrap.dedent("""
     result["deep_full_peak"] = counting.peak
     result["deep_hvp"] = [deep_prog.sharding.full("inner", h) for h in hvp]
     result["deep_at"], result["deep_outer"] = deep_prog.params("inner"), deep_prog.params("outer")
+    # an op that draws (dropout of a weight) is recomputed in its backward pass with the same draws
+    dropconnect = prog.sharding.gathered_op(lambda w, x: x @ F.dropout(w, 0.5).T, ((3, 5),))
+    w = prog._state["inner"]["params"]["0.weight"].detach().requires_grad_()
+    with prog.sharding.running():
+        torch.manual_seed(7)
+        (g,) = torch.autograd.grad(dropconnect(w, data()[0][0][rank::world]).pow(2).mean(), [w])
+    result["dropconnect"] = prog.sharding.full("inner", {"0.weight": w, "grad": g})
     # unequal shards (7 and 6 examples): each rank's loss, its penalty too, is weighed by its share
     deep_prog = deep(rank, world, shard=True, rows=13)[0]
     deep_prog.fit(2, progress=False)
@@ -300,6 +307,20 @@ def test_a_second_differentiation_reduces_each_layers_full_gradient_as_it_arrive
             torch.testing.assert_close(rank["deep_hvp"][i].reshape(v.shape), h, rtol=1e-6, atol=1e-9)
 
 
+def test_an_op_that_draws_is_recomputed_with_the_same_draws(two_ranks, reference):
+    """Dropout of a sharded weight: its backward pass runs the op again; the gradient is that of the
+    mask the forward pass drew (the same seed on both ranks), on the union of their batches."""
+    _, _, _, ranks, _ = two_ranks
+    _, namespace = reference
+    x = namespace["data"]()[0][0]
+    for rank in ranks:
+        w = rank["dropconnect"]["0.weight"].clone().requires_grad_()
+        torch.manual_seed(7)
+        (expected,) = torch.autograd.grad((x @ torch.nn.functional.dropout(w, 0.5).T).pow(2).mean(), [w])
+        assert (expected == 0).any() and (expected != 0).any()  # some weights dropped, some kept
+        torch.testing.assert_close(rank["dropconnect"]["grad"].reshape(3, 5), expected, rtol=1e-6, atol=1e-9)
+
+
 def test_gather_at_use_gathers_each_parameter_just_before_its_op():
     """A loss whose weight is read again at its end: re-gathered there, not held across the layers."""
     from torch import fx
@@ -418,3 +439,66 @@ def test_sharding_refuses_what_it_is_not_built_for():
         check({"inner": inner}, {}, {"inner": inner.hypergrad}, False)
     with pytest.raises(ProgramError, match="level 'inner' is differentiated by Nystrom.*Fix: CG or Neumann"):
         check({"inner": inner}, {}, {"inner": ml.hypergrad.Nystrom(rank=2)}, False)
+
+
+def test_gather_at_use_makes_each_op_on_sharded_parameters_one_gathered_op():
+    """With ``gathered_op``, an op that reads slices is replaced by one call that gathers them itself
+    (forward and backward). Ops that only read an attribute, change an argument in place or read a
+    buffer (which a recomputation would update twice) get a plain gather before them instead."""
+    from torch import fx
+    from mlodsl.sharding import gather_at_use
+
+    def loss(x, w1, b1, w2, running):
+        h = torch.tanh(torch.nn.functional.linear(x, w1, b1))
+        h.add_(b1)  # in place: reads b1, writes h
+        n = w2.size(0)
+        return (h @ w2).sum() / n + torch.addcmul(running, h[0], b1).sum()
+
+    shapes = {"w1": (4, 3), "b1": (4,), "w2": (4, 2)}
+    wrapped, gathered = [], []
+
+    def gathered_op(fn, op_shapes):
+        def run(*args, **kwargs):
+            return fn(*args, **kwargs)
+
+        wrapped.append((getattr(fn, "__name__", fn), op_shapes))
+        return run
+
+    def all_gather(flat, shape):
+        gathered.append(shape)
+        return flat.reshape(shape)
+
+    graph = gather_at_use(fx.symbolic_trace(loss).graph, shapes, all_gather, gathered_op, keep={"running"})
+    assert wrapped == [("linear", ((4, 3), (4,))), ("matmul", ((4, 2),))]  # fn and its slices' shapes, in order
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    g = torch.Generator().manual_seed(0)
+    x, w1, b1, w2, running = (torch.randn(s, generator=g, dtype=torch.float64)
+                              for s in ((5, 3), (4, 3), (4,), (4, 2), (4,)))
+    out = gm(x, w1, b1, w2, running.clone())  # (the stand-ins take full tensors as they come)
+    assert sorted(gathered) == [(4,), (4,), (4, 2)]  # add_ (b1), size (w2), addcmul with the buffer (b1)
+    torch.testing.assert_close(out, loss(x, w1, b1.clone(), w2, running.clone()))
+
+
+def test_an_l2_penalty_of_a_sharded_parameter_is_summed_on_its_slices():
+    """``(w ** 2).sum()``, ``torch.sum(w * w)`` and ``w.pow(2).sum()`` become ``sum_of_squares(w)``;
+    a weighted square, or a square that is also used elsewhere, is left to the gathers."""
+    from torch import fx
+    from mlodsl.sharding import sum_squares_on_slices
+
+    def loss(w, v, u, c, t):
+        q = t ** 2
+        return (w ** 2).sum() + torch.sum(v * v) + u.pow(2).sum() + (c * w ** 2).sum() + q.sum() + q.mean()
+
+    calls = []
+
+    def sum_of_squares(p):
+        calls.append(tuple(p.shape))
+        return (p * p).sum()
+
+    graph = sum_squares_on_slices(fx.symbolic_trace(loss).graph, {"w", "v", "u", "t"}, sum_of_squares)
+    assert sum(n.target is sum_of_squares for n in graph.nodes) == 3
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(s, generator=g, dtype=torch.float64) for s in ((3, 2), (4,), (2, 2), (3, 2), (5,))]
+    torch.testing.assert_close(gm(*args), loss(*args))
+    assert calls == [(3, 2), (4,), (2, 2)]
