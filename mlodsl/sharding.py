@@ -6,10 +6,13 @@ each of its parameters (flattened) and of its optimizer state, as ``torch.distri
 around functionally; the two seams are:
 
 * the traced losses (``gathering``): every loss that reads a sharded level's parameters takes their
-  slices, and its graph all-gathers each parameter (``full_tensor``) just before the op that uses
-  it and drops it after its last use in that stretch, as FSDP gathers per unit: a forward pass
+  slices, and every op of its graph that reads them is one ``GatheredOp``: it all-gathers them
+  (``full_tensor``) when it runs and drops them after, as FSDP gathers per unit: a forward pass
   holds the full parameters of one op at a time (one layer's weight and bias), not the level's.
-* the gather's backward is a reduce-scatter of the ranks' mean (``grad_placements=Partial("avg")``):
+  Its backward gathers them again and recomputes the op, so that a backward pass that builds a
+  graph (a Hessian-vector product) gathers afresh inside the op's part of that graph. An L2
+  penalty ``(p ** 2).sum()`` is summed on the slices (``sum_of_squares``) and gathers nothing.
+* the gathers' backward is a reduce-scatter of the ranks' mean (``grad_placements=Partial("avg")``):
   the gradient in a slice is already the mean over ranks of the gradient in the full parameter,
   so ``reduce`` leaves sharded tensors alone and an optimizer update touches one slice. The
   reduce-scatter's own backward is an all-gather, which autograd differentiates again: Hessian-
@@ -76,8 +79,8 @@ class _Regather:
 
     def make(self, sharding) -> torch.Tensor:
         # Without a graph of its own: autograd gives an unpacked tensor the saved one's place in the
-        # graph, so a double backward reaches the slice through the forward's gather. (Its gradient
-        # is summed there until the end of that backward pass, as the forward's nodes run last.)
+        # graph, so a double backward reaches the slice through the gather that made the saved
+        # tensor (a ``GatheredOp``'s gather in its backward pass, inside that op's part of the graph).
         with torch.no_grad():
             full = sharding._full(self.piece, (-1,)).as_strided(self.size, self.stride, self.offset)
         return sharding._remember(full, self.piece)  # what a graph-building backward saves of it: the slice
@@ -134,17 +137,17 @@ class Sharding:
 
     def gathering(self, traced: dict) -> dict:
         """``{level: TracedLevel}`` where every loss that reads a sharded level's parameters takes
-        their slices and gathers each where it is used (``gather_at_use``).
+        their slices and gathers each where it is used (``gather_at_use``: each op that reads them
+        is a ``GatheredOp``; ``sum_squares_on_slices``: an L2 penalty needs no gather).
 
         Each gather is differentiable: backward, the full gradient is reduce-scattered to the ranks'
-        mean in each slice (and that, differentiated again, all-gathers). A gather made just before
-        its op is also late on the autograd tape, so its reduce-scatter runs as soon as that op's
-        backward is done: a backward pass holds few full gradients at once, not all of them.
+        mean in each slice (and that, differentiated again, all-gathers). A ``GatheredOp``'s
+        backward gathers and reduces within that op's backward, so a backward pass holds one op's
+        full gradients at a time, and so does a second differentiation of a graph-building one.
 
-        While a step runs (``running``), autograd does not keep these full tensors for a backward
-        pass: it keeps their slices and all-gathers them again when the backward pass needs them,
-        one at a time (``saved_tensors_hooks``); so too for the full tensors a backward pass that
-        builds a graph (a Hessian-vector product) gathers. An unrolled update's graph, and the
+        While a step runs (``running``), autograd keeps no gathered full tensor for a backward pass
+        that outlives the op's own: it keeps the slice and all-gathers it again when the backward
+        pass needs it, one at a time (``saved_tensors_hooks``). An unrolled update's graph, and the
         linearization CG reuses, hold slices, not full parameters."""
         return {n: self._gathering(t) for n, t in traced.items()}
 
