@@ -161,6 +161,14 @@ WORKER = PROBLEM + textwrap.dedent("""
         torch.manual_seed(7)
         (g,) = torch.autograd.grad(dropconnect(w, data()[0][0][rank::world]).pow(2).mean(), [w])
     result["dropconnect"] = prog.sharding.full("inner", {"0.weight": w, "grad": g})
+    # and under autocast (bf16 on CPU) as its forward pass ran, though the backward pass runs outside
+    linear = prog.sharding.gathered_op(F.linear, ((3, 5),))
+    w = prog._state["inner"]["params"]["0.weight"].detach().float().requires_grad_()
+    with prog.sharding.running():
+        with torch.autocast("cpu", torch.bfloat16):
+            low = linear(data()[0][0][rank::world].float(), w)  # (not `out`: the result files' path)
+        (g,) = torch.autograd.grad(low.float().pow(2).sum(), [w])
+    result["autocast"] = prog.sharding.full("inner", {"0.weight": w, "grad": g})
     # unequal shards (7 and 6 examples): each rank's loss, its penalty too, is weighed by its share
     deep_prog = deep(rank, world, shard=True, rows=13)[0]
     deep_prog.fit(2, progress=False)
@@ -319,6 +327,26 @@ def test_an_op_that_draws_is_recomputed_with_the_same_draws(two_ranks, reference
         (expected,) = torch.autograd.grad((x @ torch.nn.functional.dropout(w, 0.5).T).pow(2).mean(), [w])
         assert (expected == 0).any() and (expected != 0).any()  # some weights dropped, some kept
         torch.testing.assert_close(rank["dropconnect"]["grad"].reshape(3, 5), expected, rtol=1e-6, atol=1e-9)
+
+
+def test_an_op_is_recomputed_under_the_autocast_of_its_forward_pass(two_ranks, reference):
+    """A linear layer run under bf16 autocast: the gradient in the slices is the ranks' mean of the
+    gradients autocast gives in the full weight (in float32 it differs by bf16's rounding)."""
+    _, _, _, ranks, _ = two_ranks
+    _, namespace = reference
+    x = namespace["data"]()[0][0].float()
+    w = ranks[0]["autocast"]["0.weight"].clone().requires_grad_()
+    grads = []
+    for half in (x[0::2], x[1::2]):
+        with torch.autocast("cpu", torch.bfloat16):
+            out = torch.nn.functional.linear(half, w)
+        grads.append(torch.autograd.grad(out.float().pow(2).sum(), [w])[0])
+    expected = (grads[0] + grads[1]) / 2
+    in_fp32 = sum(torch.autograd.grad(torch.nn.functional.linear(h, w).pow(2).sum(), [w])[0]
+                  for h in (x[0::2], x[1::2])) / 2
+    assert (expected - in_fp32).abs().max() > 1e-3  # autocast matters here
+    for rank in ranks:
+        torch.testing.assert_close(rank["autocast"]["grad"].reshape(3, 5), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_gather_at_use_gathers_each_parameter_just_before_its_op():
