@@ -505,13 +505,14 @@ _ATTRIBUTES = {"size", "dim", "numel", "type", "get_device", "is_floating_point"
 
 def _recomputable(node: fx.Node):
     """The function a ``GatheredOp`` may run (and run again) for ``node``, or None: a call of a
-    function or a method that changes none of its arguments in place."""
+    function or a method that changes none of its arguments in place (no trailing ``_``, no
+    ``out=``, no in-place operator, no mutable aten schema)."""
     if node.op == "call_method":
         name = node.target
         if name in _ATTRIBUTES or name.endswith("_") and not name.endswith("__"):
             return None
         return _method(name)
-    if node.op != "call_function" or node.target is getattr:
+    if node.op != "call_function" or node.target is getattr or "out" in node.kwargs:
         return None
     name = getattr(node.target, "__name__", "")
     schema = getattr(node.target, "_schema", None)  # an aten op says whether it writes an argument

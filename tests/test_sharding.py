@@ -479,6 +479,7 @@ def test_gather_at_use_makes_each_op_on_sharded_parameters_one_gathered_op():
     def loss(x, w1, b1, w2, running):
         h = torch.tanh(torch.nn.functional.linear(x, w1, b1))
         h.add_(b1)  # in place: reads b1, writes h
+        torch.mul(h, b1, out=h)  # so is a call with out=
         n = w2.size(0)
         return (h @ w2).sum() / n + torch.addcmul(running, h[0], b1).sum()
 
@@ -503,7 +504,8 @@ def test_gather_at_use_makes_each_op_on_sharded_parameters_one_gathered_op():
     x, w1, b1, w2, running = (torch.randn(s, generator=g, dtype=torch.float64)
                               for s in ((5, 3), (4, 3), (4,), (4, 2), (4,)))
     out = gm(x, w1, b1, w2, running.clone())  # (the stand-ins take full tensors as they come)
-    assert sorted(gathered) == [(4,), (4,), (4, 2)]  # add_ (b1), size (w2), addcmul with the buffer (b1)
+    # b1 for add_ and out= (one gather, shared), w2 for size, b1 again for addcmul with the buffer
+    assert gathered == [(4,), (4, 2), (4,)]
     torch.testing.assert_close(out, loss(x, w1, b1.clone(), w2, running.clone()))
 
 
