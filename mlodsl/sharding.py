@@ -188,18 +188,20 @@ class Sharding:
                 raise
             raise self.failed("an all-reduce", err) from err
 
-    def gathered_op(self, fn, shapes: tuple):
+    def gathered_op(self, fn, shapes: tuple, views: tuple = ()):
         """``fn`` (one op of a traced loss) as a function of slices where it took full parameters:
-        their ``shapes`` in the order they appear among its arguments (``GatheredOp``)."""
+        their ``shapes`` in the order they appear among its arguments (``GatheredOp``), and for
+        each, the view the op took of it (``w.t()``) or None (``views``, empty: none)."""
         def run(*args, **kwargs):
             leaves, spec = tree_flatten((args, kwargs))
             sliced = [i for i, x in enumerate(leaves) if is_sharded(x)]
             if len(sliced) != len(shapes):
                 raise RuntimeError(f"{fn}: {len(sliced)} sharded arguments, {len(shapes)} expected")
+            op = _Op(self, fn, spec, dict(zip(sliced, shapes)), dict(zip(sliced, views)))
             if not torch.is_grad_enabled() or not any(isinstance(x, torch.Tensor) and x.requires_grad
                                                        for x in leaves):
-                return _call(fn, spec, _gathered(self, leaves, dict(zip(sliced, shapes))))
-            return GatheredOp.apply(_Op(self, fn, spec, dict(zip(sliced, shapes))), *leaves)
+                return _call(fn, spec, _gathered(op, leaves))
+            return GatheredOp.apply(op, *leaves)
 
         run.__name__ = run.__qualname__ = "gathered_" + getattr(fn, "__name__", "op").strip("_")
         return run
@@ -297,23 +299,26 @@ class Sharding:
 
 class _Op:
     """What ``GatheredOp`` runs: ``fn`` on the leaves of its ``(args, kwargs)`` (``spec``), the
-    leaves at ``shapes``' positions being slices gathered into full tensors of those shapes."""
+    leaves at ``shapes``' positions being slices gathered into full tensors of those shapes, and
+    viewed by ``views[position]`` where that is not None."""
 
-    __slots__ = ("sharding", "fn", "spec", "shapes")
+    __slots__ = ("sharding", "fn", "spec", "shapes", "views")
 
-    def __init__(self, sharding, fn, spec, shapes: dict):
-        self.sharding, self.fn, self.spec, self.shapes = sharding, fn, spec, shapes
+    def __init__(self, sharding, fn, spec, shapes: dict, views: dict):
+        self.sharding, self.fn, self.spec, self.shapes, self.views = sharding, fn, spec, shapes, views
 
 
-def _gathered(sharding, leaves: list, shapes: dict) -> list:
-    """``leaves`` with the slices at ``shapes``' positions all-gathered (differentiably where grad
-    mode is on: backward, a reduce-scatter); a slice passed twice (``w * w``) is gathered once."""
+def _gathered(op: _Op, leaves: list) -> list:
+    """``leaves`` with the slices at ``op.shapes``' positions all-gathered (differentiably where grad
+    mode is on: backward, a reduce-scatter) and viewed; a slice passed twice (``w * w``) is
+    gathered once."""
     out, fulls = list(leaves), {}
-    for i in shapes:
+    for i, shape in op.shapes.items():
         x = leaves[i]
         if id(x) not in fulls:
-            fulls[id(x)] = sharding._full(x, shapes[i])
-        out[i] = fulls[id(x)]
+            fulls[id(x)] = op.sharding._full(x, shape)
+        view = op.views.get(i)
+        out[i] = fulls[id(x)] if view is None else view(fulls[id(x)])
     return out
 
 
@@ -377,7 +382,7 @@ class GatheredOp(torch.autograd.Function):
         ctx.tensors = sorted(set(ctx.first.values()))
         ctx.others = [None if i in ctx.first else x for i, x in enumerate(leaves)]
         ctx.replay = _Replay(next(leaves[i] for i in op.shapes).device)
-        out = _call(op.fn, op.spec, _gathered(op.sharding, list(leaves), op.shapes))
+        out = _call(op.fn, op.spec, _gathered(op, list(leaves)))
         ctx.save_for_backward(*(leaves[i] for i in ctx.tensors))
         return out
 
@@ -397,7 +402,7 @@ class GatheredOp(torch.autograd.Function):
                 leaves[i] = leaves[i].view_as(leaves[i]) if create_graph else leaves[i].detach().requires_grad_()
             for i, f in ctx.first.items():
                 leaves[i] = leaves[f]
-            out = _call(op.fn, op.spec, _gathered(op.sharding, leaves, op.shapes))
+            out = _call(op.fn, op.spec, _gathered(op, leaves))
             pairs = [(o, g) for o, g in zip(out if isinstance(out, (tuple, list)) else (out,), grads)
                      if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]
             found = torch.autograd.grad([o for o, _ in pairs], [leaves[i] for i in wrt], [g for _, g in pairs],
@@ -437,17 +442,33 @@ def gather_at_use(graph: fx.Graph, shapes: dict, all_gather, gathered_op=None, k
     sliced = {n for n in graph.nodes if n.op == "placeholder" and n.target in shapes}
     kept = {n for n in graph.nodes if n.op == "placeholder" and n.target in keep}
     live: dict = {}  # placeholder -> the gather its uses read now
+    viewed: dict = {}  # a view of a slice's full tensor (w.t()) -> (placeholder, the view): left to its users
     for node in list(graph.nodes):
-        used = [a for a in node.all_input_nodes if a in sliced]
+        if gathered_op is not None:
+            view = _view_of(node, sliced, viewed)
+            if view is not None:  # its users' GatheredOps take the view: their graphs then reach the
+                viewed[node] = view  # slice through a gather of their own
+                continue
+            for v in [a for a in node.all_input_nodes if a in viewed]:
+                if _recomputable(node) is None or kept & set(node.all_input_nodes):  # a view of its own
+                    with graph.inserting_before(node):
+                        own = graph.call_function(gathered_op(_itself, (shapes[viewed[v][0].target],),
+                                                              (viewed[v][1],)), (viewed[v][0],))
+                    node.replace_input_with(v, own)
+        used = [a for a in node.all_input_nodes if a in sliced or a in viewed]
         if not used or (node.op == "call_function" and node.target in on_slices):
             continue
         _square_as_product(node, set(used))
         fn = _recomputable(node) if gathered_op is not None and not kept & set(node.all_input_nodes) else None
         if fn is not None:
-            order = [a for a in tree_flatten((node.args, node.kwargs))[0] if isinstance(a, fx.Node) and a in sliced]
+            order = [a for a in tree_flatten((node.args, node.kwargs))[0] if isinstance(a, fx.Node) and a in used]
+            views = tuple(viewed[a][1] if a in viewed else None for a in order)
+            order = [viewed[a][0] if a in viewed else a for a in order]
+            for v in {a for a in used if a in viewed}:
+                node.replace_input_with(v, viewed[v][0])
             with graph.inserting_before(node):
-                new = graph.call_function(gathered_op(fn, tuple(shapes[a.target] for a in order)),
-                                          node.args, node.kwargs)
+                new = graph.call_function(gathered_op(fn, tuple(shapes[a.target] for a in order),
+                                                      views if any(views) else ()), node.args, node.kwargs)
             node.replace_all_uses_with(new)
             graph.erase_node(node)
             live = {}
@@ -460,8 +481,61 @@ def gather_at_use(graph: fx.Graph, shapes: dict, all_gather, gathered_op=None, k
                     live[ph] = graph.call_function(all_gather, (ph, shapes[ph.target]))
         for ph in used:
             node.replace_input_with(ph, live[ph])
+    for v in reversed(list(viewed)):  # every user now takes the slice itself
+        graph.erase_node(v)
     graph.lint()
     return graph
+
+
+def _itself(x):  # the view of a slice's full tensor for a user that cannot take the view itself
+    return x
+
+
+# views a GatheredOp takes of a full parameter for the op that reads it: methods, and functions of it
+_VIEW_METHODS = {"t", "transpose", "permute", "view", "reshape", "flatten", "unsqueeze", "squeeze", "contiguous"}
+_VIEW_FUNCTIONS = {torch.t, torch.transpose, torch.permute, torch.reshape, torch.flatten, torch.unsqueeze,
+                   torch.squeeze, torch.ops.aten.t.default, torch.ops.aten.transpose.int,
+                   torch.ops.aten.permute.default, torch.ops.aten.view.default, torch.ops.aten.reshape.default}
+_VIEW_ATTRIBUTES = {"T", "mT"}
+
+
+def _view_of(node: fx.Node, sliced: set, viewed: dict):
+    """``(placeholder, view)`` when ``node`` is a view (``w.t()``, ``w.T``, ``w.view(4, -1)``) of a
+    sliced placeholder or of such a view, with constant arguments: ``view(full)`` is ``node``'s
+    value given the placeholder's full tensor. None otherwise."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    base = node.args[0]
+    if base in sliced:
+        root, inner = base, None
+    elif base in viewed:
+        root, inner = viewed[base]
+    else:
+        return None
+    rest, kwargs = node.args[1:], dict(node.kwargs)
+    if any(isinstance(a, fx.Node) for a in tree_flatten((rest, kwargs))[0]):
+        return None
+    if node.op == "call_method" and node.target in _VIEW_METHODS:
+        this = functools.partial(_view_method, node.target, rest, kwargs)
+    elif node.op == "call_function" and node.target in _VIEW_FUNCTIONS:
+        this = functools.partial(_view_function, node.target, rest, kwargs)
+    elif node.op == "call_function" and node.target is getattr and len(rest) == 1 and rest[0] in _VIEW_ATTRIBUTES:
+        this = functools.partial(_view_function, getattr, rest, kwargs)
+    else:
+        return None
+    return root, (this if inner is None else functools.partial(_compose, this, inner))
+
+
+def _view_method(name, rest, kwargs, x):
+    return getattr(x, name)(*rest, **kwargs)
+
+
+def _view_function(fn, rest, kwargs, x):
+    return fn(x, *rest, **kwargs)
+
+
+def _compose(outer, inner, x):
+    return outer(inner(x))
 
 
 def sum_squares_on_slices(graph: fx.Graph, sliced: set, sum_of_squares) -> fx.Graph:

@@ -50,7 +50,12 @@ PROBLEM = textwrap.dedent("""
 
         return ml.Program(outer)
 
-    def deep(rank=0, world=1, shard=False, width=4, layers=6, rows=12):
+    def by_hand(net, x):  # the layers as x @ w.t() + b: each weight reaches its matmul through a view
+        for i in range(0, len(net) - 1, 2):
+            x = torch.tanh(x @ net[i].weight.t() + net[i].bias)
+        return x @ net[-1].weight.T + net[-1].bias
+
+    def deep(rank=0, world=1, shard=False, width=4, layers=6, rows=12, transposed=False):
         # a deeper lower level: equal layers, an L2 penalty (w ** 2).sum() on every weight
         g = torch.Generator().manual_seed(1)
         X = torch.randn(rows, width, generator=g, dtype=torch.float64)
@@ -65,8 +70,9 @@ PROBLEM = textwrap.dedent("""
                   hypergrad=ml.hypergrad.CG(iters=2, on_divergence="warn", warn_residual=None))
         def inner(net, batch, outer):
             x, t = batch
-            return F.mse_loss(net(x), t) + sum(outer.log_l2[i].exp() * (net[2 * i].weight ** 2).sum()
-                                               for i in range(layers))
+            out = by_hand(net, x) if transposed else net(x)
+            return F.mse_loss(out, t) + sum(outer.log_l2[i].exp() * (net[2 * i].weight ** 2).sum()
+                                            for i in range(layers))
 
         @ml.level(hyper, optimizer=ml.optim.sgd(lr=0.1), data=batch, depends_on=[inner])
         def outer(hyper, batch, inner):
@@ -141,19 +147,19 @@ WORKER = PROBLEM + textwrap.dedent("""
             self.peak = max(self.peak, len({r.cdata for r in self.alive}))
             return out
 
-    deep_prog, X, y = deep(rank, world, shard=True)
-    state = {n: deep_prog._state[n]["params"] for n in deep_prog.levels}
-    with deep_prog.sharding.running():
-        slices = {k: v.detach().requires_grad_() for k, v in state["inner"].items()}
-        loss, _ = deep_prog._runtime.evaluate("inner", {**state, "inner": slices}, (X[rank::world], y[rank::world]))
-        grads = torch.autograd.grad(loss, list(slices.values()), create_graph=True)
-        del loss
-        counting = FullSize(4 * 4)
-        with counting:
-            hvp = torch.autograd.grad(grads, list(slices.values()), [torch.ones_like(g) for g in grads])
-    result["deep_full_peak"] = counting.peak
-    result["deep_hvp"] = [deep_prog.sharding.full("inner", h) for h in hvp]
-    result["deep_at"], result["deep_outer"] = deep_prog.params("inner"), deep_prog.params("outer")
+    for key, transposed in (("deep", False), ("deep_transposed", True)):
+        deep_prog, X, y = deep(rank, world, shard=True, transposed=transposed)
+        state = {n: deep_prog._state[n]["params"] for n in deep_prog.levels}
+        with deep_prog.sharding.running():
+            slices = {k: v.detach().requires_grad_() for k, v in state["inner"].items()}
+            loss, _ = deep_prog._runtime.evaluate("inner", {**state, "inner": slices}, (X[rank::world], y[rank::world]))
+            grads = torch.autograd.grad(loss, list(slices.values()), create_graph=True)
+            del loss
+            counting = FullSize(4 * 4)
+            with counting:
+                hvp = torch.autograd.grad(grads, list(slices.values()), [torch.ones_like(g) for g in grads])
+        result[key] = {"full_peak": counting.peak, "hvp": [deep_prog.sharding.full("inner", h) for h in hvp],
+                       "at": deep_prog.params("inner"), "outer": deep_prog.params("outer")}
     # an op that draws (dropout of a weight) is recomputed in its backward pass with the same draws
     dropconnect = prog.sharding.gathered_op(lambda w, x: x @ F.dropout(w, 0.5).T, ((3, 5),))
     w = prog._state["inner"]["params"]["0.weight"].detach().requires_grad_()
@@ -292,18 +298,20 @@ def test_a_graph_built_through_a_sharded_loss_holds_slices(two_ranks, reference)
             torch.testing.assert_close(rank["hvp"][list(params).index(k)].reshape(v.shape), h, rtol=1e-6, atol=1e-9)
 
 
-def test_a_second_differentiation_reduces_each_layers_full_gradient_as_it_arrives(two_ranks, reference):
-    """A Hessian-vector product through six sharded 4×4 layers: at most one layer's full-size
-    (16-element) tensors are alive at once. When the second-order contributions went back to the
-    forward pass's gathers (which run last), every layer's waited there: 13 at the peak. The product
-    equals the one taken by hand in the full parameters on the union of the ranks' batches."""
+@pytest.mark.parametrize("key", ["deep", "deep_transposed"])
+def test_a_second_differentiation_reduces_each_layers_full_gradient_as_it_arrives(two_ranks, reference, key):
+    """A Hessian-vector product through six sharded 4×4 layers (nn.Linear, or x @ w.t() + b by
+    hand): at most one layer's full-size (16-element) tensors are alive at once. When the
+    second-order contributions went back to the forward pass's gathers (which run last), every
+    layer's waited there: 13 at the peak. The product equals the one taken by hand in the full
+    parameters on the union of the ranks' batches."""
     _, _, _, ranks, _ = two_ranks
     _, namespace = reference
     for rank in ranks:
-        assert 1 <= rank["deep_full_peak"] <= 3  # one layer's: its weight, a contribution (and v gathered)
+        assert 1 <= rank[key]["full_peak"] <= 3  # one layer's: its weight, a contribution (and v gathered)
         net, X, y = namespace["deep"]()
-        params = {k: v.clone().requires_grad_() for k, v in rank["deep_at"].items()}
-        log_l2 = rank["deep_outer"]["log_l2"]
+        params = {k: v.clone().requires_grad_() for k, v in rank[key]["at"].items()}
+        log_l2 = rank[key]["outer"]["log_l2"]
         module = torch.nn.Sequential(*[m for _ in range(6) for m in (torch.nn.Linear(4, 4), torch.nn.Tanh())],
                                      torch.nn.Linear(4, 1)).double()
         out = torch.func.functional_call(module, params, (X,))
@@ -312,7 +320,7 @@ def test_a_second_differentiation_reduces_each_layers_full_gradient_as_it_arrive
         grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
         hvp = torch.autograd.grad(grads, list(params.values()), [torch.ones_like(g) for g in grads])
         for i, (v, h) in enumerate(zip(params.values(), hvp)):
-            torch.testing.assert_close(rank["deep_hvp"][i].reshape(v.shape), h, rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(rank[key]["hvp"][i].reshape(v.shape), h, rtol=1e-6, atol=1e-9)
 
 
 def test_an_op_that_draws_is_recomputed_with_the_same_draws(two_ranks, reference):
@@ -486,7 +494,7 @@ def test_gather_at_use_makes_each_op_on_sharded_parameters_one_gathered_op():
     shapes = {"w1": (4, 3), "b1": (4,), "w2": (4, 2)}
     wrapped, gathered = [], []
 
-    def gathered_op(fn, op_shapes):
+    def gathered_op(fn, op_shapes, views=()):
         def run(*args, **kwargs):
             return fn(*args, **kwargs)
 
@@ -532,3 +540,40 @@ def test_an_l2_penalty_of_a_sharded_parameter_is_summed_on_its_slices():
     args = [torch.randn(s, generator=g, dtype=torch.float64) for s in ((3, 2), (4,), (2, 2), (3, 2), (5,))]
     torch.testing.assert_close(gm(*args), loss(*args))
     assert calls == [(3, 2), (4,), (2, 2)]
+
+
+def test_gather_at_use_hands_a_view_of_a_sharded_parameter_to_the_op_that_reads_it():
+    """``x @ w.t()``, ``h @ w2.T.contiguous()``: the view is taken inside the op's GatheredOp (which
+    then gathers the slice itself, in its backward too), not made an op of its own; a user that
+    cannot take it (the loss's output) gets the view as a GatheredOp of its own."""
+    from torch import fx
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+    from mlodsl.sharding import gather_at_use
+
+    def loss(x, w1, w2):
+        h = torch.tanh(x @ w1.t())
+        return (h @ w2.T.contiguous()).sum(), w1.view(-1)
+
+    shapes = {"w1": (4, 3), "w2": (2, 4)}
+    wrapped = []
+
+    def gathered_op(fn, op_shapes, views=()):
+        def run(*args, **kwargs):  # stands in for GatheredOp: full tensors in, the views applied
+            leaves, spec = tree_flatten((args, kwargs))
+            at = [i for i, a in enumerate(leaves) if isinstance(a, torch.Tensor) and a.shape in op_shapes]
+            for i, view in zip(at, views):
+                leaves[i] = leaves[i] if view is None else view(leaves[i])
+            a, k = tree_unflatten(leaves, spec)
+            return fn(*a, **k)
+
+        wrapped.append((getattr(fn, "__name__", fn), op_shapes, len(views)))
+        return run
+
+    graph = gather_at_use(fx.symbolic_trace(loss).graph, shapes, lambda f, s: f.reshape(s), gathered_op)
+    assert wrapped == [("matmul", ((4, 3),), 1), ("matmul", ((2, 4),), 1), ("_itself", ((4, 3),), 1)]
+    assert not any(n.op == "call_method" and n.target in ("t", "contiguous") for n in graph.nodes)
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    g = torch.Generator().manual_seed(0)
+    x, w1, w2 = (torch.randn(s, generator=g, dtype=torch.float64) for s in ((5, 3), (4, 3), (2, 4)))
+    for got, expected in zip(gm(x, w1, w2), loss(x, w1, w2)):
+        torch.testing.assert_close(got, expected)
