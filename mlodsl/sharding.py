@@ -10,8 +10,9 @@ around functionally; the two seams are:
   (``full_tensor``) when it runs and drops them after, as FSDP gathers per unit: a forward pass
   holds the full parameters of one op at a time (one layer's weight and bias), not the level's.
   Its backward gathers them again and recomputes the op, so that a backward pass that builds a
-  graph (a Hessian-vector product) gathers afresh inside the op's part of that graph. An L2
-  penalty ``(p ** 2).sum()`` is summed on the slices (``sum_of_squares``) and gathers nothing.
+  graph (a Hessian-vector product) gathers afresh inside the op's part of that graph; a view of a
+  parameter (``w.t()``) is taken inside the op that reads it. An L2 penalty ``(p ** 2).sum()`` is
+  summed on the slices (``sum_of_squares``) and gathers nothing.
 * the gathers' backward is a reduce-scatter of the ranks' mean (``grad_placements=Partial("avg")``):
   the gradient in a slice is already the mean over ranks of the gradient in the full parameter,
   so ``reduce`` leaves sharded tensors alone and an optimizer update touches one slice. The
