@@ -430,7 +430,8 @@ def gather_at_use(graph: fx.Graph, shapes: dict, all_gather, gathered_op=None, k
     used.
 
     With ``gathered_op``, every node that reads slices becomes ``gathered_op(fn, shapes)`` (a
-    ``GatheredOp``: the op gathers its own parameters, forward and backward), unless it reads a
+    ``GatheredOp``: the op gathers its own parameters, forward and backward; a view of a slice's
+    parameter, ``w.t()``, is not an op of its own but taken inside its readers'), unless it reads a
     placeholder in ``keep`` (buffers, which an op may update in place and a recomputation would
     update twice), changes an argument in place, or only reads an attribute (``w.shape``). Those,
     and every node without ``gathered_op``, get ``all_gather(slice, shape)`` inserted just before
