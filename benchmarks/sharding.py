@@ -15,6 +15,7 @@ malloc is told to return large blocks (MALLOC_MMAP_THRESHOLD_) so that RSS measu
 
     python benchmarks/sharding.py                          # ~100M parameters, FiniteDiff
     python benchmarks/sharding.py --method cg3 --width 1024  # a small run of another method
+    python benchmarks/sharding.py --method cg3 --width 512 --live 1000000  # the tensors alive at the peak
 """
 from __future__ import annotations
 
@@ -69,6 +70,12 @@ def worker(args) -> dict:
     prog = ml.Program(outer)
     n_params = sum(v.numel() for v in prog.params("inner").values())
     prog.step()  # warm-up
+    if args.live:  # which tensors are alive at the step's peak (slow: small widths only)
+        from benchmarks.live_tensors import LiveTensors
+        live = LiveTensors(stack_bytes=args.live)
+        with live:
+            prog.step()
+        return dict(rank=rank, live=live.report(), outer_loss=prog.history[-1]["outer"])
     rss_kb, ok = reset_peak()
     t0 = time.perf_counter()
     prog.step()
@@ -93,7 +100,8 @@ def launch(args, shard: bool) -> list:
                "MALLOC_MMAP_THRESHOLD_": "65536", "MLODSL_DIST_TIMEOUT": "1800",
                "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
         cmd = [sys.executable, __file__, "--child", "--width", str(args.width), "--layers", str(args.layers),
-               "--batch", str(args.batch), "--threads", str(args.threads), "--method", args.method]
+               "--batch", str(args.batch), "--threads", str(args.threads), "--method", args.method,
+               "--live", str(args.live)]
         procs.append(subprocess.Popen(cmd + (["--shard"] if shard else []), env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     rows = []
@@ -115,11 +123,19 @@ def main():
     p.add_argument("--shard", action="store_true")
     p.add_argument("--child", action="store_true")
     p.add_argument("--json", default="")
+    p.add_argument("--live", type=int, default=0, metavar="BYTES",
+                   help="instead of timing, list the tensors alive at the step's peak (rank 0), with the "
+                        "mlodsl frames that made those of at least BYTES (benchmarks/live_tensors.py)")
     args = p.parse_args()
     if args.child:
         print(json.dumps(worker(args)), flush=True)
         return
     results = {"unsharded": launch(args, False), "sharded": launch(args, True)}
+    if args.live:
+        for kind, rows in results.items():
+            print(f"{kind} (rank 0), {args.method}, width {args.width}, outer loss {rows[0]['outer_loss']:.6g}")
+            print(rows[0]["live"])
+        return
     print(f"{results['sharded'][0]['params'] / 1e6:.1f}M parameters, {args.method}, 2 gloo ranks, "
           f"{args.threads} thread(s) each")
     print("| program | rank | peak RSS in the step | RSS before it | lower level's state held | step time |")

@@ -50,6 +50,37 @@ PROBLEM = textwrap.dedent("""
 
         return ml.Program(outer)
 
+    def by_hand(net, x):  # the layers as x @ w.t() + b: each weight reaches its matmul through a view
+        for i in range(0, len(net) - 1, 2):
+            x = torch.tanh(x @ net[i].weight.t() + net[i].bias)
+        return x @ net[-1].weight.T + net[-1].bias
+
+    def deep(rank=0, world=1, shard=False, width=4, layers=6, rows=12, transposed=False):
+        # a deeper lower level: equal layers, an L2 penalty (w ** 2).sum() on every weight
+        g = torch.Generator().manual_seed(1)
+        X = torch.randn(rows, width, generator=g, dtype=torch.float64)
+        y = torch.randn(rows, 1, generator=g, dtype=torch.float64)
+        torch.manual_seed(rank)
+        net = nn.Sequential(*[m for _ in range(layers) for m in (nn.Linear(width, width), nn.Tanh())],
+                            nn.Linear(width, 1)).double()
+        hyper = ml.Hyper(log_l2=torch.full((layers,), -2.0, dtype=torch.float64))
+        batch = [(X[rank::world], y[rank::world])]
+
+        @ml.level(net, optimizer=ml.optim.sgd(lr=0.1), data=batch, shard=shard,
+                  hypergrad=ml.hypergrad.CG(iters=2, on_divergence="warn", warn_residual=None))
+        def inner(net, batch, outer):
+            x, t = batch
+            out = by_hand(net, x) if transposed else net(x)
+            return F.mse_loss(out, t) + sum(outer.log_l2[i].exp() * (net[2 * i].weight ** 2).sum()
+                                            for i in range(layers))
+
+        @ml.level(hyper, optimizer=ml.optim.sgd(lr=0.1), data=batch, depends_on=[inner])
+        def outer(hyper, batch, inner):
+            x, t = batch
+            return F.mse_loss(inner(x), t)
+
+        return ml.Program(outer), X, y
+
     METHODS = {"unroll": ml.hypergrad.Unroll(), "cg": ml.hypergrad.CG(iters=4, on_divergence="warn"),
                "finite_diff": ml.hypergrad.FiniteDiff(), "neumann": ml.hypergrad.Neumann(iters=3, alpha=0.1),
                "sama": ml.hypergrad.SAMA(), "unroll_checkpointed": ml.hypergrad.Unroll(checkpoint=2),
@@ -98,6 +129,56 @@ WORKER = PROBLEM + textwrap.dedent("""
     result["graph_gathers"], result["hvp"] = len(gathered), [prog.sharding.full("inner", h) for h in hvp]
     result["hvp_at"], result["hvp_outer"] = prog.params("inner"), prog.params("outer")
     prog.sharding._full = full
+    # the second differentiation of a deep sharded loss (a Hessian-vector product), counting the
+    # full-size (width²) tensors alive at each op: what waits for its reduce-scatter
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class FullSize(TorchDispatchMode):
+        def __init__(self, numel):
+            super().__init__()
+            self.numel, self.alive, self.peak = numel, [], 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.alive += [StorageWeakRef(t.untyped_storage()) for t in tree_leaves(out)
+                           if type(t) is torch.Tensor and t.numel() == self.numel]
+            self.alive = [r for r in self.alive if not r.expired()]
+            self.peak = max(self.peak, len({r.cdata for r in self.alive}))
+            return out
+
+    for key, transposed in (("deep", False), ("deep_transposed", True)):
+        deep_prog, X, y = deep(rank, world, shard=True, transposed=transposed)
+        state = {n: deep_prog._state[n]["params"] for n in deep_prog.levels}
+        with deep_prog.sharding.running():
+            slices = {k: v.detach().requires_grad_() for k, v in state["inner"].items()}
+            loss, _ = deep_prog._runtime.evaluate("inner", {**state, "inner": slices}, (X[rank::world], y[rank::world]))
+            grads = torch.autograd.grad(loss, list(slices.values()), create_graph=True)
+            del loss
+            counting = FullSize(4 * 4)
+            with counting:
+                hvp = torch.autograd.grad(grads, list(slices.values()), [torch.ones_like(g) for g in grads])
+        result[key] = {"full_peak": counting.peak, "hvp": [deep_prog.sharding.full("inner", h) for h in hvp],
+                       "at": deep_prog.params("inner"), "outer": deep_prog.params("outer")}
+    # an op that draws (dropout of a weight) is recomputed in its backward pass with the same draws
+    dropconnect = prog.sharding.gathered_op(lambda w, x: x @ F.dropout(w, 0.5).T, ((3, 5),))
+    w = prog._state["inner"]["params"]["0.weight"].detach().requires_grad_()
+    with prog.sharding.running():
+        torch.manual_seed(7)
+        (g,) = torch.autograd.grad(dropconnect(w, data()[0][0][rank::world]).pow(2).mean(), [w])
+    result["dropconnect"] = prog.sharding.full("inner", {"0.weight": w, "grad": g})
+    # and under autocast (bf16 on CPU) as its forward pass ran, though the backward pass runs outside
+    linear = prog.sharding.gathered_op(F.linear, ((3, 5),))
+    w = prog._state["inner"]["params"]["0.weight"].detach().float().requires_grad_()
+    with prog.sharding.running():
+        with torch.autocast("cpu", torch.bfloat16):
+            low = linear(data()[0][0][rank::world].float(), w)  # (not `out`: the result files' path)
+        (g,) = torch.autograd.grad(low.float().pow(2).sum(), [w])
+    result["autocast"] = prog.sharding.full("inner", {"0.weight": w, "grad": g})
+    # unequal shards (7 and 6 examples): each rank's loss, its penalty too, is weighed by its share
+    deep_prog = deep(rank, world, shard=True, rows=13)[0]
+    deep_prog.fit(2, progress=False)
+    result["deep_unequal"] = {n: deep_prog.params(n) for n in deep_prog.levels}
     state = prog._state["inner"]  # what this rank stores of the sharded level
     result["stored"] = {k: (type(v).__name__, tuple(v.to_local().shape)) for k, v in state["params"].items()}
     result["stored_opt"] = {s: {k: (type(v).__name__, tuple(v.to_local().shape)) for k, v in state["opt"][s].items()}
@@ -143,6 +224,9 @@ def reference():
         prog = namespace["build"](method)
         prog.fit(3, progress=False)
         out[name] = {n: prog.params(n) for n in prog.levels}
+    prog = namespace["deep"](rows=13)[0]
+    prog.fit(2, progress=False)
+    out["deep_unequal"] = {n: prog.params(n) for n in prog.levels}
     return out, namespace
 
 
@@ -165,7 +249,7 @@ def two_ranks(tmp_path_factory):
 def test_two_ranks_with_a_sharded_lower_level_equal_one_unsharded_process(two_ranks, reference):
     _, _, _, ranks, _ = two_ranks
     ref, _ = reference
-    for name in ("unroll", "cg", "finite_diff", "neumann", "sama", "unroll_checkpointed", "cg_tol"):
+    for name in ("unroll", "cg", "finite_diff", "neumann", "sama", "unroll_checkpointed", "cg_tol", "deep_unequal"):
         for n, params in ref[name].items():
             for k, v in params.items():
                 for r in ranks:
@@ -212,6 +296,65 @@ def test_a_graph_built_through_a_sharded_loss_holds_slices(two_ranks, reference)
         hvp = torch.autograd.grad(grads, list(params.values()), [torch.ones_like(g) for g in grads])
         for (k, v), h in zip(params.items(), hvp):
             torch.testing.assert_close(rank["hvp"][list(params).index(k)].reshape(v.shape), h, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("key", ["deep", "deep_transposed"])
+def test_a_second_differentiation_reduces_each_layers_full_gradient_as_it_arrives(two_ranks, reference, key):
+    """A Hessian-vector product through six sharded 4×4 layers (nn.Linear, or x @ w.t() + b by
+    hand): at most one layer's full-size (16-element) tensors are alive at once. When the
+    second-order contributions went back to the forward pass's gathers (which run last), every
+    layer's waited there: 13 at the peak. The product equals the one taken by hand in the full
+    parameters on the union of the ranks' batches."""
+    _, _, _, ranks, _ = two_ranks
+    _, namespace = reference
+    for rank in ranks:
+        assert 1 <= rank[key]["full_peak"] <= 3  # one layer's: its weight, a contribution (and v gathered)
+        net, X, y = namespace["deep"]()
+        params = {k: v.clone().requires_grad_() for k, v in rank[key]["at"].items()}
+        log_l2 = rank[key]["outer"]["log_l2"]
+        module = torch.nn.Sequential(*[m for _ in range(6) for m in (torch.nn.Linear(4, 4), torch.nn.Tanh())],
+                                     torch.nn.Linear(4, 1)).double()
+        out = torch.func.functional_call(module, params, (X,))
+        loss = torch.nn.functional.mse_loss(out, y) + sum(log_l2[i].exp() * (params[f"{2 * i}.weight"] ** 2).sum()
+                                                          for i in range(6))
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+        hvp = torch.autograd.grad(grads, list(params.values()), [torch.ones_like(g) for g in grads])
+        for i, (v, h) in enumerate(zip(params.values(), hvp)):
+            torch.testing.assert_close(rank[key]["hvp"][i].reshape(v.shape), h, rtol=1e-6, atol=1e-9)
+
+
+def test_an_op_that_draws_is_recomputed_with_the_same_draws(two_ranks, reference):
+    """Dropout of a sharded weight: its backward pass runs the op again; the gradient is that of the
+    mask the forward pass drew (the same seed on both ranks), on the union of their batches."""
+    _, _, _, ranks, _ = two_ranks
+    _, namespace = reference
+    x = namespace["data"]()[0][0]
+    for rank in ranks:
+        w = rank["dropconnect"]["0.weight"].clone().requires_grad_()
+        torch.manual_seed(7)
+        (expected,) = torch.autograd.grad((x @ torch.nn.functional.dropout(w, 0.5).T).pow(2).mean(), [w])
+        assert (expected == 0).any() and (expected != 0).any()  # some weights dropped, some kept
+        torch.testing.assert_close(rank["dropconnect"]["grad"].reshape(3, 5), expected, rtol=1e-6, atol=1e-9)
+
+
+def test_an_op_is_recomputed_under_the_autocast_of_its_forward_pass(two_ranks, reference):
+    """A linear layer run under bf16 autocast: the gradient in the slices is the ranks' mean of the
+    gradients autocast gives in the full weight (in float32 it differs by bf16's rounding)."""
+    _, _, _, ranks, _ = two_ranks
+    _, namespace = reference
+    x = namespace["data"]()[0][0].float()
+    w = ranks[0]["autocast"]["0.weight"].clone().requires_grad_()
+    grads = []
+    for half in (x[0::2], x[1::2]):
+        with torch.autocast("cpu", torch.bfloat16):
+            out = torch.nn.functional.linear(half, w)
+        grads.append(torch.autograd.grad(out.float().pow(2).sum(), [w])[0])
+    expected = (grads[0] + grads[1]) / 2
+    in_fp32 = sum(torch.autograd.grad(torch.nn.functional.linear(h, w).pow(2).sum(), [w])[0]
+                  for h in (x[0::2], x[1::2])) / 2
+    assert (expected - in_fp32).abs().max() > 1e-3  # autocast matters here
+    for rank in ranks:
+        torch.testing.assert_close(rank["autocast"]["grad"].reshape(3, 5), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_gather_at_use_gathers_each_parameter_just_before_its_op():
@@ -354,3 +497,105 @@ def test_reverse_over_forward_on_a_sharded_level_is_refused_at_build(tmp_path):
         refused = [line for line in log.splitlines() if line.startswith("REFUSED:")]
         assert refused, log
         assert "level 'inner'" in refused[0] and "shard=True" in refused[0] and "low_memory=False" in refused[0]
+
+
+def test_gather_at_use_makes_each_op_on_sharded_parameters_one_gathered_op():
+    """With ``gathered_op``, an op that reads slices is replaced by one call that gathers them itself
+    (forward and backward). Ops that only read an attribute, change an argument in place or read a
+    buffer (which a recomputation would update twice) get a plain gather before them instead."""
+    from torch import fx
+    from mlodsl.sharding import gather_at_use
+
+    def loss(x, w1, b1, w2, running):
+        h = torch.tanh(torch.nn.functional.linear(x, w1, b1))
+        h.add_(b1)  # in place: reads b1, writes h
+        torch.mul(h, b1, out=h)  # so is a call with out=
+        n = w2.size(0)
+        return (h @ w2).sum() / n + torch.addcmul(running, h[0], b1).sum()
+
+    shapes = {"w1": (4, 3), "b1": (4,), "w2": (4, 2)}
+    wrapped, gathered = [], []
+
+    def gathered_op(fn, op_shapes, views=()):
+        def run(*args, **kwargs):
+            return fn(*args, **kwargs)
+
+        wrapped.append((getattr(fn, "__name__", fn), op_shapes))
+        return run
+
+    def all_gather(flat, shape):
+        gathered.append(shape)
+        return flat.reshape(shape)
+
+    graph = gather_at_use(fx.symbolic_trace(loss).graph, shapes, all_gather, gathered_op, keep={"running"})
+    assert wrapped == [("linear", ((4, 3), (4,))), ("matmul", ((4, 2),))]  # fn and its slices' shapes, in order
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    g = torch.Generator().manual_seed(0)
+    x, w1, b1, w2, running = (torch.randn(s, generator=g, dtype=torch.float64)
+                              for s in ((5, 3), (4, 3), (4,), (4, 2), (4,)))
+    out = gm(x, w1, b1, w2, running.clone())  # (the stand-ins take full tensors as they come)
+    # b1 for add_ and out= (one gather, shared), w2 for size, b1 again for addcmul with the buffer
+    assert gathered == [(4,), (4, 2), (4,)]
+    torch.testing.assert_close(out, loss(x, w1, b1.clone(), w2, running.clone()))
+
+
+def test_an_l2_penalty_of_a_sharded_parameter_is_summed_on_its_slices():
+    """``(w ** 2).sum()``, ``torch.sum(w * w)`` and ``w.pow(2).sum()`` become ``sum_of_squares(w)``;
+    a weighted square, or a square that is also used elsewhere, is left to the gathers."""
+    from torch import fx
+    from mlodsl.sharding import sum_squares_on_slices
+
+    def loss(w, v, u, c, t):
+        q = t ** 2
+        return (w ** 2).sum() + torch.sum(v * v) + u.pow(2).sum() + (c * w ** 2).sum() + q.sum() + q.mean()
+
+    calls = []
+
+    def sum_of_squares(p):
+        calls.append(tuple(p.shape))
+        return (p * p).sum()
+
+    graph = sum_squares_on_slices(fx.symbolic_trace(loss).graph, {"w", "v", "u", "t"}, sum_of_squares)
+    assert sum(n.target is sum_of_squares for n in graph.nodes) == 3
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(s, generator=g, dtype=torch.float64) for s in ((3, 2), (4,), (2, 2), (3, 2), (5,))]
+    torch.testing.assert_close(gm(*args), loss(*args))
+    assert calls == [(3, 2), (4,), (2, 2)]
+
+
+def test_gather_at_use_hands_a_view_of_a_sharded_parameter_to_the_op_that_reads_it():
+    """``x @ w.t()``, ``h @ w2.T.contiguous()``: the view is taken inside the op's GatheredOp (which
+    then gathers the slice itself, in its backward too), not made an op of its own; a user that
+    cannot take it (the loss's output) gets the view as a GatheredOp of its own."""
+    from torch import fx
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+    from mlodsl.sharding import gather_at_use
+
+    def loss(x, w1, w2):
+        h = torch.tanh(x @ w1.t())
+        return (h @ w2.T.contiguous()).sum(), w1.view(-1)
+
+    shapes = {"w1": (4, 3), "w2": (2, 4)}
+    wrapped = []
+
+    def gathered_op(fn, op_shapes, views=()):
+        def run(*args, **kwargs):  # stands in for GatheredOp: full tensors in, the views applied
+            leaves, spec = tree_flatten((args, kwargs))
+            at = [i for i, a in enumerate(leaves) if isinstance(a, torch.Tensor) and a.shape in op_shapes]
+            for i, view in zip(at, views):
+                leaves[i] = leaves[i] if view is None else view(leaves[i])
+            a, k = tree_unflatten(leaves, spec)
+            return fn(*a, **k)
+
+        wrapped.append((getattr(fn, "__name__", fn), op_shapes, len(views)))
+        return run
+
+    graph = gather_at_use(fx.symbolic_trace(loss).graph, shapes, lambda f, s: f.reshape(s), gathered_op)
+    assert wrapped == [("matmul", ((4, 3),), 1), ("matmul", ((2, 4),), 1), ("_itself", ((4, 3),), 1)]
+    assert not any(n.op == "call_method" and n.target in ("t", "contiguous") for n in graph.nodes)
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    g = torch.Generator().manual_seed(0)
+    x, w1, w2 = (torch.randn(s, generator=g, dtype=torch.float64) for s in ((5, 3), (4, 3), (2, 4)))
+    for got, expected in zip(gm(x, w1, w2), loss(x, w1, w2)):
+        torch.testing.assert_close(got, expected)
