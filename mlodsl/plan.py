@@ -121,7 +121,11 @@ class LevelPlan:
       the block ends at, instead of by a gradient norm per update: its optimizer carries a non-finite
       gradient into the parameters (``Optimizer.carries_nonfinite``) and nothing between its updates
       could replace them (a projection, clipping) or hide them (an fp16 loss scale, another rank's
-      average, a transform it runs in); every update's loss is still checked.
+      average, a transform it runs in); every update's loss is still checked;
+    * ``counted_at_end``: its optimizer's update count (``state["count"]``) advances once, by
+      ``steps``, at its block's end: a block checked at its end whose optimizer's update reads no count
+      (``Optimizer.uncounted``: plain SGD) runs that update, without a counter kernel per update; every
+      other block (a compiled loop too) counts each update. The count the step ends at is the same.
     """
 
     name: str
@@ -145,9 +149,10 @@ class LevelPlan:
     sharded: bool
     data_parallel: bool
     checked_at_end: bool = False
+    counted_at_end: bool = False
 
     HEADER = ("level: method | iterates kept | tape | compiled | vjp source | random | differentiated | "
-              "attention | start | tasks | precision | sharded | no gradient | gradients checked")
+              "attention | start | tasks | precision | sharded | no gradient | gradients checked | update count")
 
     def __str__(self) -> str:
         keep = {0: "none", 1: "every"}.get(self.keep, f"every {self.keep}")
@@ -160,7 +165,8 @@ class LevelPlan:
                 f"{random} | {'twice' if self.twice else 'once'} | {'math' if self.math_attention else 'any'} | "
                 f"{self.start or 'warm'} | {'yes' if self.tasks else 'no'} | {self.precision} | "
                 f"{'yes' if self.sharded else 'no'} | {', '.join(self.no_gradient) or '-'} | "
-                f"{'at the end' if self.checked_at_end else 'each update'}"
+                f"{'at the end' if self.checked_at_end else 'each update'} | "
+                f"{f'once per block (+{self.steps})' if self.counted_at_end else 'each update'}"
                 + (" | data parallel" if self.data_parallel else ""))
 
 
@@ -222,7 +228,8 @@ def decide(plan: Plan, levels: dict, methods: dict, *, taken: dict, compiled: se
             random.get(name, False), name in twice, name in math_attention,
             tuple(sorted(no_gradient.get(name, ()))),
             start if start is None or isinstance(start, str) else start.name,
-            bool(levels[name].tasks), precision.get(name, "fp32"), name in sharded, data_parallel, at_end)
+            bool(levels[name].tasks), precision.get(name, "fp32"), name in sharded, data_parallel, at_end,
+            at_end and levels[name].optimizer.uncounted is not None)
     return replace(plan, levels=out)
 
 

@@ -284,6 +284,21 @@ class Runtime:
             p = self.projections[name](p)
         return {**sub, name: {"params": p, "opt": o}}
 
+    def apply_uncounted(self, name: str, sub: dict, up: dict, grad: dict) -> dict:
+        """``apply_update`` in a block whose update count moves once, at its end (``count``;
+        ``LevelPlan.counted_at_end``: nothing reduces, clips or projects its gradient there): the
+        optimizer's update without its count (``Optimizer.uncounted``)."""
+        optimizer, own = self.optimizers[name], sub[name]
+        reads = {**up, **params_of(sub)} if optimizer.reads else None
+        p, o = optimizer.uncounted(own["params"], self.mark_absent(name, grad), own["opt"], reads)
+        return {**sub, name: {"params": p, "opt": o}}
+
+    @staticmethod
+    def count(sub: dict, name: str, updates: int) -> dict:
+        """The block state ``sub`` with level ``name``'s update count advanced by ``updates``."""
+        own = sub[name]
+        return {**sub, name: {**own, "opt": {**own["opt"], "count": own["opt"]["count"] + updates}}}
+
     def _solve(self, name: str, own: dict, grad: dict, reads: dict, batch) -> tuple:
         """The update of a level solved by ``ml.optim.solver``: its solver's solution on ``batch``."""
         batch = batch.batch if isinstance(batch, SeededBatch) else batch
