@@ -75,7 +75,7 @@ def _tape() -> bool:
 
 def on_tape() -> bool:
     """Whether products are taken on the autograd tape here (no torch.func transform is active)."""
-    return _tape()
+    return not _forced_func() and not _key_included(_TRANSFORM_KEY)  # _tape(), one call fewer per update
 
 
 def inside_product() -> bool:
@@ -169,22 +169,44 @@ def _tape_grad_with_aux(fn, primals):
     return unflatten(grads), aux
 
 
-def tape_level_grad(fn, params: dict, level: str):
-    """``(∇ loss in params[level], loss, metrics)`` on the tape for ``fn(params) -> (loss, metrics)``,
-    ``params`` mapping levels to their parameters: ``grad_with_aux`` in one level's parameters
-    (partial derivatives, zeros where the loss does not reach, a graph kept where a product around
-    it differentiates it), by a direct path: the eager step takes one at every update. Call it only
-    on the tape (``on_tape()``)."""
-    if torch.is_grad_enabled():
-        grads, loss, metrics, nested = _tape_partials(fn, params, (level,))
-    else:
+def tape_level_grad(fn, marks: bool, params: dict, level: str, batch):
+    """``(∇ loss in params[level], loss, metrics)`` on the tape for ``fn(params, batch) -> (loss,
+    metrics)``, ``params`` mapping levels to their parameters: ``grad_with_aux`` in one level's
+    parameters (partial derivatives, zeros where the loss does not reach, a graph kept where a
+    product around it differentiates it), by a direct path: the eager step takes one at every
+    update. ``marks``: whether ``fn`` may take products of its own (an opaque level's function), so
+    that its evaluation is marked as one for an enclosing product (``evaluating``); a traced graph
+    of torch operations takes none. Call it only on the tape (``on_tape()``)."""
+    if not torch.is_grad_enabled():
         with torch.enable_grad():
-            grads, loss, metrics, nested = _tape_partials(fn, params, (level,))
+            return tape_level_grad(fn, marks, params, level, batch)
+    depth = _DIFFERENTIATING.get()
+    nested = depth > 0
+    own = {}
+    for k, x in params[level].items():
+        if x.requires_grad:  # it carries a graph: alias it (a partial derivative), keep the graph
+            nested = True
+            own[k] = x.view_as(x)
+        else:
+            own[k] = x.detach().requires_grad_()
+    inputs = {**params, level: own}
+    if marks:
+        token = _DIFFERENTIATING.set(depth + 1)  # by hand: ``evaluating``'s cost, per update
+        try:
+            loss, metrics = fn(inputs, batch)
+        finally:
+            _DIFFERENTIATING.reset(token)
+    else:
+        loss, metrics = fn(inputs, batch)
+    leaves = tuple(own.values())  # one tensor as itself: torch's wrapper checks a tuple against Mapping
+    grads = torch.autograd.grad(loss, leaves[0] if len(leaves) == 1 else leaves, create_graph=nested,
+                                allow_unused=True)
+    grad = {k: torch.zeros_like(x) if g is None else g for (k, x), g in zip(own.items(), grads)}
     if not nested:
         loss = loss.detach()
         if metrics:
             metrics = detached(metrics)
-    return grads[level], loss, metrics
+    return grad, loss, metrics
 
 
 def _tape_partials(fn, params: dict, wrt) -> tuple:

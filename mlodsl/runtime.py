@@ -69,6 +69,13 @@ def clip_norm(grad: dict, max_norm: float) -> dict:
     return {k: g * factor for k, g in grad.items()}
 
 
+def _direct_loss(name: str, traced) -> Callable:
+    """``(params, batch) -> (loss, metrics)`` of level ``name`` by its traced graph alone."""
+    def loss(params, batch):
+        return _loss_and_metrics(name, traced(params, batch))
+    return loss
+
+
 def _levels_taken(traced) -> frozenset:
     """The levels whose parameters a traced loss takes (``TracedLevel.levels``, read once)."""
     levels = getattr(traced, "levels", None)
@@ -108,7 +115,7 @@ class Runtime:
         # statistics, precision, fp16 loss scale, data-parallel weight (every distributed program, a
         # sharded one too: its traced graphs gather their slices themselves) or attention kernel
         # around it (``gradient`` differentiates them by a direct path)
-        self.direct = {n for n, t in traced.items()
+        self.direct = {n: (_direct_loss(n, t), getattr(t, "opaque", True)) for n, t in traced.items()
                        if not getattr(t, "buffers", None) and n not in self.loss_scales and n not in self.autocast
                        and n not in self.math_attention and weigh is None
                        and n in _levels_taken(t)}
@@ -258,11 +265,10 @@ class Runtime:
         update of every level takes one; for a level whose loss is its traced graph alone
         (``direct``), on a plain batch and on the tape, it is taken by a direct path
         (``autodiff.tape_level_grad``)."""
+        direct = self.direct.get(name)
         kind = type(batch)
-        if name in self.direct and kind is not SeededBatch and kind is not MicroBatches and autodiff.on_tape():
-            traced = self.traced[name]
-            grad, loss, metrics = autodiff.tape_level_grad(
-                lambda p: _loss_and_metrics(name, traced(p, batch)), params, name)
+        if direct is not None and kind is not SeededBatch and kind is not MicroBatches and autodiff.on_tape():
+            grad, loss, metrics = autodiff.tape_level_grad(*direct, params, name, batch)
             return loss, metrics, grad
         loss, metrics, grads = self.partials(name, params, batch, (name,), log)
         return loss, metrics, grads[name]
