@@ -198,10 +198,13 @@ def tape_level_grad(fn, marks: bool, params: dict, level: str, batch):
             _DIFFERENTIATING.reset(token)
     else:
         loss, metrics = fn(inputs, batch)
-    leaves = tuple(own.values())  # one tensor as itself: torch's wrapper checks a tuple against Mapping
-    grads = torch.autograd.grad(loss, leaves[0] if len(leaves) == 1 else leaves, create_graph=nested,
-                                allow_unused=True)
-    grad = {k: torch.zeros_like(x) if g is None else g for (k, x), g in zip(own.items(), grads)}
+    if len(own) == 1:  # one tensor as itself: torch's wrapper checks a tuple against Mapping
+        ((k, x),) = own.items()
+        (g,) = torch.autograd.grad(loss, x, create_graph=nested, allow_unused=True)
+        grad = {k: torch.zeros_like(x) if g is None else g}
+    else:
+        grads = torch.autograd.grad(loss, tuple(own.values()), create_graph=nested, allow_unused=True)
+        grad = {k: torch.zeros_like(x) if g is None else g for (k, x), g in zip(own.items(), grads)}
     if not nested:
         loss = loss.detach()
         if metrics:

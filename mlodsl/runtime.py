@@ -71,8 +71,13 @@ def clip_norm(grad: dict, max_norm: float) -> dict:
 
 def _direct_loss(name: str, traced) -> Callable:
     """``(params, batch) -> (loss, metrics)`` of level ``name`` by its traced graph alone."""
+    call = traced.__call__  # a bound method: no type-slot dispatch per update
+
     def loss(params, batch):
-        return _loss_and_metrics(name, traced(params, batch))
+        out = call(params, batch)
+        if type(out) is torch.Tensor and out.dim() == 0:  # the common case of _loss_and_metrics, inline
+            return out, {}
+        return split_output(name, out)
     return loss
 
 
@@ -296,7 +301,9 @@ class Runtime:
         optimizer's update without its count (``Optimizer.uncounted``)."""
         optimizer, own = self.optimizers[name], sub[name]
         reads = {**up, **params_of(sub)} if optimizer.reads else None
-        p, o = optimizer.uncounted(own["params"], self.mark_absent(name, grad), own["opt"], reads)
+        if name in self.absent:
+            grad = self.mark_absent(name, grad)
+        p, o = optimizer.uncounted(own["params"], grad, own["opt"], reads)
         return {**sub, name: {"params": p, "opt": o}}
 
     @staticmethod
