@@ -169,8 +169,8 @@ def _tape_grad_with_aux(fn, primals):
     return unflatten(grads), aux
 
 
-def tape_level_grad(fn, marks: bool, params: dict, level: str, batch):
-    """``(∇ loss in params[level], loss, metrics)`` on the tape for ``fn(params, batch) -> (loss,
+def tape_level_grad(fn, marks: bool, params: dict, level: str, *args):
+    """``(∇ loss in params[level], loss, metrics)`` on the tape for ``fn(params, *args) -> (loss,
     metrics)``, ``params`` mapping levels to their parameters: ``grad_with_aux`` in one level's
     parameters (partial derivatives, zeros where the loss does not reach, a graph kept where a
     product around it differentiates it), by a direct path: the eager step takes one at every
@@ -179,7 +179,7 @@ def tape_level_grad(fn, marks: bool, params: dict, level: str, batch):
     of torch operations takes none. Call it only on the tape (``on_tape()``)."""
     if not torch.is_grad_enabled():
         with torch.enable_grad():
-            return tape_level_grad(fn, marks, params, level, batch)
+            return tape_level_grad(fn, marks, params, level, *args)
     depth = _DIFFERENTIATING.get()
     nested = depth > 0
     own = {}
@@ -193,11 +193,11 @@ def tape_level_grad(fn, marks: bool, params: dict, level: str, batch):
     if marks:
         token = _DIFFERENTIATING.set(depth + 1)  # by hand: ``evaluating``'s cost, per update
         try:
-            loss, metrics = fn(inputs, batch)
+            loss, metrics = fn(inputs, *args)
         finally:
             _DIFFERENTIATING.reset(token)
     else:
-        loss, metrics = fn(inputs, batch)
+        loss, metrics = fn(inputs, *args)
     if len(own) == 1:  # one tensor as itself: torch's wrapper checks a tuple against Mapping
         ((k, x),) = own.items()
         (g,) = torch.autograd.grad(loss, x, create_graph=nested, allow_unused=True)

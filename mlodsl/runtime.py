@@ -69,16 +69,12 @@ def clip_norm(grad: dict, max_norm: float) -> dict:
     return {k: g * factor for k, g in grad.items()}
 
 
-def _direct_loss(name: str, traced) -> Callable:
-    """``(params, batch) -> (loss, metrics)`` of level ``name`` by its traced graph alone."""
-    call = traced.__call__  # a bound method: no type-slot dispatch per update
-
-    def loss(params, batch):
-        out = call(params, batch)
-        if type(out) is torch.Tensor and out.dim() == 0:  # the common case of _loss_and_metrics, inline
-            return out, {}
-        return split_output(name, out)
-    return loss
+def _traced_loss(params: dict, name: str, traced, batch) -> tuple:
+    """``(loss, metrics)`` of level ``name`` by its traced graph alone (``_loss_and_metrics`` of it)."""
+    out = traced(params, batch)
+    if type(out) is torch.Tensor and out.dim() == 0:  # the common case, inline: it runs every update
+        return out, {}
+    return split_output(name, out)
 
 
 def _levels_taken(traced) -> frozenset:
@@ -120,7 +116,8 @@ class Runtime:
         # statistics, precision, fp16 loss scale, data-parallel weight (every distributed program, a
         # sharded one too: its traced graphs gather their slices themselves) or attention kernel
         # around it (``gradient`` differentiates them by a direct path)
-        self.direct = {n: (_direct_loss(n, t), getattr(t, "opaque", True)) for n, t in traced.items()
+        # (level -> whether its function may take products of its own: an opaque one)
+        self.direct = {n: getattr(t, "opaque", True) for n, t in traced.items()
                        if not getattr(t, "buffers", None) and n not in self.loss_scales and n not in self.autocast
                        and n not in self.math_attention and weigh is None
                        and n in _levels_taken(t)}
@@ -270,10 +267,11 @@ class Runtime:
         update of every level takes one; for a level whose loss is its traced graph alone
         (``direct``), on a plain batch and on the tape, it is taken by a direct path
         (``autodiff.tape_level_grad``)."""
-        direct = self.direct.get(name)
+        marks = self.direct.get(name)
         kind = type(batch)
-        if direct is not None and kind is not SeededBatch and kind is not MicroBatches and autodiff.on_tape():
-            grad, loss, metrics = autodiff.tape_level_grad(*direct, params, name, batch)
+        if marks is not None and kind is not SeededBatch and kind is not MicroBatches and autodiff.on_tape():
+            grad, loss, metrics = autodiff.tape_level_grad(_traced_loss, marks, params, name,
+                                                           name, self.traced[name], batch)
             return loss, metrics, grad
         loss, metrics, grads = self.partials(name, params, batch, (name,), log)
         return loss, metrics, grads[name]
