@@ -55,13 +55,27 @@ def _differentiating() -> int:
     return _DIFFERENTIATING.get()
 
 
+# A torch.func transform is active in this thread exactly while its dynamic-layer dispatch keys are
+# in the thread's included set (functorch adds them with its first layer and drops them with its
+# last). Asked this way, not by ``torch._C._functorch.maybe_current_level()``: that creates the
+# thread's functorch state, which every later backward pass then copies (twice; on B1's eager step,
+# ~1.3 M instructions of the floor's 73 M).
+_TRANSFORM_KEY = torch._C.DispatchKey.FuncTorchDynamicLayerFrontMode
+_key_included = torch._C._dispatch_tls_is_dispatch_key_included
+
+
+def in_transform() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vjp``, ``jvp``, ``vmap``) is active here."""
+    return _key_included(_TRANSFORM_KEY)
+
+
 def _tape() -> bool:
-    return not _forced_func() and torch._C._functorch.maybe_current_level() is None
+    return not _forced_func() and not _key_included(_TRANSFORM_KEY)
 
 
 def on_tape() -> bool:
     """Whether products are taken on the autograd tape here (no torch.func transform is active)."""
-    return _tape()
+    return not _forced_func() and not _key_included(_TRANSFORM_KEY)  # _tape(), one call fewer per update
 
 
 def inside_product() -> bool:
@@ -116,7 +130,7 @@ def grad_with_aux(fn, primals):
 
     The eager step calls this once per update, so its own cost is kept to a few microseconds:
     the grad mode is switched only when it is off, and the nesting count is kept by hand."""
-    if _forced_func() or torch._C._functorch.maybe_current_level() is not None:
+    if _forced_func() or _key_included(_TRANSFORM_KEY):
         return _func_grad_with_aux(fn, primals)
     if torch.is_grad_enabled():
         return _tape_grad_with_aux(fn, primals)
@@ -155,22 +169,47 @@ def _tape_grad_with_aux(fn, primals):
     return unflatten(grads), aux
 
 
-def tape_level_grad(fn, params: dict, level: str):
-    """``(∇ loss in params[level], loss, metrics)`` on the tape for ``fn(params) -> (loss, metrics)``,
-    ``params`` mapping levels to their parameters: ``grad_with_aux`` in one level's parameters
-    (partial derivatives, zeros where the loss does not reach, a graph kept where a product around
-    it differentiates it), by a direct path: the eager step takes one at every update. Call it only
-    on the tape (``on_tape()``)."""
-    if torch.is_grad_enabled():
-        grads, loss, metrics, nested = _tape_partials(fn, params, (level,))
-    else:
+def tape_level_grad(fn, marks: bool, params: dict, level: str, *args):
+    """``(∇ loss in params[level], loss, metrics)`` on the tape for ``fn(params, *args) -> (loss,
+    metrics)``, ``params`` mapping levels to their parameters: ``grad_with_aux`` in one level's
+    parameters (partial derivatives, zeros where the loss does not reach, a graph kept where a
+    product around it differentiates it), by a direct path: the eager step takes one at every
+    update. ``marks``: whether ``fn`` may take products of its own (an opaque level's function), so
+    that its evaluation is marked as one for an enclosing product (``evaluating``); a traced graph
+    of torch operations takes none. Call it only on the tape (``on_tape()``)."""
+    if not torch.is_grad_enabled():
         with torch.enable_grad():
-            grads, loss, metrics, nested = _tape_partials(fn, params, (level,))
+            return tape_level_grad(fn, marks, params, level, *args)
+    depth = _DIFFERENTIATING.get()
+    nested = depth > 0
+    own = {}
+    for k, x in params[level].items():
+        if x.requires_grad:  # it carries a graph: alias it (a partial derivative), keep the graph
+            nested = True
+            own[k] = x.view_as(x)
+        else:
+            own[k] = x.detach().requires_grad_()
+    inputs = {**params, level: own}
+    if marks:
+        token = _DIFFERENTIATING.set(depth + 1)  # by hand: ``evaluating``'s cost, per update
+        try:
+            loss, metrics = fn(inputs, *args)
+        finally:
+            _DIFFERENTIATING.reset(token)
+    else:
+        loss, metrics = fn(inputs, *args)
+    if len(own) == 1:  # one tensor as itself: torch's wrapper checks a tuple against Mapping
+        ((k, x),) = own.items()
+        (g,) = torch.autograd.grad(loss, x, create_graph=nested, allow_unused=True)
+        grad = {k: torch.zeros_like(x) if g is None else g}
+    else:
+        grads = torch.autograd.grad(loss, tuple(own.values()), create_graph=nested, allow_unused=True)
+        grad = {k: torch.zeros_like(x) if g is None else g for (k, x), g in zip(own.items(), grads)}
     if not nested:
         loss = loss.detach()
         if metrics:
             metrics = detached(metrics)
-    return grads[level], loss, metrics
+    return grad, loss, metrics
 
 
 def _tape_partials(fn, params: dict, wrt) -> tuple:

@@ -267,15 +267,22 @@ class _Writer:
     def checked_loop(self, name, head, body) -> list:
         """The updates of a block whose gradients its end checks (``LevelPlan.checked_at_end``): each
         update's gradient and optimizer step, its loss kept; then one record of the block."""
-        up = self.ids[name].up
-        return [f"{head}losses = []",
-                f"{head}for k in range({self.lp[name].steps}):",
-                f"{body}batch = {self.batch(name)}",
-                f"{body}loss, metrics, g = rt.gradient({name!r}, {{**{up}, **rt.params_of(s)}}, batch, log)",
-                f"{body}s = rt.apply_update({name!r}, s, {up}, g, batch)",
-                f"{body}losses.append(loss)",
-                f"{head}rt.record_block(log, {name!r}, losses, metrics, g, s)"
-                "  # a non-finite gradient would leave non-finite parameters: checked once, at the end"]
+        up, lp = self.ids[name].up, self.lp[name]
+        lines = [f"{head}losses = []",
+                 f"{head}for k in range({lp.steps}):",
+                 f"{body}batch = {self.batch(name)}",
+                 f"{body}loss, metrics, g = rt.gradient({name!r}, {{**{up}, {name!r}: s[{name!r}]['params']}}, "
+                 "batch, log)"]
+        if lp.counted_at_end:
+            lines += [f"{body}s = rt.apply_uncounted({name!r}, s, {up}, g)",
+                      f"{body}losses.append(loss)",
+                      f"{head}s = rt.count(s, {name!r}, {lp.steps})  # once per block: its updates do not "
+                      "read the count"]
+        else:
+            lines += [f"{body}s = rt.apply_update({name!r}, s, {up}, g, batch)",
+                      f"{body}losses.append(loss)"]
+        return lines + [f"{head}rt.record_block(log, {name!r}, losses, metrics, g, s)"
+                        "  # a non-finite gradient would leave non-finite parameters: checked once, at the end"]
 
     def products(self, name) -> bool:
         """Whether the lower level's VJP is its method's own source on the block's end (the block

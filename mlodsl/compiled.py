@@ -54,7 +54,7 @@ def graph_ops(traced) -> int | None:
 def is_plain(args) -> bool:
     """True when no derivative has to flow through a call on ``args``: no tensor in them requires
     grad, no ``torch.func`` transform is active, and no enclosing tape product is evaluating."""
-    if autodiff.inside_product() or torch._C._functorch.maybe_current_level() is not None:
+    if autodiff.inside_product() or autodiff.in_transform():
         return False
     return not _any_requires_grad(args)
 

@@ -69,6 +69,13 @@ class BatchStream:
         except StopIteration:
             raise ValueError(f"level '{self.name}': its data is empty") from None
 
+    def take(self, n: int) -> list:
+        """``n`` draws (``next`` ``n`` times); a fixed batch (or none) without a call per draw."""
+        if self.kind in ("fixed", "none") and not self._returned:
+            self.position += n
+            return [self.data if self.kind == "fixed" else None] * n
+        return [self.next() for _ in range(n)]
+
     def give_back(self, batches: list):
         """Return drawn but unused batches: the next draws hand them out again, in order."""
         self._returned = list(batches) + self._returned

@@ -58,7 +58,9 @@ class Feeder:
         out = {}
         for n, s in self.streams.items():
             every = self.batch_every[n]
-            draws = [self._draw_update(s) for _ in range(self.updates_per_step[n] // every)]
+            count = self.updates_per_step[n] // every
+            single = self.grad_accum == 1 or s.kind in ("none", "fixed")  # one draw per update
+            draws = s.take(count) if single else [self._draw_update(s) for _ in range(count)]
             out[n] = draws if every == 1 else BlockBatches(draws, every)
         return out
 

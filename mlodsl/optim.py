@@ -91,6 +91,10 @@ class Optimizer(NamedTuple):
     # g) propagates NaN and Inf), so a run of updates ends at finite parameters only if every gradient
     # in it was finite; the step then checks a block's end instead of each update's gradient
     carries_nonfinite: bool = False
+    # the update without its count: (params, grads, state, reads) -> (new params, state with its count
+    # as it was), for an update that reads no count (plain SGD); the step then advances the count once
+    # per block of updates, by their number (``LevelPlan.counted_at_end``), instead of at every update
+    uncounted: Callable | None = None
 
     def __repr__(self) -> str:
         return f"{self.name}({_show_hyperparams(self.hyperparams)})"
@@ -216,14 +220,14 @@ def _check_maximize(name, maximize):
         raise TypeError(f"{name}: maximize must be True or False, got {maximize!r}")
 
 
-def _make(name, init, update, hyperparams, groups: dict, maximize: bool):
+def _make(name, init, update, hyperparams, groups: dict, maximize: bool, uncounted=None):
     shown = dict(hyperparams)
     if groups:
         shown["groups"] = groups
     if maximize:
         shown["maximize"] = True
     return Optimizer(name, init, update, shown, level_reads(shown), absent_grads=True, maximize=maximize,
-                     carries_nonfinite=True)
+                     carries_nonfinite=True, uncounted=uncounted)
 
 
 def _grouped_init(groups: ParamGroups, init):
@@ -263,9 +267,11 @@ def sgd(lr, momentum=0.0, weight_decay=0.0, nesterov=False, dampening=0.0, *, ma
     # of the general update below, which computes the same (the eager step pays them every update)
     plain = not groups and not use_momentum and not callable(lr) and _is_zero(weight_decay) and not maximize
 
+    def plain_uncounted(params, grads, state, reads=None):  # the count is all of its state
+        return {k: p if grads[k] is None else p - lr * grads[k] for k, p in params.items()}, state
+
     def plain_update(params, grads, state, reads=None):
-        return ({k: p if grads[k] is None else p - lr * grads[k] for k, p in params.items()},
-                {"count": _count(state)})
+        return plain_uncounted(params, grads, state)[0], {"count": _count(state)}
 
     def update(params, grads, state, reads=None):
         count = _count(state)
@@ -298,7 +304,8 @@ def sgd(lr, momentum=0.0, weight_decay=0.0, nesterov=False, dampening=0.0, *, ma
             new_params[k] = p - eta * g
         return new_params, new_state
 
-    return _make("sgd", _grouped_init(plan, init), plain_update if plain else update, hp, groups, maximize)
+    return _make("sgd", _grouped_init(plan, init), plain_update if plain else update, hp, groups, maximize,
+                 plain_uncounted if plain else None)
 
 
 def _adam(name, lr, betas, eps, weight_decay, decoupled, eps_root, maximize, groups):

@@ -122,6 +122,10 @@ class LevelPlan:
       gradient into the parameters (``Optimizer.carries_nonfinite``) and nothing between its updates
       could replace them (a projection, clipping) or hide them (an fp16 loss scale, another rank's
       average, a transform it runs in); every update's loss is still checked;
+    * ``counted_at_end``: its optimizer's update count (``state["count"]``) advances once, by
+      ``steps``, at its block's end: a block checked at its end whose optimizer's update reads no count
+      (``Optimizer.uncounted``: plain SGD) runs that update, without a counter kernel per update; every
+      other block (a compiled loop too) counts each update. The count the step ends at is the same.
     * ``afresh``: its method takes its Hessian products afresh by reverse over forward (True) or
       from one linearization (False), as the build decided (``mlodsl.forward_mode``); None: its
       method has no such choice.
@@ -148,10 +152,12 @@ class LevelPlan:
     sharded: bool
     data_parallel: bool
     checked_at_end: bool = False
+    counted_at_end: bool = False
     afresh: bool | None = None
 
     HEADER = ("level: method | iterates kept | tape | compiled | vjp source | random | differentiated | "
-              "attention | start | tasks | precision | sharded | no gradient | gradients checked | products")
+              "attention | start | tasks | precision | sharded | no gradient | gradients checked | update count | "
+              "products")
 
     def __str__(self) -> str:
         keep = {0: "none", 1: "every"}.get(self.keep, f"every {self.keep}")
@@ -165,6 +171,7 @@ class LevelPlan:
                 f"{self.start or 'warm'} | {'yes' if self.tasks else 'no'} | {self.precision} | "
                 f"{'yes' if self.sharded else 'no'} | {', '.join(self.no_gradient) or '-'} | "
                 f"{'at the end' if self.checked_at_end else 'each update'} | "
+                f"{f'once per block (+{self.steps})' if self.counted_at_end else 'each update'} | "
                 f"{_PRODUCTS[self.afresh]}"
                 + (" | data parallel" if self.data_parallel else ""))
 
@@ -232,7 +239,7 @@ def decide(plan: Plan, levels: dict, methods: dict, *, taken: dict, compiled: se
             tuple(sorted(no_gradient.get(name, ()))),
             start if start is None or isinstance(start, str) else start.name,
             bool(levels[name].tasks), precision.get(name, "fp32"), name in sharded, data_parallel, at_end,
-            (afresh or {}).get(name))
+            at_end and levels[name].optimizer.uncounted is not None, (afresh or {}).get(name))
     return replace(plan, levels=out)
 
 

@@ -69,6 +69,14 @@ def clip_norm(grad: dict, max_norm: float) -> dict:
     return {k: g * factor for k, g in grad.items()}
 
 
+def _traced_loss(params: dict, name: str, traced, batch) -> tuple:
+    """``(loss, metrics)`` of level ``name`` by its traced graph alone (``_loss_and_metrics`` of it)."""
+    out = traced(params, batch)
+    if type(out) is torch.Tensor and out.dim() == 0:  # the common case, inline: it runs every update
+        return out, {}
+    return split_output(name, out)
+
+
 def _levels_taken(traced) -> frozenset:
     """The levels whose parameters a traced loss takes (``TracedLevel.levels``, read once)."""
     levels = getattr(traced, "levels", None)
@@ -108,7 +116,8 @@ class Runtime:
         # statistics, precision, fp16 loss scale, data-parallel weight (every distributed program, a
         # sharded one too: its traced graphs gather their slices themselves) or attention kernel
         # around it (``gradient`` differentiates them by a direct path)
-        self.direct = {n for n, t in traced.items()
+        # (level -> whether its function may take products of its own: an opaque one)
+        self.direct = {n: getattr(t, "opaque", True) for n, t in traced.items()
                        if not getattr(t, "buffers", None) and n not in self.loss_scales and n not in self.autocast
                        and n not in self.math_attention and weigh is None
                        and n in _levels_taken(t)}
@@ -258,11 +267,11 @@ class Runtime:
         update of every level takes one; for a level whose loss is its traced graph alone
         (``direct``), on a plain batch and on the tape, it is taken by a direct path
         (``autodiff.tape_level_grad``)."""
+        marks = self.direct.get(name)
         kind = type(batch)
-        if name in self.direct and kind is not SeededBatch and kind is not MicroBatches and autodiff.on_tape():
-            traced = self.traced[name]
-            grad, loss, metrics = autodiff.tape_level_grad(
-                lambda p: _loss_and_metrics(name, traced(p, batch)), params, name)
+        if marks is not None and kind is not SeededBatch and kind is not MicroBatches and autodiff.on_tape():
+            grad, loss, metrics = autodiff.tape_level_grad(_traced_loss, marks, params, name,
+                                                           name, self.traced[name], batch)
             return loss, metrics, grad
         loss, metrics, grads = self.partials(name, params, batch, (name,), log)
         return loss, metrics, grads[name]
@@ -283,6 +292,23 @@ class Runtime:
         if name in self.projections:
             p = self.projections[name](p)
         return {**sub, name: {"params": p, "opt": o}}
+
+    def apply_uncounted(self, name: str, sub: dict, up: dict, grad: dict) -> dict:
+        """``apply_update`` in a block whose update count moves once, at its end (``count``;
+        ``LevelPlan.counted_at_end``: nothing reduces, clips or projects its gradient there): the
+        optimizer's update without its count (``Optimizer.uncounted``)."""
+        optimizer, own = self.optimizers[name], sub[name]
+        reads = {**up, **params_of(sub)} if optimizer.reads else None
+        if name in self.absent:
+            grad = self.mark_absent(name, grad)
+        p, o = optimizer.uncounted(own["params"], grad, own["opt"], reads)
+        return {**sub, name: {"params": p, "opt": o}}
+
+    @staticmethod
+    def count(sub: dict, name: str, updates: int) -> dict:
+        """The block state ``sub`` with level ``name``'s update count advanced by ``updates``."""
+        own = sub[name]
+        return {**sub, name: {**own, "opt": {**own["opt"], "count": own["opt"]["count"] + updates}}}
 
     def _solve(self, name: str, own: dict, grad: dict, reads: dict, batch) -> tuple:
         """The update of a level solved by ``ml.optim.solver``: its solver's solution on ``batch``."""

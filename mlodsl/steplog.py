@@ -55,7 +55,7 @@ def report(log, level: str, key: str, value):
     kept for ``check_divergence`` (a block may run several times a step; the metric is the last)."""
     if log is None:
         return
-    value = plain(value.detach()) if isinstance(value, torch.Tensor) else value
+    value = plain(_detached(value)) if isinstance(value, torch.Tensor) else value
     log[f"{level}/{key}"] = value
     log.setdefault("_reports", {}).setdefault(level, {}).setdefault(key, []).append(value)
 
@@ -66,11 +66,16 @@ def report_info(log, level: str, info: dict):
         report(log, level, key, value)
 
 
+def _detached(x: torch.Tensor) -> torch.Tensor:
+    """``x.detach()`` where it carries a graph (a kernel saved per logged value where it does not)."""
+    return x.detach() if x.requires_grad else x
+
+
 def grad_norm(grad: dict) -> torch.Tensor:
     """The norm of a gradient (detached): a NaN or Inf anywhere in it makes the norm non-finite."""
     if len(grad) == 1:
-        return plain(torch.linalg.vector_norm(next(iter(grad.values())).detach()))
-    norms = [plain(torch.linalg.vector_norm(g.detach())) for g in grad.values()]  # a slice's: all-reduced
+        return plain(torch.linalg.vector_norm(_detached(next(iter(grad.values())))))
+    norms = [plain(torch.linalg.vector_norm(_detached(g))) for g in grad.values()]  # a slice's: all-reduced
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
@@ -78,7 +83,7 @@ def record(log, name, loss, metrics, norm):
     """Write a level's loss, metrics and gradient norm to the log (outside of transforms only)."""
     if log is None:
         return
-    loss = loss.detach()
+    loss = _detached(loss)
     # Checked once at the end of the step (``StepHealth.finite``): one reduction, not one per update.
     log["_finite"].setdefault(name, []).extend((loss, norm))
     _show(log, name, loss, metrics, norm)
@@ -89,7 +94,7 @@ def _show(log, name, loss, metrics, norm):
     log[name] = loss
     log[f"{name}/grad_norm"] = norm
     for k, v in metrics.items():
-        log[f"{name}/{k}"] = v.detach() if isinstance(v, torch.Tensor) else v
+        log[f"{name}/{k}"] = _detached(v) if isinstance(v, torch.Tensor) else v
 
 
 def record_block(log, name, losses: list, metrics, grad: dict, state: dict):
@@ -100,12 +105,12 @@ def record_block(log, name, losses: list, metrics, grad: dict, state: dict):
     gradients were all finite if its end is."""
     if log is None:
         return
-    with torch.no_grad():  # values for the log, off any tape the block recorded
-        ends = [x for p in state[name]["params"].values() if p.numel() for x in torch.aminmax(p)]
-        losses = torch.stack(losses)
+    last = losses[-1]
     norm = grad_norm(grad)
-    log["_finite"].setdefault(name, []).extend([losses, norm, *ends])  # aminmax is NaN where a NaN is
-    _show(log, name, losses[-1], metrics, norm)
+    with torch.no_grad():  # values for the log, off any tape the block recorded; one vector, one kernel
+        ends = [x for p in state[name]["params"].values() if p.numel() for x in torch.aminmax(p)]
+        log["_finite"].setdefault(name, []).append(torch.stack([*losses, norm, *ends]))  # aminmax is NaN where a NaN is
+    _show(log, name, _detached(last), metrics, norm)
 
 
 def _all_finite(values: list) -> torch.Tensor:
@@ -114,7 +119,7 @@ def _all_finite(values: list) -> torch.Tensor:
     if all(x.dim() == 0 for x in values):
         flat = torch.stack(values)
     else:
-        flat = torch.cat([x.reshape(-1) for x in values])
+        flat = torch.cat([x if x.dim() == 1 else x.reshape(-1) for x in values])
     return torch.isfinite(flat).all()
 
 
@@ -131,11 +136,12 @@ class StepHealth:
         """``{level: True when every loss and gradient it logged in the step was finite}``; pops them.
         First raises ``DivergenceError`` when a hypergradient solve in the step diverged (not in an
         fp16 step that overflowed: the Program skips that one and backs its loss scale off)."""
-        flags = {n: _all_finite(v) for n, v in log.pop("_finite").items()}
-        if len({f.device for f in flags.values()}) == 1 and bool(torch.stack(list(flags.values())).all()):
-            finite = dict.fromkeys(flags, True)  # the usual answer, read with one synchronization
+        values = log.pop("_finite")
+        every = [x for vs in values.values() for x in vs]
+        if every and len({x.device for x in every}) == 1 and bool(_all_finite(every)):
+            finite = dict.fromkeys(values, True)  # the usual answer: one reduction, one synchronization
         else:
-            finite = {n: bool(f) for n, f in flags.items()}
+            finite = {n: bool(_all_finite(v)) for n, v in values.items()}
         reports = log.pop("_reports", {})
         if all(finite.values()) or not self.loss_scales:
             self.check_divergence(reports)

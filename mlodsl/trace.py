@@ -79,7 +79,7 @@ class TracedLevel:
         kwargs = {ph: params[lvl][p] for ph, (lvl, p) in self.inputs.items()}
         if self.buffers:
             kwargs.update(self.buffer_state.inputs(self.buffers))
-        args = self.batch_args(batch)
+        args = tuple(batch) if self.batch_kind == "tuple" else self.batch_args(batch)  # the usual case inline
         try:
             out = self.graph.forward(*args, **kwargs)  # no nn.Module call machinery: no hooks to run
             if self.buffers:

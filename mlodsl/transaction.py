@@ -54,6 +54,10 @@ class Transaction:
         self.distributed, self.sharding, self.tasks, self.tasked = distributed, sharding, tasks, tasked
         self.nonfinite = nonfinite
         self.unwritten = set(tasks) | (set(sharding.levels) if sharding is not None else set())
+        # each written module's parameters, listed once: the step replaces their data, never the
+        # objects, and walking the modules costs more than the writes at every step of a small program
+        self.targets = [(name, [(k, p) for k, p in module.named_parameters()])
+                        for name, module in modules.items() if name not in self.unwritten]
 
     def share_examples(self, batches: dict):
         """Data parallel: every rank's examples in these batches, which weigh the ranks' losses
@@ -63,7 +67,12 @@ class Transaction:
 
     def write_back(self, state: dict):
         """Point the user's modules at ``state``'s parameters (``write_back``)."""
-        write_back(self.modules, state, self.unwritten)
+        with torch.no_grad():
+            for name, params in self.targets:
+                new = state[name]["params"]
+                for k, p in params:
+                    if k in new:
+                        p.data = new[k]
 
     def _log_scales(self, row):
         for n, sc in self.scalers.items():

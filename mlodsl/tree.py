@@ -108,7 +108,11 @@ def tree_zeros_like(tree):
 
 def tree_vdot(a, b) -> torch.Tensor:
     """Sum over leaves of <a, b>."""
-    return sum((x * y).sum() for x, y in zip(fast_leaves(a), fast_leaves(b)))
+    total = None
+    for x, y in zip(fast_leaves(a), fast_leaves(b)):
+        term = (x * y).sum()
+        total = term if total is None else total + term  # not 0 + the first: a kernel per call (CG's per iteration)
+    return 0 if total is None else total
 
 
 def is_differentiable(x) -> bool:

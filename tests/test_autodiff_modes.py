@@ -47,3 +47,29 @@ def test_modes_do_not_leak_into_another_thread():
         t.start()
         t.join()
     assert seen == {"on_tape": True, "inside": False}
+
+
+def test_a_transform_is_seen_inside_every_torch_func_transform_and_nowhere_else():
+    """``in_transform`` (a dispatch-key check) answers as functorch's own level does, inside grad,
+    vjp, jvp and vmap, nested or not, and after each; the tape's products are taken only outside."""
+    seen = []
+
+    def probe(x):
+        seen.append((autodiff.in_transform(), torch._C._functorch.maybe_current_level() is not None,
+                     autodiff.on_tape()))
+        return (x * x).sum()
+
+    x = torch.ones(3, dtype=torch.float64)
+    assert not autodiff.in_transform() and autodiff.on_tape()
+    torch.func.grad(probe)(x)
+    torch.func.vjp(probe, x)
+    torch.func.jvp(probe, (x,), (x,))
+    torch.func.vmap(probe)(x.reshape(3, 1))
+    torch.func.vmap(torch.func.grad(probe))(x.reshape(3, 1))
+    assert seen and all(s == (True, True, False) for s in seen)
+    assert not autodiff.in_transform() and autodiff.on_tape()
+    # a gradient inside a transform is torch.func's, outside it the tape's: the same numbers
+    inside = torch.func.vmap(autodiff.grad(lambda z: (z ** 3).sum()))(x.reshape(3, 1))
+    outside = autodiff.grad(lambda z: (z ** 3).sum())(x)
+    torch.testing.assert_close(inside.reshape(3), 3 * x ** 2)
+    torch.testing.assert_close(outside, 3 * x ** 2)

@@ -7,7 +7,7 @@ import torch
 
 import mlodsl as ml
 from mlodsl import codegen
-from helpers import DT, make_hpo, reference_implicit_hpo
+from helpers import DT, inner_loss_fn, make_hpo, reference_implicit_hpo
 
 
 @pytest.mark.parametrize("method, keep, tape, inline", [
@@ -103,3 +103,37 @@ def test_the_architecture_page_shows_what_the_quickstart_program_prints():
     prog = hpo_logreg.build(train, val, method="cg")[0]
     page = (Path(__file__).resolve().parents[1] / "docs" / "design.md").read_text()
     assert f"```text\n{prog.plan}\n```" in page and f"```python\n{prog.code}```" in page
+
+
+@pytest.mark.parametrize("inner_opt, once", [
+    (ml.optim.sgd(lr=0.5), True),                                   # reads no count: it moves once per block
+    (ml.optim.sgd(lr=0.5, momentum=0.5), False),                    # the general update counts each one
+    (ml.optim.sgd(lr=lambda step: 0.5 / step), False),              # a schedule reads the count
+])
+def test_the_update_count_is_the_number_of_updates_however_the_plan_counts_it(inner_opt, once):
+    """Plain SGD's block advances its count once, by its updates (``counted_at_end``); the count
+    after two steps of K=3 updates is 6 either way, and the parameters are those of 6 hand-written
+    SGD updates (a schedule that read a wrong count would move them differently)."""
+    prog, net, hyper, train, val = make_hpo(K=3, inner_opt=inner_opt, method=ml.hypergrad.CG(iters=2))
+    inner = prog.plan.levels["inner"]
+    assert inner.checked_at_end and inner.counted_at_end == once
+    assert ("rt.count(s, 'inner', 3)" in prog.code) == once
+    w = net.weight.detach().clone().squeeze(0)
+    b = net.bias.detach().clone().squeeze(0)
+    lr = inner_opt.hyperparams["lr"]
+    momentum = inner_opt.hyperparams["momentum"]
+    bufs = None
+    for step in range(2):
+        log_l2 = prog.params("outer")["log_l2"]
+        for k in range(3):
+            wl, bl = w.clone().requires_grad_(), b.clone().requires_grad_()
+            gw, gb = torch.autograd.grad(inner_loss_fn(wl, bl, log_l2, train), (wl, bl))
+            if momentum:
+                bufs = (gw, gb) if bufs is None else (momentum * bufs[0] + gw, momentum * bufs[1] + gb)
+                gw, gb = bufs
+            eta = lr(3 * step + k + 1) if callable(lr) else lr
+            w, b = w - eta * gw, b - eta * gb
+        prog.step()
+    assert int(prog._state["inner"]["opt"]["count"]) == 6
+    torch.testing.assert_close(prog.params("inner")["weight"].squeeze(0), w, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(prog.params("inner")["bias"].squeeze(0), b, rtol=1e-12, atol=1e-12)

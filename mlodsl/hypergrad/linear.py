@@ -36,7 +36,7 @@ def tree_norm(x) -> torch.Tensor:
 
 def _ratio(num, den):
     """num / den, and 0 where den == 0 (then num == 0 too: the residual is exactly zero)."""
-    return num / torch.where(den == 0, torch.ones_like(den), den)
+    return num / (den + (den == 0))  # den, or 1 where den == 0 (den + 0 is den exactly): three kernels
 
 
 def conjugate_gradient(matvec, b, *, iters: int, tol: float | None = None, info: dict | None = None,
@@ -80,7 +80,7 @@ def conjugate_gradient(matvec, b, *, iters: int, tol: float | None = None, info:
             Ap, Mp = Ap
         pAp = tree_vdot(p, Ap)
         if info is not None:  # pᵀAp = 0 exactly: p = 0 or a direction the loss does not depend on (α = 0 then)
-            indefinite = indefinite + (pAp < 0).to(rr.dtype)
+            indefinite = indefinite + (pAp < 0)  # a float plus a bool: one kernel
         alpha = _ratio(rr, pAp)
         x = tree_axpy(alpha, p if readout is None else Mp, x)
         last = i == iters - 1
