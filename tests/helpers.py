@@ -149,3 +149,19 @@ def ridge_closed_form(train, val, log_l2):
     H = X.T @ X / X.shape[0] + torch.diag(lam)
     v = 2 * Xv.T @ (Xv @ w - yv) / Xv.shape[0]  # ∇_w of the validation MSE
     return -lam * w * torch.linalg.solve(H, v), dict(w=w, H=H, v=v, lam=lam)
+
+
+class SquareWithoutJvp(torch.autograd.Function):
+    """x² with a differentiable backward but no forward-mode rule (no ``jvp`` staticmethod)."""
+
+    @staticmethod
+    def forward(x):
+        return x.square()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return 2 * ctx.saved_tensors[0] * grad

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mlodsl as ml
-from helpers import DT, RIDGE_D, ridge_closed_form, ridge_data, ridge_levels, ridge_solution
+from helpers import DT, RIDGE_D, SquareWithoutJvp, ridge_closed_form, ridge_data, ridge_levels, ridge_solution
 from mlodsl import autodiff, forward_mode
 
 GRID = torch.tensor([[[[-0.6, -0.3], [0.1, 0.4], [0.7, -0.8]]]], dtype=DT)  # (1, 1, 3, 2): three points
@@ -61,6 +61,15 @@ def _program(method, sampled=False, opaque=False):
     return ml.Program(outer), expected
 
 
+def _assert_linearized_and_exact(prog, expected, monkeypatch):
+    """The plan kept the linearization, the hypergradient took no reverse-over-forward product, and
+    it equals ``expected``."""
+    assert prog.plan.levels["inner"].afresh is False
+    got, forward_products = _hypergradient_counting_forward_products(prog, monkeypatch)
+    assert forward_products == 0
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)
+
+
 def _hypergradient_counting_forward_products(prog, monkeypatch) -> tuple:
     """``prog.hypergradient("outer")`` and how many products it took by reverse over forward."""
     calls = []
@@ -85,45 +94,23 @@ def test_a_large_level_whose_loss_has_forward_derivatives_gets_reverse_over_forw
 
 def test_a_small_level_and_the_users_false_keep_the_linearization(monkeypatch):
     prog, expected = _program(ml.hypergrad.CG(iters=RIDGE_D))  # RIDGE_D parameters: below LOW_MEMORY_FROM
-    assert forward_mode.LOW_MEMORY_FROM > RIDGE_D and prog.plan.levels["inner"].afresh is False
-    got, forward_products = _hypergradient_counting_forward_products(prog, monkeypatch)
-    assert forward_products == 0
-    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)
+    assert forward_mode.LOW_MEMORY_FROM > RIDGE_D
+    _assert_linearized_and_exact(prog, expected, monkeypatch)
 
     monkeypatch.setattr(forward_mode, "LOW_MEMORY_FROM", 1)
     prog, expected = _program(ml.hypergrad.CG(iters=RIDGE_D, low_memory=False))
-    assert prog.plan.levels["inner"].afresh is False
-    got, forward_products = _hypergradient_counting_forward_products(prog, monkeypatch)
-    assert forward_products == 0
-    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)
+    _assert_linearized_and_exact(prog, expected, monkeypatch)
 
 
 def test_an_op_without_forward_derivative_keeps_the_linearization_and_true_is_refused(monkeypatch):
     monkeypatch.setattr(forward_mode, "LOW_MEMORY_FROM", 1)
     prog, expected = _program(ml.hypergrad.CG(iters=RIDGE_D), sampled=True)
-    assert prog.plan.levels["inner"].afresh is False  # the probe met grid_sampler_2d
-    got, forward_products = _hypergradient_counting_forward_products(prog, monkeypatch)
-    assert forward_products == 0
-    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)
+    _assert_linearized_and_exact(prog, expected, monkeypatch)  # the probe met grid_sampler_2d
 
     with pytest.raises(ml.ProgramError) as err:
         _program(ml.hypergrad.CG(iters=RIDGE_D, low_memory=True), sampled=True)
     message = str(err.value)
     assert "level 'inner'" in message and "'grid_sampler_2d'" in message and "low_memory=False" in message
-
-
-class _Square(torch.autograd.Function):
-    """x² with a differentiable backward and no jvp."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x * x
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return 2 * g * x
 
 
 def test_true_with_a_custom_function_without_jvp_is_refused_naming_it():
@@ -134,7 +121,8 @@ def test_true_with_a_custom_function_without_jvp_is_refused_naming_it():
     @ml.level(net, optimizer=ml.optim.sgd(lr=1e-3), data=train, hypergrad=ml.hypergrad.CG(iters=2, low_memory=True))
     def inner(net, batch, outer):
         x, y = batch
-        return 0.5 * ((net(x).squeeze(-1) - y) ** 2).mean() + (outer.log_l2.exp() * _Square.apply(net.weight[0])).sum()
+        penalty = outer.log_l2.exp() * SquareWithoutJvp.apply(net.weight[0])
+        return 0.5 * ((net(x).squeeze(-1) - y) ** 2).mean() + penalty.sum()
 
     @ml.level(hyper, optimizer=ml.optim.sgd(lr=0.1), data=val, depends_on=[inner])
     def outer(hyper, batch, inner):
@@ -144,7 +132,8 @@ def test_true_with_a_custom_function_without_jvp_is_refused_naming_it():
     with pytest.raises(ml.ProgramError) as err:
         ml.Program(outer)
     message = str(err.value)
-    assert "level 'inner'" in message and "'_Square'" in message and "jvp" in message and "low_memory=False" in message
+    assert "level 'inner'" in message and "'SquareWithoutJvp'" in message
+    assert "jvp" in message and "low_memory=False" in message
 
 
 @pytest.mark.filterwarnings("ignore:level 'inner' could not be traced")
@@ -152,10 +141,7 @@ def test_an_opaque_level_keeps_the_linearization(monkeypatch):
     monkeypatch.setattr(forward_mode, "LOW_MEMORY_FROM", 1)
     prog, expected = _program(ml.hypergrad.CG(iters=RIDGE_D), opaque=True)
     assert prog.levels["inner"].traced.opaque  # the value-dependent branch could not be traced
-    assert prog.plan.levels["inner"].afresh is False
-    got, forward_products = _hypergradient_counting_forward_products(prog, monkeypatch)
-    assert forward_products == 0
-    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)
+    _assert_linearized_and_exact(prog, expected, monkeypatch)
 
 
 def test_the_build_probe_leaves_the_random_stream_as_it_was(monkeypatch):

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mlodsl as ml
-from helpers import DT, inner_loss_fn, logreg_data, make_hpo, outer_loss_fn, reference_hpo
+from helpers import DT, SquareWithoutJvp, inner_loss_fn, logreg_data, make_hpo, outer_loss_fn, reference_hpo
 
 TOL = dict(rtol=1e-9, atol=1e-12)
 
@@ -214,26 +214,10 @@ def test_mse_loss_takes_forward_over_reverse_products_through_its_traced_arithme
     assert torch.allclose(prog.hypergradient("outer")["a"], want, rtol=1e-10, atol=1e-12)
 
 
-class _SquareWithoutJvp(torch.autograd.Function):
-    """x ** 2 with a differentiable backward but no forward-mode rule."""
-
-    @staticmethod
-    def forward(x):
-        return x.square()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return 2 * ctx.saved_tensors[0] * grad
-
-
 def test_a_loss_without_forward_over_reverse_derivatives_is_refused_at_build():
     """An op without a forward-mode derivative is refused at build, naming the level and the fix,
     instead of failing in the first step."""
-    outer, _ = _mse_levels(lambda pred, target: _SquareWithoutJvp.apply(pred - target).mean())
+    outer, _ = _mse_levels(lambda pred, target: SquareWithoutJvp.apply(pred - target).mean())
     with pytest.raises(ml.ProgramError, match=r"level 'inner': its method MixedUnroll\(\) takes forward-mode "
                                               r"derivatives.*jvp staticmethod"):
         ml.Program(outer)
