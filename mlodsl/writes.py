@@ -34,6 +34,21 @@ _VIEW_NAMES = frozenset({
 _VIEW_ATTRIBUTES = frozenset({"data", "T", "mT", "H", "mH", "real", "imag"})
 
 
+# Python's augmented assignments, which write their left operand
+_INPLACE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
+                              "__imod__", "__ipow__", "__imatmul__", "__iand__", "__ior__", "__ixor__",
+                              "__ilshift__", "__irshift__"})
+
+
+# in-place by name, but they change a tensor's autograd flags, not its values
+_FLAGS_ONLY = frozenset({"requires_grad_", "detach_", "share_memory_", "retain_grad"})
+
+
+def _in_place(name: str) -> bool:
+    """Whether the tensor method or torch function named ``name`` writes its first argument."""
+    return name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("__") and name not in _FLAGS_ONLY)
+
+
 def _is_view(node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in _VIEW_NAMES
@@ -54,15 +69,14 @@ def _written(node: fx.Node) -> list:
     """The arguments ``node`` writes in place: an in-place method (``clamp_``), an aten op whose schema
     says it writes an argument, or any call given ``out=``."""
     written = []
-    if (node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("__")
-            and node.target not in _FLAGS_ONLY):
+    if node.op == "call_method" and _in_place(node.target):
         written.append(node.args[0])
     elif node.op == "call_function":
         schema = getattr(node.target, "_schema", None)
         if schema is not None:
             written += [arg for arg, spec in zip(node.args, schema.arguments)
                         if spec.alias_info is not None and spec.alias_info.is_write]
-        elif getattr(node.target, "__name__", "").endswith("_") and node.args:  # torch.Tensor.add_, torch.relu_
+        elif _in_place(getattr(node.target, "__name__", "")) and node.args:  # torch.Tensor.add_, torch.relu_
             written.append(node.args[0])
     if "out" in node.kwargs:
         written.append(node.kwargs["out"])
@@ -103,16 +117,6 @@ def refuse_writes_to_inputs(level: str, graph: fx.Graph, parameters: dict, batch
                 raise _write_error(level, what, op)
 
 
-# Python's augmented assignments, which write their left operand
-_INPLACE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
-                              "__imod__", "__ipow__", "__imatmul__", "__iand__", "__ior__", "__ixor__",
-                              "__ilshift__", "__irshift__"})
-
-
-# in-place by name, but they change a tensor's autograd flags, not its values
-_FLAGS_ONLY = frozenset({"requires_grad_", "detach_", "share_memory_", "retain_grad"})
-
-
 class _InPlaceWatch(torch.overrides.TorchFunctionMode):
     """Raises at the first in-place op (a method ending in ``_``, an augmented assignment,
     ``__setitem__``, ``out=``) on the memory of a watched tensor, before it writes;
@@ -125,9 +129,7 @@ class _InPlaceWatch(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        in_place = name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("__")
-                                                 and name not in _FLAGS_ONLY)
-        targets = ([args[0]] if args and in_place else []) + ([kwargs["out"]] if "out" in kwargs else [])
+        targets = ([args[0]] if args and _in_place(name) else []) + ([kwargs["out"]] if "out" in kwargs else [])
         for target in pytree.tree_leaves(targets):
             if isinstance(target, torch.Tensor) and storage_of(target) in self.watched:
                 raise _write_error(self.level, self.watched[storage_of(target)], name)
