@@ -313,13 +313,6 @@ def trace_level(level, program: ProgramModules, example_batch, training: dict | 
                 f"not through .parameters() or variables holding them.", TraceWarning, stacklevel=3)
             kind, keys, batch_names = _batch_structure(example_batch, level.takes_batch)
             traced = _opaque_level(level, program, kind, keys, batch_names, modes, "graph not faithful")
-        if traced.opaque:  # no graph to read its writes from: watch one run (_evaluate does)
-            try:
-                _evaluate(traced, program, program.parameters(), example_batch, through_graph=False)
-            except ProgramError:
-                raise
-            except Exception:  # noqa: BLE001, S110 - a failure here is for the build-time check to report
-                pass
     traced.reads = _probe_reads(level, traced, program, example_batch)
     return traced
 
@@ -436,8 +429,11 @@ def _probe_reads(level, traced: TracedLevel, program: ProgramModules, example_ba
     leaves = {lvl: {k: p.detach().clone().requires_grad_() for k, p in ps.items()}
               for lvl, ps in program.parameters().items()}
     try:
-        with torch.enable_grad(), _Created() as created:
+        # watched for writes: an opaque level has no graph to read them from (mlodsl.writes)
+        with torch.enable_grad(), _Created() as created, no_writes(level.name, leaves, example_batch):
             loss = _tensors(_evaluate(traced, program, leaves, example_batch, through_graph=True))[0]
+    except ProgramError:
+        raise
     except Exception:  # noqa: BLE001 - the build-time check evaluates the loss again and reports it
         return ()
     if not isinstance(loss, torch.Tensor):
