@@ -15,6 +15,7 @@ import os
 import torch
 
 from . import build, checkpoint, distributed, forward_mode, sharding, trainer
+from .baked import Baked
 from .binding import ProgramModules
 from .compiled import Compiler
 from .draw import LevelDiagram
@@ -81,6 +82,8 @@ class Program:
         first = self._feeder.peek()
         self._buffers = BufferState()  # running statistics: staged by a step, committed with it
         self.levels = self._trace(levels, first)
+        # Python values the graphs froze, compared before every step (mlodsl.baked)
+        self._baked = Baked.of({n: pl.traced for n, pl in self.levels.items()})
         build.add_unnamed_reads(self.graph, self.levels)
         self._state = build.initial_state(levels)
         starts = build.starts(levels, self.graph, self._state)
@@ -176,6 +179,7 @@ class Program:
     # -- running ------------------------------------------------------------------------------
     def step(self) -> dict:
         """One step of the top level(s), every lower step included; returns the losses."""
+        self._baked.check()
         state, row = self._transaction.step(self._state, self._feeder.take(), self.step_count + 1)
         if state is not None:
             self._state = state
@@ -203,11 +207,13 @@ class Program:
             raise KeyError(f"no level '{name}' (known levels: {sorted(self.levels)})")
         if name in self.tasks:
             raise ValueError(f"level '{name}' is batched over tasks; ask for its upper level's hypergradient")
+        self._baked.check()
         return self._transaction.hypergradient(name, self._state, self._feeder.peek())
 
     def loss_after_lowers(self, name: str, params: dict | None = None) -> torch.Tensor:
         """Level ``name``'s loss at its next update, its lower levels re-solved as the next step would
         (same batches), optionally at other parameters of ``name``; changes nothing."""
+        self._baked.check()
         batches = self._feeder.peek()
         state = self._state
         if params is not None:

@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .baked import collect, fingerprint, recording_module_reads
 from .binding import ProgramModules, storage_of, storages
 from .graph import ProgramError
 from .decompose import decompose_mse_loss
@@ -53,6 +54,11 @@ class TracedLevel:
     buffers: dict = field(default_factory=dict)  # placeholder -> (level, module, buffer name)
     buffer_state: object = None     # the Program's BufferState (staged running statistics)
     reads: tuple = ()               # levels whose parameters the loss reaches (found at build time)
+    # Python values the graph froze (mlodsl.baked): {where held: Watched}, the graph's fingerprint,
+    # and retrace() -> a new trace's fingerprint; None for an opaque level, which reads them live
+    baked: dict = field(default_factory=dict)
+    fingerprint: tuple = ()
+    retrace: object = None
 
     def __post_init__(self):
         # Read off once at build: the eager step asks them at every update, and a compiled region
@@ -302,7 +308,8 @@ def trace_level(level, program: ProgramModules, example_batch, training: dict | 
     """
     modes = training or {}
     with _modes(program.modules, modes):
-        traced = _trace(level, program, example_batch, modes)
+        with recording_module_reads() as module_reads:
+            traced = _trace(level, program, example_batch, modes)
         why = None if traced.opaque else _unfaithful(level, traced, program, example_batch)
         if why is not None:
             warnings.warn(
@@ -314,7 +321,23 @@ def trace_level(level, program: ProgramModules, example_batch, training: dict | 
             kind, keys, batch_names = _batch_structure(example_batch, level.takes_batch)
             traced = _opaque_level(level, program, kind, keys, batch_names, modes, "graph not faithful")
     traced.reads = _probe_reads(level, traced, program, example_batch)
+    if not traced.opaque:
+        traced.baked = collect(level.name, level.fn, module_reads, _module_paths(program))
+        traced.fingerprint = fingerprint(traced.graph)
+        traced.retrace = lambda: _retraced(level, program, example_batch, modes)
     return traced
+
+
+def _retraced(level, program: ProgramModules, example_batch, modes: dict) -> tuple:
+    """The fingerprint of ``level`` traced again as the build traced it (``mlodsl.baked``)."""
+    with _modes(program.modules, modes):
+        return fingerprint(_trace(level, program, example_batch, modes).graph)
+
+
+def _module_paths(program: ProgramModules) -> dict:
+    """``{id(module): 'inner.0'}``: every module of the program, by level and path."""
+    return {id(m): f"{lvl}.{path}" if path else lvl
+            for lvl, root in program.modules.items() for path, m in root.named_modules()}
 
 
 def _unfaithful(level, traced: TracedLevel, program: ProgramModules, example_batch) -> str | None:
