@@ -57,6 +57,8 @@ class TracedLevel:
     # Python values the graph froze (mlodsl.baked): {where held: Watched}, the graph's fingerprint,
     # and retrace() -> a new trace's fingerprint; None for an opaque level, which reads them live
     baked: dict = field(default_factory=dict)
+    # ops that read a tensor from outside the function into a Python value while tracing
+    value_reads: tuple = ()
     fingerprint: tuple = ()
     retrace: object = None
 
@@ -202,7 +204,10 @@ def _batch_structure(batch, takes_batch):
 
 
 class _IntoModulesTracer(fx.Tracer):
-    """Traces into every module, so parameters appear as get_attr nodes."""
+    """Traces into every module, so parameters and buffers appear as get_attr nodes (a value computed
+    from a buffer is then part of the graph, not a constant that misses the buffer's changes)."""
+
+    proxy_buffer_attributes = True
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return False
@@ -436,6 +441,9 @@ def _frozen_constant(level, traced: TracedLevel, program: ProgramModules) -> str
         if value.requires_grad or storage_of(value) in shared:
             return (f"the tensor `{node.target}` of shape {tuple(value.shape)}, computed from parameters at "
                     f"build time, would be a constant")
+    if traced.value_reads:
+        return (f"it reads the values of a tensor from outside the function into Python "
+                f"({', '.join(traced.value_reads)}, e.g. `temp.item()`), which tracing would freeze")
     return None
 
 
@@ -470,6 +478,52 @@ def _probe_reads(level, traced: TracedLevel, program: ProgramModules, example_ba
             raise _stray_tensor(level, leaf, program)
         reads.add(level_of[id(leaf)])
     return tuple(lvl for lvl in program.modules if lvl in reads)
+
+
+# Tensor methods that read a tensor's values into Python: run on a tensor from outside the function
+# while tracing, they freeze a number into the graph.
+_VALUE_READS = frozenset({"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "__complex__",
+                          "numpy", "__array__", "equal", "allclose", "__format__"})
+
+
+class _LiftOutsideTensors(torch.overrides.TorchFunctionMode):
+    """While fx traces: an op on real tensors (no proxy among its inputs) of which one comes from
+    outside the function (a closure's, a global, a plain module attribute) is recorded as an op of
+    the graph on that tensor (a ``get_attr`` of the tensor itself), not run once into a constant:
+    ``log_t.exp()`` then follows ``log_t.fill_(...)``, as ``log_t * h`` always did. A tensor the
+    function makes from nothing (``torch.zeros(3)``) stays a constant. An op that reads such a
+    tensor's values into Python (``temp.item()``) is noted in ``value_reads``: that number would be
+    frozen."""
+
+    def __init__(self, tracer: fx.Tracer):
+        super().__init__()
+        self.tracer = tracer
+        self.made: dict = {}       # id -> tensor made by the function from no outside tensor (kept alive)
+        self.value_reads: list = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        if any(isinstance(x, fx.Proxy) for x in leaves):
+            return func(*args, **kwargs)
+        outside = [x for x in leaves if isinstance(x, torch.Tensor) and id(x) not in self.made]
+        name = getattr(func, "__name__", "")
+        if not outside:
+            out = func(*args, **kwargs)
+            self.made.update((id(x), x) for x in torch.utils._pytree.tree_leaves(out) if isinstance(x, torch.Tensor))
+            return out
+        if name in _VALUE_READS:
+            self.value_reads.append(f"{name}()")
+            return func(*args, **kwargs)
+        in_place = name.endswith("_") and not name.startswith("__") or name.startswith("__i")
+        if not in_place:
+            out = func(*args, **kwargs)  # metadata (x.shape, x.dim()) stays a Python value
+            if not any(isinstance(x, torch.Tensor) for x in torch.utils._pytree.tree_leaves(out)):
+                return out
+        lifted = {id(x): fx.Proxy(self.tracer.create_arg(x), self.tracer) for x in outside}
+        args, kwargs = torch.utils._pytree.tree_map(
+            lambda x: lifted.get(id(x), x) if isinstance(x, torch.Tensor) else x, (args, kwargs))
+        return func(*args, **kwargs)
 
 
 class _Created(torch.overrides.TorchFunctionMode):
@@ -568,8 +622,10 @@ def _trace(level, program: ProgramModules, example_batch, modes: dict) -> Traced
         root.add_module(attrs[lvl], module)
 
     try:
-        with torch.enable_grad():  # the function's own torch.no_grad() regions are the ones marked
-            graph = _IntoModulesTracer().trace(root)
+        # the function's own torch.no_grad() regions are the ones marked
+        tracer = _IntoModulesTracer()
+        with torch.enable_grad(), _LiftOutsideTensors(tracer) as lifting:
+            graph = tracer.trace(root)
         decompose_mse_loss(graph)
         constants_where_grad_was_disabled(graph)
         names = Namespace(n.target for n in graph.nodes if n.op == "placeholder")  # the batch's
@@ -577,7 +633,8 @@ def _trace(level, program: ProgramModules, example_batch, modes: dict) -> Traced
         buffers = _buffers_to_placeholders(graph, owner_of_buffer, names)
         gm = fx.GraphModule(root, graph, class_name=f"level_{_identifier(level.name)}")
         direct = _direct_call(level, program, modes)
-        traced = TracedLevel(level.name, gm, kind, keys, inputs, direct=direct, buffers=buffers)
+        traced = TracedLevel(level.name, gm, kind, keys, inputs, direct=direct, buffers=buffers,
+                             value_reads=tuple(lifting.value_reads))
     except Exception as err:  # noqa: BLE001 - every tracing failure falls back the same way
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         # Real models (Hugging Face, attention with shape checks): a graph of aten ops by make_fx.

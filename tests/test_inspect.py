@@ -2,6 +2,7 @@
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -206,8 +207,9 @@ def test_errors_point_at_the_users_line_and_the_generated_step(tmp_path):
 
 
 def test_parameters_read_through_parameters_are_not_frozen_by_tracing():
-    """Iterating module.parameters() bypasses fx's proxies; the build-time check against the function
-    itself catches it and runs the level opaquely, so its hypergradient is right (hand-derived)."""
+    """Iterating module.parameters() bypasses fx's proxies; the op that meets them is recorded on the
+    parameters themselves (``trace._LiftOutsideTensors``), which become the graph's inputs, so the
+    graph is kept and its hypergradient is right (hand-derived)."""
     low, up = ml.Hyper(w=torch.ones(3, dtype=DT)), ml.Hyper(w=torch.zeros(3, dtype=DT))
 
     @ml.level(low, optimizer=ml.optim.sgd(lr=0.1), steps=2)
@@ -218,7 +220,10 @@ def test_parameters_read_through_parameters_are_not_frozen_by_tracing():
     def outer(m, inner):
         return ((inner.w - 2.0) ** 2).sum()
 
-    with pytest.warns(ml.TraceWarning, match="level 'inner'.*does not change with the parameters"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ml.TraceWarning)
         prog = ml.Program(outer)
+    assert not prog.levels["inner"].traced.opaque
+    assert {"inner_w", "outer_w"} <= {n.target for n in prog.levels["inner"].graph.graph.nodes if n.op == "placeholder"}
     # w₂ = 0.64 w₀ + 0.36 u, so d/du (w₂ - 2)² = 2 (w₂ - 2) · 0.36 at w₀ = 1, u = 0.
     torch.testing.assert_close(prog.hypergradient("outer")["w"], torch.full((3,), 2 * (0.64 - 2) * 0.36, dtype=DT))
