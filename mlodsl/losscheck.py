@@ -61,3 +61,42 @@ def check_losses(levels: dict, params: dict, batches: dict):
                            f"no gradient; it probably needs depends_on=[{deps}] (its loss then goes through "
                            f"{deps}'s solution and '{name}' learns through its response), or the loss was "
                            f"detached from '{name}''s parameters")
+
+
+def check_hypergradient_paths(levels: dict) -> None:
+    """Refuse a level whose gradient would be zero at every step: its loss reaches neither its own
+    parameters nor a level below it whose solution moves with them.
+
+    ``check_losses`` asks for a path from the parameters a level learns from, which a loss through
+    a lower level's solution has; but that solution moves with the upper level only where the lower
+    loss (or its optimizer's hyperparameters, or its start) takes the upper's parameters as values
+    with a gradient. ``outer.lam.item()``, ``float(outer.lam)`` or ``outer.lam.detach()`` in the lower
+    loss cut that path, and the hypergradient would be an exact, silent zero. Which parameters each
+    loss reaches is what the build's probe found on the autograd tape (``TracedLevel.reads``); a level
+    whose reads are unknown (empty) counts as reaching everything."""
+    reads = {n: set(pl.traced.reads) if pl.traced.reads else set(levels) for n, pl in levels.items()}
+    for upper, pl in levels.items():
+        if not any(p.requires_grad for p in pl.level.module.parameters()):
+            continue
+        below = _learns_through(levels, upper) - {upper}
+        if upper in reads[upper] or not below:
+            continue
+        moving = set()  # levels below whose solution moves with the upper level's parameters
+        grew = True
+        while grew:
+            grew = False
+            for lower in below - moving:
+                lvl = levels[lower].level
+                start = getattr(lvl.start_from, "name", lvl.start_from)
+                if upper in reads[lower] or upper in lvl.optimizer.reads or start == upper or reads[lower] & moving:
+                    moving.add(lower)
+                    grew = True
+        if reads[upper] & moving:
+            continue
+        through = sorted(reads[upper] & below)
+        raise ProgramError(
+            f"level '{upper}' would get a zero gradient at every step: its loss reaches its parameters only "
+            f"through {through}'s solution, and no level below it takes '{upper}''s parameters as values "
+            f"with a gradient (read with .item(), float(), .detach(), under torch.no_grad(), or not at all), "
+            f"so that solution does not move with '{upper}'. Use '{upper}''s parameters as tensors in the "
+            f"lower loss (`outer.lam`, not `outer.lam.item()`).")

@@ -23,7 +23,7 @@ from .explain import measure
 from .feeder import Feeder, example
 from .graph import ProgramError, build_graph, collect_levels
 from .kernels import check_second_order, second_order_levels
-from .losscheck import check_losses
+from .losscheck import check_hypergradient_paths, check_losses
 from .plan import make_plan
 from .precision import Autocast, LossScaler, check as check_precision
 from .squares import squares_as_products
@@ -94,6 +94,7 @@ class Program:
                 self._state[name] = tree_map(lambda x: x.expand(self.tasks[name], *x.shape).clone(),
                                              self._state[name])
         check_losses(self.levels, self._one_task_params(), self._examples(first, self.levels))
+        check_hypergradient_paths(self.levels)
         # Systems (mlodsl.precision, mlodsl.distributed): handed to the step, never branched on in it.
         devices = {n: next(iter(s["params"].values())).device.type for n, s in self._state.items()}
         self.precision = {n: lvl.precision or precision for n, lvl in levels.items()}

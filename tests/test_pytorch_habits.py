@@ -322,3 +322,30 @@ def test_a_torch_compiled_module_is_learned_and_traced_as_the_module_it_wraps():
     assert not prog.levels["inner"].traced.opaque and set(prog.params("inner")) == {"weight", "bias"}
     want = _hand_hypergradient(w0, b0, 0.3, train, val, no_grad_scale=False, normalize=False)
     assert torch.allclose(prog.hypergradient("outer")["l2"], want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("read", ["item", "float", "detach", "not at all"])
+def test_an_upper_level_whose_parameters_no_lower_loss_takes_with_a_gradient_is_refused(read):
+    """``outer.lam.item()`` in the lower loss: the lower solution does not move with lam, so the upper
+    gradient would be an exact zero at every step. Refused at build, naming the level and the fix."""
+    x, y = torch.randn(12, 3, dtype=DT), torch.randn(12, dtype=DT)
+    net = nn.Linear(3, 1, bias=False).to(DT)
+    hyper = ml.Hyper(lam=torch.tensor(0.2, dtype=DT))
+    lam_of = {"item": lambda h: h.lam.item(), "float": lambda h: float(h.lam), "detach": lambda h: h.lam.detach(),
+              "not at all": lambda h: 0.2}[read]
+
+    @ml.level(net, optimizer=ml.optim.sgd(lr=0.1), data=(x, y))
+    def inner(net, batch, outer):
+        xb, yb = batch
+        return ((net(xb).squeeze(-1) - yb) ** 2).mean() + lam_of(outer) * (net.weight ** 2).sum()
+
+    @ml.level(hyper, optimizer=ml.optim.sgd(lr=0.5), data=(x, y), depends_on=[inner])
+    def outer(h, batch, inner):
+        xb, yb = batch
+        return ((inner(xb).squeeze(-1) - yb) ** 2).mean()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ml.ProgramError, match=r"level 'outer' would get a zero gradient at every step.*"
+                                                  r"\['inner'\]'s solution.*outer\.lam.item\(\)"):
+            ml.Program(outer)
