@@ -178,9 +178,16 @@ class Program:
         return {n: example(batches, n, n in self._tasked_batches) for n in names}
 
     # -- running ------------------------------------------------------------------------------
+    def _see_user_changes(self):
+        """What the user changed since the last call and the step must see, before anything moves:
+        a Python value a graph froze (``mlodsl.baked``: refused if a graph uses it) and a parameter
+        replaced on a module (``Transaction.adopt_replaced``)."""
+        self._baked.check()
+        self._state = self._transaction.adopt_replaced(self._state)
+
     def step(self) -> dict:
         """One step of the top level(s), every lower step included; returns the losses."""
-        self._baked.check()
+        self._see_user_changes()
         state, row = self._transaction.step(self._state, self._feeder.take(), self.step_count + 1)
         if state is not None:
             self._state = state
@@ -208,13 +215,13 @@ class Program:
             raise KeyError(f"no level '{name}' (known levels: {sorted(self.levels)})")
         if name in self.tasks:
             raise ValueError(f"level '{name}' is batched over tasks; ask for its upper level's hypergradient")
-        self._baked.check()
+        self._see_user_changes()
         return self._transaction.hypergradient(name, self._state, self._feeder.peek())
 
     def loss_after_lowers(self, name: str, params: dict | None = None) -> torch.Tensor:
         """Level ``name``'s loss at its next update, its lower levels re-solved as the next step would
         (same batches), optionally at other parameters of ``name``; changes nothing."""
-        self._baked.check()
+        self._see_user_changes()
         batches = self._feeder.peek()
         state = self._state
         if params is not None:
@@ -228,6 +235,7 @@ class Program:
             raise KeyError(f"no level '{name}' (known levels: {sorted(self.levels)})")
         if self.sharding is not None and name in self.sharding.levels:
             return self.sharding.full(name, self._state[name]["params"])
+        self._state = self._transaction.adopt_replaced(self._state)
         return {k: v.detach().clone() for k, v in self._state[name]["params"].items()}
 
     @property
@@ -264,6 +272,7 @@ class Program:
     def state_dict(self) -> dict:
         """The program's state as plain data (parameters, optimizer states, buffers, data positions,
         loss scales, RNG state, step count, history)."""
+        self._state = self._transaction.adopt_replaced(self._state)
         return checkpoint.state_dict(self._parts())
 
     def load_state_dict(self, sd: dict):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .graph import ProgramError
+
 
 class NonFiniteError(FloatingPointError):
     """A loss or gradient became NaN or Inf; the program's state is as it was before the step."""
@@ -28,6 +30,12 @@ def write_back(modules: dict, state: dict, skip=()) -> None:
             for k, p in module.named_parameters():
                 if k in new:
                     p.data = new[k]
+
+
+def _slot(module, path: str) -> tuple:
+    """``(submodule, attribute)`` that holds parameter ``path`` of ``module``."""
+    prefix, _, attr = path.rpartition(".")
+    return (module.get_submodule(prefix) if prefix else module), attr
 
 
 class Transaction:
@@ -58,6 +66,33 @@ class Transaction:
         # objects, and walking the modules costs more than the writes at every step of a small program
         self.targets = [(name, [(k, p) for k, p in module.named_parameters()])
                         for name, module in modules.items() if name not in self.unwritten]
+        # where each listed parameter sits (submodule, attribute): a user may put another there
+        self.slots = {name: [_slot(modules[name], k) for k, _ in params] for name, params in self.targets}
+
+    def adopt_replaced(self, state: dict) -> dict:
+        """``state`` with the parameters a user has replaced since the build (``net.weight =
+        nn.Parameter(w)``, which the modules' own ``load_state_dict`` does not do but user code does)
+        taken from the module, like values copied in place: the step reads them and writes its
+        updates into them. One of another shape, dtype or device is refused (``ProgramError``): the
+        optimizer state and the graphs are the old one's."""
+        for name, params in self.targets:
+            for i, ((k, p), (sub, attr)) in enumerate(zip(params, self.slots[name])):
+                now = sub._parameters.get(attr)
+                if now is p:
+                    continue
+                if not isinstance(now, torch.Tensor) or (now.shape, now.dtype, now.device) != (p.shape, p.dtype,
+                                                                                                 p.device):
+                    got = "nothing" if now is None else (f"a tensor of shape {tuple(now.shape)}, {now.dtype}, "
+                                                         f"{now.device}" if isinstance(now, torch.Tensor) else
+                                                         type(now).__name__)
+                    raise ProgramError(
+                        f"level '{name}': its module's parameter '{k}' was replaced after the Program was built, by "
+                        f"{got} (it was {tuple(p.shape)}, {p.dtype}, {p.device}); the Program's optimizer state and "
+                        f"graphs are built for the old one. Copy values in place (`with torch.no_grad(): "
+                        f"net.weight.copy_(w)`) or build the Program again.")
+                params[i] = (k, now)
+                state = {**state, name: {**state[name], "params": {**state[name]["params"], k: now.detach()}}}
+        return state
 
     def share_examples(self, batches: dict):
         """Data parallel: every rank's examples in these batches, which weigh the ranks' losses

@@ -349,3 +349,52 @@ def test_an_upper_level_whose_parameters_no_lower_loss_takes_with_a_gradient_is_
         with pytest.raises(ml.ProgramError, match=r"level 'outer' would get a zero gradient at every step.*"
                                                   r"\['inner'\]'s solution.*outer\.lam.item\(\)"):
             ml.Program(outer)
+
+
+def _replace_problem(momentum=0.9):
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 3, dtype=DT), torch.randn(12, dtype=DT)
+    net = nn.Linear(3, 1, bias=False).to(DT)
+    hyper = ml.Hyper(lam=torch.tensor(0.2, dtype=DT))
+
+    @ml.level(net, optimizer=ml.optim.sgd(lr=0.1, momentum=momentum), data=(x, y))
+    def inner(net, batch, outer):
+        xb, yb = batch
+        return ((net(xb).squeeze(-1) - yb) ** 2).mean() + outer.lam * (net.weight ** 2).sum()
+
+    @ml.level(hyper, optimizer=ml.optim.sgd(lr=0.5), data=(x, y), depends_on=[inner])
+    def outer(h, batch, inner):
+        xb, yb = batch
+        return ((inner(xb).squeeze(-1) - yb) ** 2).mean()
+
+    return ml.Program(outer), net, hyper, (x, y)
+
+
+def test_a_parameter_replaced_on_the_module_after_the_build_is_the_one_trained():
+    """``net.weight = nn.Parameter(w)`` between steps: the next step starts from w (as if copied in
+    place) and writes its update into the new parameter (hand-written float64 autograd)."""
+    prog, net, hyper, (x, y) = _replace_problem(momentum=0.0)
+    prog.step()
+    w = torch.tensor([[0.3, -0.2, 0.1]], dtype=DT)
+    net.weight = nn.Parameter(w.clone())
+    lam = hyper.lam.detach().clone().requires_grad_()
+    wr = w.clone().requires_grad_()
+    inner_loss = ((x @ wr.T).squeeze(-1) - y).square().mean() + lam * (wr ** 2).sum()
+    (g,) = torch.autograd.grad(inner_loss, wr, create_graph=True)
+    w1 = wr - 0.1 * g
+    (hg,) = torch.autograd.grad(((x @ w1.T).squeeze(-1) - y).square().mean(), lam)
+    torch.testing.assert_close(prog.params("inner")["weight"], w, rtol=0, atol=0)
+    torch.testing.assert_close(prog.hypergradient("outer")["lam"], hg, rtol=0, atol=1e-12)
+    prog.step()
+    torch.testing.assert_close(net.weight.detach(), w1.detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(hyper.lam.detach(), lam.detach() - 0.5 * hg, rtol=0, atol=1e-12)
+
+
+def test_a_parameter_replaced_by_one_of_another_shape_is_refused_and_nothing_moves():
+    prog, net, hyper, _ = _replace_problem()
+    prog.step()
+    lam = hyper.lam.detach().clone()
+    net.weight = nn.Parameter(torch.zeros(2, 3, dtype=DT))
+    with pytest.raises(ml.ProgramError, match=r"level 'inner'.*parameter 'weight' was replaced.*shape \(2, 3\)"):
+        prog.step()
+    assert torch.equal(hyper.lam, lam) and prog.step_count == 1
